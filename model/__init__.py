@@ -1,0 +1,1 @@
+from model.errors import CheckpointError, InputError, PifuhdError
