@@ -88,6 +88,18 @@ class PIFuHD(nn.Module):
     def from_config(cls, config: PIFuHDConfig) -> "PIFuHD":
         return cls(config)
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part, in the released naming (tied tensors counted once)."""
+        parts = {
+            "netG.netF": self.netG.netF,
+            "netG.netB": self.netG.netB,
+            "netG.image_filter": self.netG.image_filter,
+            "netG.mlp": self.netG.mlp,
+            "image_filter": self.image_filter,
+            "mlp": self.mlp,
+        }
+        return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items() if part is not None}
+
     # ---- images -> features -------------------------------------------------------------
 
     def predict_normals(self, image: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

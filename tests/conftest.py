@@ -1,0 +1,63 @@
+"""Shared test fixtures: the official-code reference fixture and small networks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "pifuhd"
+
+
+def reference_file(name: str) -> Path:
+    path = REFERENCE / name
+    if not path.exists():
+        pytest.fail(f"reference fixture missing: {path} (shared/ must sit beside the repository)")
+    return path
+
+
+def write_official_checkpoint(path: Path) -> Path:
+    """A file in the released pifuhd.pt form built from the fixture's weights and options.
+
+    float32 weights, tied bn4/downsample.0 keys sharing one tensor, options as argparse
+    Namespaces, exactly as the official training code pickles them.
+    """
+    config = json.loads(reference_file("small_config.json").read_text())
+    stored = {k: v.float() for k, v in load_file(reference_file("small_state_dict.safetensors")).items()}
+    state = {}
+    for key, _shape, _dtype in config["state_dict"]["ordered_keys"]:
+        state[key] = stored[key]
+    for first, alias in config["state_dict"]["tied_key_groups"]:
+        state[alias] = state[first]
+    torch.save(
+        {
+            "model_state_dict": state,
+            "opt": argparse.Namespace(**config["fine_net"]["opt"]),
+            "opt_netG": argparse.Namespace(**config["coarse_net"]["opt_netG"]),
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def official_checkpoint(tmp_path_factory) -> Path:
+    return write_official_checkpoint(tmp_path_factory.mktemp("official") / "pifuhd.pt")
+
+
+@pytest.fixture(scope="session")
+def reference_inputs() -> dict:
+    inputs = load_file(reference_file("inputs.safetensors"))
+    image_512 = (inputs["image_512_u8"].float() - 128) / 128
+    # The fixture defines the fine image as the exact nearest-neighbour x2 of the coarse one.
+    image_1024 = image_512.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+    return {**inputs, "image_512": image_512, "image_1024": image_1024}
+
+
+@pytest.fixture(scope="session")
+def reference_outputs() -> dict:
+    return load_file(reference_file("outputs.safetensors"))
