@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs everything the project needs into ./.venv (and Debian packages when run as root).
+# torch is pinned and installed first: a looser request pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[test]"
+echo "setup done: $(.venv/bin/pifuhd --help | head -n 1)"
