@@ -44,11 +44,13 @@ class ConvBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out1 = self.conv1(F.relu(self.bn1(x)))
-        out2 = self.conv2(F.relu(self.bn2(out1)))
-        out3 = self.conv3(F.relu(self.bn3(out2)))
+        # In-place ReLU and add: at the fine level each activation is 256 MiB, and fresh
+        # allocations (page faults) cost as much as the arithmetic.
+        out1 = self.conv1(F.relu(self.bn1(x), inplace=True))
+        out2 = self.conv2(F.relu(self.bn2(out1), inplace=True))
+        out3 = self.conv3(F.relu(self.bn3(out2), inplace=True))
         residual = x if self.downsample is None else self.downsample(x)
-        return torch.cat((out1, out2, out3), 1) + residual
+        return torch.cat((out1, out2, out3), 1).add_(residual)
 
 
 class Hourglass(nn.Module):
@@ -83,7 +85,7 @@ class Hourglass(nn.Module):
         else:
             low = self._modules[f"b2_plus_{level}"](low)
         low = self._modules[f"b3_{level}"](low)
-        return skip + F.interpolate(low, scale_factor=2, mode="bicubic", align_corners=True)
+        return skip.add_(F.interpolate(low, scale_factor=2, mode="bicubic", align_corners=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._level(self.depth, x)
@@ -118,7 +120,7 @@ class HourglassFilter(nn.Module):
                 self.add_module(f"al{i}", nn.Conv2d(config.out_channels, w, kernel_size=1))
 
     def forward(self, image: torch.Tensor, last_only: bool = False) -> list[torch.Tensor]:
-        x = F.relu(self.bn1(self.conv1(image)))
+        x = F.relu(self.bn1(self.conv1(image)), inplace=True)
         x = self.conv2(x)
         if self.config.stem_pool:
             x = F.avg_pool2d(x, 2, stride=2)
@@ -126,7 +128,7 @@ class HourglassFilter(nn.Module):
         outputs = []
         for i in range(self.config.num_stacks):
             y = self._modules[f"top_m_{i}"](self._modules[f"m{i}"](x))
-            y = F.relu(self._modules[f"bn_end{i}"](self._modules[f"conv_last{i}"](y)))
+            y = F.relu(self._modules[f"bn_end{i}"](self._modules[f"conv_last{i}"](y)), inplace=True)
             out = self._modules[f"l{i}"](y)
             if not last_only or i == self.config.num_stacks - 1:
                 outputs.append(out)
