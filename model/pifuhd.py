@@ -40,6 +40,11 @@ class Features:
     coarse: list[torch.Tensor]
     fine: torch.Tensor | None = None
 
+    def select(self, index: int) -> "Features":
+        """The features of image `index` alone (batch of 1), without copying."""
+        pick = lambda t: None if t is None else t[index : index + 1]  # noqa: E731
+        return Features(pick(self.normal_front), pick(self.normal_back), [pick(c) for c in self.coarse], pick(self.fine))
+
 
 @dataclass
 class Occupancy:

@@ -64,6 +64,21 @@ def reference_outputs() -> dict:
     return load_file(reference_file("outputs.safetensors"))
 
 
+@pytest.fixture(scope="session")
+def reference_net(official_checkpoint):
+    """The fixture's small network, loaded from the official-form file."""
+    import model
+
+    return model.load_checkpoint(official_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def reference_features(reference_net, reference_inputs):
+    """Features of the fixture image (computed once: the full-width hourglasses take ~15 s)."""
+    with torch.inference_mode():
+        return reference_net.encode(reference_inputs["image_512"], reference_inputs["image_1024"])
+
+
 # ---- real services on loopback, one per test session ------------------------------------
 
 

@@ -14,16 +14,11 @@ from tests.conftest import reference_file
 
 
 @pytest.fixture(scope="module")
-def net(official_checkpoint):
-    return model.load_checkpoint(official_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def computed(net, reference_inputs):
+def computed(reference_net, reference_features, reference_inputs):
     """Everything the fixture stores, computed by our network from the official-form file."""
+    net, features = reference_net, reference_features
     calib = reference_inputs["calib"]
     with torch.inference_mode():
-        features = net.encode(reference_inputs["image_512"], reference_inputs["image_1024"])
         stack0 = net.netG.image_filter(
             torch.cat((reference_inputs["image_512"], features.normal_front, features.normal_back), 1)
         )[0]

@@ -1,0 +1,204 @@
+"""One prepared photo -> a coloured mesh in the photo's pixel frame.
+
+    prepared image --encode--> features --extract_surface(query)--> mesh (network frame)
+        --colour from the photo (visible vertices), nearest visible for hidden ones
+        --world_to_pixel--> mesh in the user's frame (x right, y up, z to camera, 1 unit = 1 pixel)
+
+The work splits in two: `sample_surfaces` (everything that needs the network: batched
+encoding and occupancy queries) and `finish` (marching cubes, colours, frames: CPU only),
+so the bulk pipeline can run them in different stages; `reconstruct` runs both.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import trimesh
+from scipy.spatial import cKDTree
+
+from model.geometry import sample_features
+from model.pifuhd import PIFuHD
+from model.preprocess import PreparedImage, world_to_pixel
+from model.preview import preview_image
+from model.surface import evaluate_grid, mesh_from_grid
+
+MESH_FORMATS = ("obj", "ply", "glb")
+COLOR_MODES = ("image", "normal", "none")
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """How to turn features into a mesh."""
+
+    resolution: int = 256  # grid cells per axis over the [-1, 1]^3 box
+    method: str = "sparse"  # "sparse" (coarse to fine near the surface) or "dense"
+    threshold: float = 0.5
+    # Ring of fine cells evaluated around the surface band at each level: catches pieces the
+    # coarse grid missed near the surface (noisy networks); 0 follows the surface only.
+    dilation: int = 1
+    batch_points: int = 100_000  # query batch: bounds memory (about 10 KiB per point at full size)
+    largest_component: bool = True
+    color: str = "image"  # vertex colours: "image", "normal" (as the official output) or "none"
+
+    def __post_init__(self) -> None:
+        if self.color not in COLOR_MODES:
+            raise ValueError(f"color must be one of {COLOR_MODES}, not {self.color!r}")
+
+
+@dataclass
+class Reconstruction:
+    """mesh: in the user's pixel frame. mesh_world: the same in the network frame.
+    normal_front / normal_back: (3, S, S) predicted normal maps in [-1, 1] (None if unused).
+    stats: seconds per phase, points evaluated, vertex and face counts."""
+
+    mesh: trimesh.Trimesh
+    mesh_world: trimesh.Trimesh
+    normal_front: torch.Tensor | None
+    normal_back: torch.Tensor | None
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class SurfaceSamples:
+    """What the model stage hands to the meshing stage for one image (picklable, no network).
+
+    grid: the evaluated occupancy grid (`model.surface`). normal_front / normal_back:
+    (3, S, S) predicted normal maps, or None. stats: seconds_encode, seconds_surface,
+    points_evaluated.
+    """
+
+    grid: object
+    normal_front: torch.Tensor | None
+    normal_back: torch.Tensor | None
+    stats: dict
+
+
+def _device_of(net: PIFuHD) -> torch.device:
+    return next(net.parameters()).device
+
+
+def occupancy_function(net: PIFuHD, features):
+    """(N, 3) world points -> (N,) fine occupancy of one image's features, for `model.surface`."""
+    device = _device_of(net)
+
+    def occupancy(points: torch.Tensor) -> torch.Tensor:
+        return net.query(features, points.to(device).T[None])[0].float().cpu()
+
+    return occupancy
+
+
+def sample_surfaces(net: PIFuHD, prepared: list[PreparedImage], config: ReconstructionConfig) -> list[SurfaceSamples]:
+    """Encode a batch of prepared images in one pass, then evaluate each one's occupancy grid.
+
+    This is all the work that needs the network (the GPU, when there is one).
+    """
+    device = _device_of(net)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        coarse = torch.stack([p.images[net.config.coarse_size] for p in prepared]).to(device)
+        fine = torch.stack([p.images[net.config.fine_size] for p in prepared]).to(device)
+        features = net.encode(coarse, fine)
+        encode_seconds = (time.perf_counter() - start) / len(prepared)
+        samples = []
+        for index in range(len(prepared)):
+            one = features.select(index)
+            start = time.perf_counter()
+            grid = evaluate_grid(
+                occupancy_function(net, one),
+                resolution=config.resolution,
+                method=config.method,
+                threshold=config.threshold,
+                batch_points=config.batch_points,
+                dilation=config.dilation,
+            )
+            grid.detach()
+            samples.append(
+                SurfaceSamples(
+                    grid=grid,
+                    normal_front=None if one.normal_front is None else one.normal_front[0].cpu(),
+                    normal_back=None if one.normal_back is None else one.normal_back[0].cpu(),
+                    stats={
+                        "seconds_encode": encode_seconds,
+                        "seconds_surface": time.perf_counter() - start,
+                        "points_evaluated": int(grid.stats["points_evaluated"]),
+                    },
+                )
+            )
+    return samples
+
+
+def image_vertex_colors(vertices: np.ndarray, normals: np.ndarray, image: torch.Tensor, depth_grid: int = 512) -> np.ndarray:
+    """(V, 4) uint8 RGBA colours of world-frame vertices from the (3, S, S) crop image in [-1, 1].
+
+    A vertex takes the image colour where it is visible: facing the camera (normal z > 0)
+    and within a small depth tolerance of the front-most vertex in its z-buffer cell.
+    Hidden vertices take the colour of the nearest visible vertex.
+    """
+    if len(vertices) == 0:
+        return np.zeros((0, 4), np.uint8)
+    xy_pixel = np.clip(((vertices[:, :2] * [1, -1] + 1) / 2 * (depth_grid - 1)).round().astype(np.int64), 0, depth_grid - 1)
+    cell = xy_pixel[:, 1] * depth_grid + xy_pixel[:, 0]
+    front_z = np.full(depth_grid * depth_grid, -np.inf)
+    np.maximum.at(front_z, cell, vertices[:, 2])
+    visible = (vertices[:, 2] >= front_z[cell] - 4.0 / depth_grid) & (normals[:, 2] > 0)
+    if not visible.any():
+        visible[:] = True
+    xy = torch.from_numpy(vertices[:, :2] * [1, -1]).float().T[None]  # image coordinates
+    sampled = sample_features(image[None].float().cpu(), xy)[0].numpy()  # (V, 3) in [-1, 1]
+    colors = np.empty((len(vertices), 3))
+    colors[visible] = sampled[visible]
+    hidden = np.flatnonzero(~visible)
+    if len(hidden):
+        nearest = cKDTree(vertices[visible]).query(vertices[hidden])[1]
+        colors[hidden] = sampled[visible][nearest]
+    rgb = np.clip((colors + 1) * 127.5, 0, 255).round().astype(np.uint8)
+    return np.concatenate((rgb, np.full((len(rgb), 1), 255, np.uint8)), axis=1)
+
+
+def normal_vertex_colors(normals: np.ndarray) -> np.ndarray:
+    """(V, 4) uint8 RGBA: unit normals mapped from [-1, 1] to [0, 255], as the official output."""
+    rgb = np.clip((normals * 0.5 + 0.5) * 255, 0, 255).round().astype(np.uint8)
+    return np.concatenate((rgb, np.full((len(rgb), 1), 255, np.uint8)), axis=1)
+
+
+def finish(samples: SurfaceSamples, prepared: PreparedImage, config: ReconstructionConfig) -> Reconstruction:
+    """Marching cubes, vertex colours and the user's frame: the CPU-only part of `reconstruct`."""
+    start = time.perf_counter()
+    mesh_world, mesh_stats = mesh_from_grid(samples.grid, largest_component=config.largest_component)
+    vertices = np.asarray(mesh_world.vertices)
+    if config.color == "image":
+        fine_image = prepared.images[max(prepared.images)]
+        colors = image_vertex_colors(vertices, np.asarray(mesh_world.vertex_normals), fine_image)
+    elif config.color == "normal":
+        colors = normal_vertex_colors(np.asarray(mesh_world.vertex_normals))
+    else:
+        colors = None
+    if colors is not None:
+        mesh_world.visual.vertex_colors = colors
+    mesh = trimesh.Trimesh(world_to_pixel(vertices, prepared.crop), np.asarray(mesh_world.faces), process=False)
+    if colors is not None:
+        mesh.visual.vertex_colors = colors
+    stats = dict(samples.stats, seconds_mesh=time.perf_counter() - start, vertices=len(mesh.vertices), faces=len(mesh.faces))
+    return Reconstruction(mesh, mesh_world, samples.normal_front, samples.normal_back, stats)
+
+
+def reconstruct(net: PIFuHD, prepared: PreparedImage, config: ReconstructionConfig = ReconstructionConfig()) -> Reconstruction:
+    """Mesh one prepared photo with `net` (eval mode): `sample_surfaces` then `finish`."""
+    return finish(sample_surfaces(net, [prepared], config)[0], prepared, config)
+
+
+def encode_outputs(result: Reconstruction, prepared: PreparedImage, mesh_format: str = "obj") -> dict[str, bytes]:
+    """The files of one reconstruction as bytes: {"mesh": <mesh in mesh_format>, "preview": <PNG>}.
+
+    Bytes, not paths, so the local command and the bulk job write them to any filesystem.
+    """
+    if mesh_format not in MESH_FORMATS:
+        raise ValueError(f"mesh format must be one of {MESH_FORMATS}, not {mesh_format!r}")
+    mesh = result.mesh.export(file_type=mesh_format)
+    buffer = io.BytesIO()
+    preview_image(prepared, result).save(buffer, format="PNG")
+    return {"mesh": mesh.encode() if isinstance(mesh, str) else mesh, "preview": buffer.getvalue()}

@@ -1,0 +1,110 @@
+"""Image -> mesh: the fixture volume, frames, colours, exports and the local command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+
+from model.preprocess import prepare_image_file
+from model.reconstruct import ReconstructionConfig, SurfaceSamples, encode_outputs, finish, reconstruct
+from model.surface import evaluate_grid
+from tests.helpers import alpha_box, person_image, tiny_network, write_tiny_checkpoint
+
+
+@pytest.mark.parametrize("method", ["dense", "sparse"])
+def test_fixture_network_matches_volume64_signs(reference_net, reference_features, reference_outputs, method):
+    def occupancy(points):
+        return reference_net.query(reference_features, points.T[None])[0]
+
+    defaults = ReconstructionConfig()
+    with torch.inference_mode():
+        grid = evaluate_grid(occupancy, resolution=64, method=method, dilation=defaults.dilation)
+    ours = grid.dense()  # (65, 65, 65), sample (i, j, k) at -1 + (i, j, k) / 32
+    # The fixture's j runs down the image (world y = 1 - j / 32): our y index is 64 - j.
+    ours = ours[:64, 64:0:-1, :64]
+    expected = reference_outputs["volume64"].float().numpy()
+    agreement = ((ours > 0.5) == (expected > 0.5)).mean()
+    assert agreement >= 0.995, agreement
+    if method == "dense":
+        assert np.abs(ours - expected).max() <= 1e-3
+
+
+def _sphere_samples(radius=0.5, resolution=64):
+    def occupancy(points):
+        return (points.norm(dim=1) < radius).float()
+
+    grid = evaluate_grid(occupancy, resolution=resolution, method="sparse")
+    grid.detach()
+    return SurfaceSamples(grid=grid, normal_front=None, normal_back=None,
+                          stats={"seconds_encode": 0.0, "seconds_surface": 0.0, "points_evaluated": 0})
+
+
+def test_mesh_lands_on_the_person_in_pixel_frame(tmp_path):
+    path = person_image(tmp_path / "p.png", size=(300, 450))
+    prepared = prepare_image_file(path, sizes=(128, 256))
+    result = finish(_sphere_samples(), prepared, ReconstructionConfig(resolution=64, color="none"))
+    x0, y0, x1, y1 = alpha_box(path)
+    centre = result.mesh.bounds.mean(axis=0)
+    # The world origin is the centre of the person box; user y runs up from the bottom edge.
+    assert abs(centre[0] - (x0 + x1) / 2) < 2.0
+    assert abs(centre[1] - (450 - (y0 + y1) / 2)) < 2.0
+    # A world radius of 0.5 spans half the crop's half-side, in pixels.
+    radius = (result.mesh.bounds[1] - result.mesh.bounds[0]) / 2
+    expected = 0.5 * prepared.crop.pixels_per_unit
+    assert np.allclose(radius, expected, rtol=0.05)
+    assert result.mesh.is_watertight and result.mesh.volume > 0
+
+
+def test_vertex_colours_come_from_the_visible_image(tmp_path):
+    # Left half red, right half blue: the sphere's front takes those colours, its back the nearest.
+    image = np.zeros((256, 256, 3), np.uint8)
+    image[:, :128] = (255, 0, 0)
+    image[:, 128:] = (0, 0, 255)
+    path = tmp_path / "halves.png"
+    Image.fromarray(image).save(path)
+    (tmp_path / "halves_rect.txt").write_text("0 0 256 256")
+    prepared = prepare_image_file(path, sizes=(128, 256))
+    result = finish(_sphere_samples(), prepared, ReconstructionConfig(resolution=64, color="image"))
+    colors = result.mesh.visual.vertex_colors[:, :3].astype(int)
+    x = result.mesh_world.vertices[:, 0]
+    left, right = x < -0.1, x > 0.1
+    assert (colors[left, 0] > 200).mean() > 0.95 and (colors[right, 2] > 200).mean() > 0.95
+
+
+@pytest.mark.parametrize("fmt", ["obj", "ply", "glb"])
+def test_outputs_are_readable(tmp_path, fmt):
+    path = person_image(tmp_path / "p.png")
+    prepared = prepare_image_file(path, sizes=(128, 256))
+    result = reconstruct(tiny_network(), prepared, ReconstructionConfig(resolution=64))
+    assert len(result.mesh.faces) > 0
+    files = encode_outputs(result, prepared, fmt)
+    (tmp_path / f"mesh.{fmt}").write_bytes(files["mesh"])
+    loaded = trimesh.load(tmp_path / f"mesh.{fmt}", force="mesh")
+    assert len(loaded.vertices) > 0 and len(loaded.faces) == len(result.mesh.faces)
+    (tmp_path / "preview.png").write_bytes(files["preview"])
+    assert Image.open(tmp_path / "preview.png").size == (5 * 256, 256)
+    assert result.stats["points_evaluated"] > 0 and result.stats["vertices"] == len(result.mesh.vertices)
+
+
+def test_local_command_in_process(tmp_path):
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    person_image(tmp_path / "in" / "a.png")
+    person_image(tmp_path / "in" / "b.png", mode="RGB")
+    (tmp_path / "in" / "b_rect.txt").write_text("60 10 180 430")
+    (tmp_path / "in" / "broken.png").write_bytes(b"not an image at all")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "reconstruct", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+         "--checkpoint", str(checkpoint), "--resolution", "64", "--in-process", "--quiet", "--format", "ply"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 inputs: 2 ok, 1 failed, 0 skipped" in result.stdout
+    assert "broken.png" in result.stdout and "InputError" in result.stdout
+    meshes = sorted((tmp_path / "out" / "meshes").glob("*.ply"))
+    assert len(meshes) == 2 and all(len(trimesh.load(m).vertices) > 0 for m in meshes)
