@@ -51,6 +51,52 @@ def _checkpoint_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Attach to a cluster at `address`, or start a private local Ray instance on loopback."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from model.reconstruct import ReconstructionConfig
+    from pipelines.bulk import BulkConfig, run_bulk
+    from pipelines.checkpoints import default_checkpoint
+
+    config = BulkConfig(
+        inputs=tuple(args.inputs),
+        output=args.output,
+        checkpoint=args.checkpoint or default_checkpoint(),
+        reconstruction=ReconstructionConfig(
+            resolution=args.resolution, method=args.method, color=args.color, largest_component=not args.keep_all_components
+        ),
+        mesh_format=args.format,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        model_actors=args.model_actors,
+        use_gpu=True if args.gpus else None,
+        metrics_port=args.metrics_port,
+        pushgateway=args.pushgateway,
+    )
+    if not args.in_process:
+        connect_ray(args.address)
+    summary = run_bulk(config, in_process=args.in_process, progress=not args.quiet)
+    print(summary.line())
+    for uri, reason in summary.failures:
+        print(f"  failed: {uri}: {reason}")
+    if summary.manifest_files:
+        print(f"manifest: {summary.manifest_files[0].rsplit('/', 1)[0]}/ ({len(summary.manifest_files)} parts)")
+    return 1 if args.fail_on_error and summary.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pifuhd", description="PIFuHD: single-image 3D human reconstruction and training on Ray."
@@ -66,6 +112,34 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("input", help="pifuhd.pt (released) or any readable checkpoint")
     convert.add_argument("output", help="output .safetensors path")
     convert.set_defaults(handler=_checkpoint_convert)
+
+    recon = commands.add_parser(
+        "reconstruct",
+        help="images -> meshes, previews and a Parquet manifest (Ray Data)",
+        description="Reconstruct every input image. INPUT: an image, a folder or s3:// prefix (recursive), a glob, "
+        "a .txt list of URIs or a .parquet table with a 'uri' column. Beside an image NAME.EXT, optional "
+        "NAME_mask.png, NAME_rect.txt ('x y w h') or NAME_keypoints.json (OpenPose) give the person box; "
+        "RGBA images use their alpha.",
+    )
+    recon.add_argument("inputs", nargs="+", metavar="INPUT")
+    recon.add_argument("-o", "--output", required=True, help="output folder or s3:// prefix")
+    recon.add_argument("--checkpoint", help="pifuhd.pt or project checkpoint, local or s3:// (default: the shipped model)")
+    recon.add_argument("--resolution", type=int, default=256, help="grid cells per axis (32 x 2^k; default 256)")
+    recon.add_argument("--method", choices=("sparse", "dense"), default="sparse")
+    recon.add_argument("--format", choices=("obj", "ply", "glb"), default="obj")
+    recon.add_argument("--color", choices=("image", "normal", "none"), default="image", help="vertex colours")
+    recon.add_argument("--keep-all-components", action="store_true", help="keep every connected component")
+    recon.add_argument("--overwrite", action="store_true", help="redo inputs already reconstructed with this checkpoint")
+    recon.add_argument("--fail-on-error", action="store_true", help="exit 1 if any input failed")
+    recon.add_argument("--batch-size", type=int, default=1, help="images per model call")
+    recon.add_argument("--model-actors", type=int, default=1, help="model actors (one network each)")
+    recon.add_argument("--gpus", action="store_true", help="require GPU model actors")
+    recon.add_argument("--address", help="Ray cluster address (default: a private local instance)")
+    recon.add_argument("--in-process", action="store_true", help="run the same stages in this process, without Ray")
+    recon.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT during the run")
+    recon.add_argument("--pushgateway", help="push metrics to this Pushgateway (host:port) at the end")
+    recon.add_argument("--quiet", action="store_true", help="no progress bar")
+    recon.set_defaults(handler=_reconstruct)
     return parser
 
 

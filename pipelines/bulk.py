@@ -1,0 +1,425 @@
+"""Bulk reconstruction on Ray Data: image collections -> meshes, previews and a Parquet manifest.
+
+    list inputs (driver)
+      -> read + hash + preprocess           CPU tasks        (`prepare_rows`)
+      -> encode + occupancy queries         model actors     (`SurfaceSampler`, GPU when the cluster has one)
+      -> marching cubes, colour, export     CPU tasks        (`finish_rows`; a GPU never waits for meshing)
+      -> manifest rows streamed back to the driver, which appends them to Parquet and counts metrics
+
+Every row carries a JSON `record` (the manifest fields) and a `payload` (pickled arrays for the
+next stage). Any failure inside a stage becomes status "failed" with the error class and message
+on that row; later stages pass failed and skipped rows through untouched, so one bad image never
+stops the job. A `.json` marker is written beside each finished mesh; a re-run skips inputs whose
+marker has the same content hash and checkpoint id (resume after a killed driver or worker).
+
+Manifest (Parquet, `OUT/manifest/run-<run_id>-<part>.parquet`, append-only, one row per input
+per run): see `MANIFEST_SCHEMA`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pickle
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from model.reconstruct import MESH_FORMATS, ReconstructionConfig
+from pipelines.inputs import InputItem, list_inputs
+from pipelines.metrics import BulkMetrics
+from pipelines.storage import filesystem, join, redact, safe_stem, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("input_uri", pa.string()),
+        ("content_hash", pa.string()),  # sha256 of the image and its sidecars
+        ("status", pa.string()),  # ok | failed | skipped
+        ("error_class", pa.string()),
+        ("error_message", pa.string()),
+        ("mesh_uri", pa.string()),
+        ("preview_uri", pa.string()),
+        ("vertices", pa.int64()),
+        ("faces", pa.int64()),
+        ("bbox_min", pa.list_(pa.float64(), 3)),  # user (pixel) frame
+        ("bbox_max", pa.list_(pa.float64(), 3)),
+        ("points_evaluated", pa.int64()),
+        ("seconds_read", pa.float64()),
+        ("seconds_prepare", pa.float64()),
+        ("seconds_encode", pa.float64()),
+        ("seconds_surface", pa.float64()),
+        ("seconds_mesh", pa.float64()),
+        ("seconds_write", pa.float64()),
+        ("node", pa.string()),
+        ("worker", pa.string()),
+        ("checkpoint_id", pa.string()),
+        ("checkpoint_version", pa.string()),
+        ("finished_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class BulkConfig:
+    """One bulk reconstruction job."""
+
+    inputs: tuple[str, ...]
+    output: str
+    checkpoint: str
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    mesh_format: str = "obj"
+    overwrite: bool = False
+    batch_size: int = 1  # images per model call (normal nets and filters run batched)
+    model_actors: int = 1  # size of the model actor pool
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    max_pixels: int = 100_000_000  # decompression-bomb guard
+    manifest_flush_rows: int = 50  # manifest part size: at most this many rows lost if the driver dies
+    metrics_port: int | None = None
+    pushgateway: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mesh_format not in MESH_FORMATS:
+            raise ValueError(f"mesh format must be one of {MESH_FORMATS}, not {self.mesh_format!r}")
+
+
+@dataclass
+class Summary:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    manifest_files: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason), first few
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.failed + self.skipped
+
+    def line(self) -> str:
+        rate = self.total / self.seconds if self.seconds else 0.0
+        return (f"{self.total} inputs: {self.ok} ok, {self.failed} failed, {self.skipped} skipped "
+                f"in {self.seconds:.1f} s ({rate:.2f} images/s)")
+
+
+# ---- rows --------------------------------------------------------------------------------
+
+
+def _rows(batch: dict) -> list[tuple[dict, bytes]]:
+    return [(json.loads(r), p) for r, p in zip(batch["record"], batch["payload"])]
+
+
+def _batch(rows: list[tuple[dict, bytes]]) -> dict:
+    return {
+        "record": np.array([json.dumps(r) for r, _ in rows], dtype=object),
+        "payload": np.array([p for _, p in rows], dtype=object),
+    }
+
+
+def _fail(record: dict, exc: BaseException) -> tuple[dict, bytes]:
+    record.update(status="failed", error_class=type(exc).__name__, error_message=str(exc)[:2000])
+    return record, b""
+
+
+def _where() -> tuple[str, str]:
+    """(node, worker) running this code: Ray ids inside Ray, host and pid outside."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            return context.get_node_id(), context.get_worker_id()
+    except ImportError:
+        pass
+    return socket.gethostname(), str(os.getpid())
+
+
+def initial_rows(items: list[InputItem], config: BulkConfig, run_id: str, checkpoint_id: str) -> list[dict]:
+    """One pending record per input, with its output locations fixed up front."""
+    records = []
+    for item in items:
+        stem = join(config.output, "meshes", safe_stem(item.name, item.uri))
+        records.append(
+            {
+                "run_id": run_id,
+                "input_uri": redact(item.uri),
+                "status": "pending",
+                "mesh_uri": f"{stem}.{config.mesh_format}",
+                "preview_uri": f"{stem}_preview.png",
+                "marker_uri": f"{stem}.json",
+                "checkpoint_id": checkpoint_id,
+                "item": item.to_dict(),
+            }
+        )
+    return records
+
+
+# ---- stage 1: read, hash, skip check, preprocess (CPU) -----------------------------------
+
+
+def _read(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def _finished_marker(marker_uri: str) -> dict | None:
+    fs, path = filesystem(marker_uri)
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def prepare_rows(batch: dict, sizes: tuple[int, ...], overwrite: bool, max_pixels: int) -> dict:
+    from model.preprocess import prepare_input
+
+    out = []
+    for record, _ in _rows(batch):
+        item = InputItem(**record["item"])
+        try:
+            start = time.perf_counter()
+            image = _read(item.uri)
+            sidecars = {k: _read(getattr(item, f"{k}_uri")) if getattr(item, f"{k}_uri") else None for k in ("mask", "rect", "keypoints")}
+            digest = hashlib.sha256(image)
+            for key in ("mask", "rect", "keypoints"):
+                digest.update(key.encode() + (sidecars[key] or b""))
+            record["content_hash"] = digest.hexdigest()
+            record["seconds_read"] = time.perf_counter() - start
+            marker = None if overwrite else _finished_marker(record["marker_uri"])
+            if marker and marker.get("content_hash") == record["content_hash"] and marker.get("checkpoint_id") == record["checkpoint_id"]:
+                record.update(status="skipped", **{k: marker.get(k) for k in ("vertices", "faces", "bbox_min", "bbox_max")})
+                out.append((record, b""))
+                continue
+            start = time.perf_counter()
+            prepared = prepare_input(image, name=redact(item.uri), max_pixels=max_pixels, sizes=sizes, **sidecars)
+            # The original photo is not needed downstream (colours come from the crop): don't ship it.
+            prepared = dataclasses.replace(prepared, rgb=np.zeros((0, 0, 3), np.float32))
+            record["seconds_prepare"] = time.perf_counter() - start
+            out.append((record, pickle.dumps(prepared, protocol=5)))
+        except Exception as exc:  # noqa: BLE001 - any failure becomes this input's failed row
+            out.append(_fail(record, exc))
+    return _batch(out)
+
+
+# ---- stage 2: model (GPU when available) ---------------------------------------------------
+
+
+class SurfaceSampler:
+    """Model actor: one network per actor; encodes a batch of images and queries their surfaces."""
+
+    def __init__(self, checkpoint: str, reconstruction: ReconstructionConfig, use_gpu: bool):
+        import torch
+
+        from pipelines.checkpoints import fetch_checkpoint
+        from model.checkpoint import load_checkpoint
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.net = load_checkpoint(fetch_checkpoint(checkpoint)).to(self.device)
+        self.config = reconstruction
+
+    def __call__(self, batch: dict) -> dict:
+        from model.reconstruct import sample_surfaces
+
+        rows = _rows(batch)
+        pending = [i for i, (record, _) in enumerate(rows) if record["status"] == "pending"]
+        node, worker = _where()
+        if pending:
+            prepared = [pickle.loads(rows[i][1]) for i in pending]
+            try:
+                samples = sample_surfaces(self.net, prepared, self.config)
+            except Exception as exc:  # noqa: BLE001
+                samples = [exc] * len(pending)
+            for i, (p, sample) in zip(pending, zip(prepared, samples)):
+                record = rows[i][0]
+                record.update(node=node, worker=worker)
+                if isinstance(sample, Exception):
+                    rows[i] = _fail(record, sample)
+                    continue
+                record.update(seconds_encode=sample.stats["seconds_encode"], seconds_surface=sample.stats["seconds_surface"],
+                              points_evaluated=sample.stats["points_evaluated"])
+                rows[i] = (record, pickle.dumps((p, sample), protocol=5))
+        return _batch(rows)
+
+
+# ---- stage 3: mesh, colour, export, write (CPU) ------------------------------------------
+
+
+def finish_rows(batch: dict, reconstruction: ReconstructionConfig, mesh_format: str) -> dict:
+    from model.reconstruct import encode_outputs, finish
+
+    out = []
+    for record, payload in _rows(batch):
+        if record["status"] != "pending":
+            out.append((record, b""))
+            continue
+        try:
+            prepared, sample = pickle.loads(payload)
+            start = time.perf_counter()
+            result = finish(sample, prepared, reconstruction)
+            record["seconds_mesh"] = time.perf_counter() - start
+            start = time.perf_counter()
+            files = encode_outputs(result, prepared, mesh_format)
+            write_bytes_atomic(record["mesh_uri"], files["mesh"])
+            write_bytes_atomic(record["preview_uri"], files["preview"])
+            bounds = result.mesh.bounds if len(result.mesh.vertices) else np.full((2, 3), np.nan)
+            record.update(
+                status="ok",
+                vertices=len(result.mesh.vertices),
+                faces=len(result.mesh.faces),
+                bbox_min=[float(v) for v in bounds[0]],
+                bbox_max=[float(v) for v in bounds[1]],
+            )
+            marker = {k: record[k] for k in ("input_uri", "content_hash", "checkpoint_id", "mesh_uri", "preview_uri",
+                                             "vertices", "faces", "bbox_min", "bbox_max")}
+            # The marker goes last: its presence means every output of this input is complete.
+            write_bytes_atomic(record["marker_uri"], json.dumps(marker).encode())
+            record["seconds_write"] = time.perf_counter() - start
+            out.append((record, b""))
+        except Exception as exc:  # noqa: BLE001
+            out.append(_fail(record, exc))
+    return _batch(out)
+
+
+# ---- driver --------------------------------------------------------------------------------
+
+
+class ManifestWriter:
+    """Appends manifest rows to Parquet parts of at most `flush_rows` rows each."""
+
+    def __init__(self, output: str, run_id: str, flush_rows: int, checkpoint_version: str):
+        self.folder = join(output, "manifest")
+        self.run_id = run_id
+        self.flush_rows = flush_rows
+        self.checkpoint_version = checkpoint_version
+        self.pending: list[dict] = []
+        self.files: list[str] = []
+
+    def add(self, record: dict) -> dict:
+        row = {name: record.get(name) for name in MANIFEST_SCHEMA.names}
+        row["checkpoint_version"] = self.checkpoint_version
+        row["finished_at"] = datetime.now(timezone.utc)
+        for name in ("vertices", "faces", "points_evaluated"):
+            row[name] = None if row[name] is None else int(row[name])
+        for name in ("bbox_min", "bbox_max"):
+            if row[name] is not None and any(v is None or v != v for v in row[name]):
+                row[name] = None
+        self.pending.append(row)
+        if len(self.pending) >= self.flush_rows:
+            self.flush()
+        return row
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        uri = join(self.folder, f"run-{self.run_id}-{len(self.files):05d}.parquet")
+        fs, path = filesystem(uri)
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        with fs.open(path, "wb") as handle:
+            pq.write_table(pa.Table.from_pylist(self.pending, schema=MANIFEST_SCHEMA), handle)
+        self.files.append(uri)
+        self.pending = []
+
+
+def read_manifest(output: str):
+    """All manifest rows of an output folder as a pandas DataFrame (every run)."""
+    import pandas as pd
+
+    fs, path = filesystem(join(output, "manifest"))
+    files = sorted(fs.glob(path + "/*.parquet"))
+    if not files:
+        return pd.DataFrame(columns=MANIFEST_SCHEMA.names)
+    return pq.read_table(files, filesystem=fs, schema=MANIFEST_SCHEMA).to_pandas()
+
+
+def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
+    """Yield finished records as the Ray Data pipeline produces them."""
+    import ray
+
+    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    # Small blocks so the stages overlap early; each stage handles one image per call and Ray
+    # Data's streaming backpressure keeps the number of images in flight bounded.
+    dataset = ray.data.from_items(
+        [{"record": json.dumps(r), "payload": b""} for r in records],
+        override_num_blocks=max(1, min(len(records), 256)),
+    )
+    dataset = dataset.map_batches(
+        prepare_rows, batch_size=1, num_cpus=0.5,
+        fn_kwargs={"sizes": sizes, "overwrite": config.overwrite, "max_pixels": config.max_pixels},
+    )
+    dataset = dataset.map_batches(
+        SurfaceSampler,
+        batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.model_actors),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=1,
+        fn_constructor_kwargs={"checkpoint": config.checkpoint, "reconstruction": config.reconstruction, "use_gpu": use_gpu},
+    )
+    dataset = dataset.map_batches(
+        finish_rows, batch_size=1, num_cpus=0.5,
+        fn_kwargs={"reconstruction": config.reconstruction, "mesh_format": config.mesh_format},
+    )
+    for row in dataset.select_columns(["record"]).iter_rows():
+        yield json.loads(row["record"])
+
+
+def _results_in_process(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
+    """The same stages, one image at a time, in this process (no Ray)."""
+    sampler = SurfaceSampler(config.checkpoint, config.reconstruction, use_gpu=bool(config.use_gpu))
+    for record in records:
+        batch = _batch([(record, b"")])
+        batch = prepare_rows(batch, sizes, config.overwrite, config.max_pixels)
+        batch = finish_rows(sampler(batch), config.reconstruction, config.mesh_format)
+        yield _rows(batch)[0][0]
+
+
+def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True) -> Summary:
+    """Run one bulk job to completion; Ray must already be initialised unless `in_process`."""
+    from tqdm import tqdm
+
+    from model.checkpoint import read_checkpoint
+    from pipelines.checkpoints import checkpoint_identity, fetch_checkpoint
+
+    start = time.perf_counter()
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    local_checkpoint = fetch_checkpoint(config.checkpoint)
+    _, net_config, metadata = read_checkpoint(local_checkpoint)  # fail fast on a bad checkpoint
+    checkpoint_id, checkpoint_version = checkpoint_identity(local_checkpoint, metadata)
+    sizes = (net_config.coarse_size, net_config.fine_size)
+
+    items = list_inputs(list(config.inputs))
+    records = initial_rows(items, config, run_id, checkpoint_id)
+    metrics = BulkMetrics(job="reconstruct")
+    if config.metrics_port is not None:
+        metrics.serve(config.metrics_port)
+    metrics.in_flight.labels(metrics.job).set(len(records))
+    manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, checkpoint_version)
+    summary = Summary()
+    results = (_results_in_process if in_process else _results_on_ray)(records, config, sizes)
+    with tqdm(total=len(records), desc="reconstruct", unit="img", disable=not progress) as bar:
+        for record in results:
+            row = manifest.add(record)
+            metrics.observe(row)
+            metrics.in_flight.labels(metrics.job).dec()
+            setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
+            if row["status"] == "failed" and len(summary.failures) < 20:
+                summary.failures.append((row["input_uri"], f"{row['error_class']}: {row['error_message']}"))
+            bar.update(1)
+            bar.set_postfix(ok=summary.ok, failed=summary.failed, skipped=summary.skipped)
+    manifest.flush()
+    summary.seconds = time.perf_counter() - start
+    summary.manifest_files = manifest.files
+    metrics.throughput.labels(metrics.job).set(summary.total / summary.seconds if summary.seconds else 0)
+    if config.pushgateway:
+        metrics.push(config.pushgateway)
+    return summary

@@ -1,0 +1,51 @@
+"""Where checkpoints come from for jobs: local paths, object storage, or the shipped default."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from model.errors import CheckpointError
+from pipelines.storage import filesystem, is_remote
+
+# The model trained by this project and shipped with it (see README, "Shipped model").
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "model" / "weights" / "pifuhd-small.safetensors"
+CACHE_DIR = Path(os.environ.get("PIFUHD_CACHE", Path.home() / ".cache" / "pifuhd-ray")) / "checkpoints"
+
+
+def default_checkpoint() -> str:
+    """The shipped checkpoint; CheckpointError if this installation has none."""
+    if not SHIPPED_CHECKPOINT.is_file():
+        raise CheckpointError(f"no --checkpoint given and no shipped checkpoint at {SHIPPED_CHECKPOINT}")
+    return str(SHIPPED_CHECKPOINT)
+
+
+def fetch_checkpoint(uri: str) -> str:
+    """A local path for a checkpoint URI: remote files are copied once into a local cache."""
+    if not is_remote(uri):
+        return uri
+    fs, path = filesystem(uri)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{uri}: no such checkpoint") from exc
+    version = str(info.get("ETag") or info.get("etag") or info.get("size"))
+    key = hashlib.sha256(f"{uri}|{version}".encode()).hexdigest()[:20]
+    local = CACHE_DIR / f"{key}{Path(path).suffix}"
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(local.name + f".part-{os.getpid()}")
+        fs.get_file(path, str(partial))
+        os.replace(partial, local)
+    return str(local)
+
+
+def checkpoint_identity(path: str, metadata: dict) -> tuple[str, str]:
+    """(id, version) of a local checkpoint: id is a content hash, version what its metadata says."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    version = str(metadata.get("version") or metadata.get("format") or "")
+    return digest.hexdigest()[:16], version

@@ -1,0 +1,135 @@
+"""Listing a bulk job's inputs: files, folders, globs, list files, object-store prefixes, Parquet tables.
+
+Each input image may have sidecar files beside it (see `model.preprocess.find_sidecars`):
+`NAME_mask.png` (person mask), `NAME_rect.txt` (`x y w h`), `NAME_keypoints.json`
+(OpenPose). Sidecars are never listed as inputs themselves.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import asdict, dataclass
+
+import pyarrow.parquet as pq
+
+from model.errors import InputError
+from model.preprocess import is_sidecar
+from pipelines.storage import IMAGE_EXTENSIONS, filesystem, full_uri
+
+URI_COLUMNS = ("uri", "input_uri", "path", "image")
+_MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One image to reconstruct. name: its path relative to the listed root (output naming)."""
+
+    uri: str
+    name: str
+    mask_uri: str = ""
+    rect_uri: str = ""
+    keypoints_uri: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS) and not is_sidecar(path)
+
+
+def _with_sidecars(uri: str, name: str, siblings: set[str]) -> InputItem:
+    """Attach the sidecars found among `siblings` (full URIs of files in the same folder)."""
+    stem = posixpath.splitext(uri)[0]
+    mask = next((stem + "_mask" + ext for ext in _MASK_EXTENSIONS if stem + "_mask" + ext in siblings), "")
+    rect = stem + "_rect.txt" if stem + "_rect.txt" in siblings else ""
+    keypoints = stem + "_keypoints.json" if stem + "_keypoints.json" in siblings else ""
+    return InputItem(uri=uri, name=name, mask_uri=mask, rect_uri=rect, keypoints_uri=keypoints)
+
+
+def _list_folder(spec: str) -> list[InputItem]:
+    fs, root = filesystem(spec)
+    paths = sorted(fs.find(root))
+    uris = {full_uri(fs, p) for p in paths}
+    return [
+        _with_sidecars(full_uri(fs, p), posixpath.relpath(p, root), uris)
+        for p in paths
+        if _is_image(p)
+    ]
+
+
+def _list_glob(spec: str) -> list[InputItem]:
+    fs, pattern = filesystem(spec)
+    paths = sorted(p for p in fs.glob(pattern) if fs.isfile(p))
+    items = []
+    for path in paths:
+        folder = posixpath.dirname(path)
+        siblings = {full_uri(fs, p) for p in fs.ls(folder, detail=False)}
+        items.append(_with_sidecars(full_uri(fs, path), posixpath.basename(path), siblings))
+    return items
+
+
+def _list_single(spec: str) -> list[InputItem]:
+    fs, path = filesystem(spec)
+    folder = posixpath.dirname(path)
+    siblings = {full_uri(fs, p) for p in fs.ls(folder, detail=False)} if folder else set()
+    return [_with_sidecars(spec, posixpath.basename(path), siblings)]
+
+
+def _list_uris(uris: list[str], source: str) -> list[InputItem]:
+    """Explicit URIs (from a list file or table): every one is an input, even a bad one."""
+    items = []
+    for uri in uris:
+        fs, path = filesystem(uri)
+        try:
+            siblings = {full_uri(fs, p) for p in fs.ls(posixpath.dirname(path), detail=False)}
+        except (FileNotFoundError, OSError):
+            siblings = set()
+        items.append(_with_sidecars(uri, posixpath.basename(path) or uri, siblings))
+    if not items:
+        raise InputError(f"{source}: lists no inputs")
+    return items
+
+
+def _read_list_file(spec: str) -> list[str]:
+    fs, path = filesystem(spec)
+    lines = fs.cat_file(path).decode("utf-8", errors="replace").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _read_table(spec: str) -> list[str]:
+    fs, path = filesystem(spec)
+    table = pq.read_table(path, filesystem=fs)
+    column = next((c for c in URI_COLUMNS if c in table.column_names), None)
+    if column is None:
+        raise InputError(f"{spec}: a Parquet table of inputs needs one of the columns {URI_COLUMNS}")
+    return [u for u in table.column(column).to_pylist() if u]
+
+
+def list_inputs(specs: list[str]) -> list[InputItem]:
+    """Every input image named by `specs`, in order, without duplicates.
+
+    A spec is an image file, a folder or prefix (recursive), a glob (`*`, `?`, `[`), a `.txt`
+    list of URIs (one per line), or a `.parquet` table with a `uri` column.
+    """
+    items: list[InputItem] = []
+    for spec in specs:
+        fs, path = filesystem(spec)
+        lower = path.lower()
+        if any(ch in path for ch in "*?["):
+            found = _list_glob(spec)
+        elif lower.endswith(".parquet") and fs.isfile(path):
+            found = _list_uris(_read_table(spec), spec)
+        elif lower.endswith(".txt") and fs.isfile(path) and not is_sidecar(path):
+            found = _list_uris(_read_list_file(spec), spec)
+        elif fs.isdir(path):
+            found = _list_folder(spec)
+        elif fs.isfile(path):
+            found = _list_single(spec)
+        else:
+            raise InputError(f"{spec}: no such file, folder or prefix")
+        items.extend(found)
+    unique = {}
+    for item in items:
+        unique.setdefault(item.uri, item)
+    return list(unique.values())
