@@ -42,6 +42,8 @@ class ConvBlock(nn.Module):
             self.downsample = nn.Sequential(
                 self.bn4, nn.ReLU(True), nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
             )
+        else:
+            self.bn4.requires_grad_(False)  # unused: no gradient (DDP rejects trainable unused parameters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In-place ReLU and add: at the fine level each activation is 256 MiB, and fresh

@@ -51,8 +51,11 @@ def _checkpoint_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Attach to a cluster at `address`, or start a private local Ray instance on loopback."""
+def connect_ray(address: str | None, log_to_driver: bool = False) -> None:
+    """Attach to a cluster at `address`, or start a private local Ray instance on loopback.
+
+    log_to_driver: show the workers' output here (training progress lines).
+    """
     import os
 
     import ray
@@ -61,9 +64,9 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver, _node_ip_address="127.0.0.1")
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
@@ -95,6 +98,23 @@ def _reconstruct(args: argparse.Namespace) -> int:
     if summary.manifest_files:
         print(f"manifest: {summary.manifest_files[0].rsplit('/', 1)[0]}/ ({len(summary.manifest_files)} parts)")
     return 1 if args.fail_on_error and summary.failed else 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipelines.train import TrainConfig, describe, run_training
+
+    config = TrainConfig(
+        stage=args.stage, data=args.data, out=args.out, name=args.name or "", preset=args.preset, init=args.init,
+        workers=args.workers, use_gpu=args.gpus, steps=args.steps, batch_size=args.batch_size,
+        points_per_sample=args.points, optimizer=args.optimizer, lr=args.lr,
+        lr_decay_steps=tuple(args.lr_decay_steps or ()), checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every, val_resolution=args.val_resolution,
+        use_predicted_normals=args.predicted_normals, vgg_weights=args.vgg_weights, seed=args.seed,
+        max_failures=args.max_failures, pushgateway=args.pushgateway,
+    )
+    connect_ray(args.address, log_to_driver=True)
+    print(describe(run_training(config)))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +160,36 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--pushgateway", help="push metrics to this Pushgateway (host:port) at the end")
     recon.add_argument("--quiet", action="store_true", help="no progress bar")
     recon.set_defaults(handler=_reconstruct)
+
+    train = commands.add_parser("train", help="train one stage (normal, coarse, fine) with Ray Train")
+    train.add_argument("--stage", required=True, choices=("normal", "coarse", "fine"))
+    train.add_argument("--data", required=True, help="dataset URI (pifuhd data synth/scans output)")
+    train.add_argument("--out", required=True, help="storage root, local or s3://; the run lives in OUT/NAME")
+    train.add_argument("--name", help="run name (default PRESET-STAGE); the same name again resumes")
+    train.add_argument("--preset", default="small", help="model size: full, small, tiny")
+    train.add_argument("--init", help="checkpoint to start from (the previous stage's model.safetensors)")
+    train.add_argument("--workers", type=int, default=1, help="DDP workers")
+    train.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
+    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--batch-size", type=int, default=2, help="samples per worker per step")
+    train.add_argument("--points", type=int, default=4096, help="query points per sample per step")
+    train.add_argument("--optimizer", choices=("rmsprop", "adam"), default="rmsprop")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--lr-decay-steps", type=int, nargs="*", help="multiply the learning rate by 0.1 at these steps")
+    train.add_argument("--checkpoint-every", type=int, default=100)
+    train.add_argument("--validate-every", type=int, default=100)
+    train.add_argument("--val-resolution", type=int, default=64, help="grid resolution of validation meshes")
+    train.add_argument("--predicted-normals", action="store_true", help="coarse stage: train on predicted normal maps")
+    train.add_argument("--vgg-weights", help="normal stage: VGG19 weights file enabling the perceptual loss")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint")
+    train.add_argument("--pushgateway", help="push training metrics to this Pushgateway (host:port)")
+    train.add_argument("--address", help="Ray cluster address (default: a private local instance)")
+    train.set_defaults(handler=_train)
+
+    from pipelines.data_jobs import register_cli as register_data
+
+    register_data(commands)
     return parser
 
 

@@ -52,3 +52,28 @@ class BulkMetrics:
             push_to_gateway(gateway, job=f"pifuhd_{self.job}", registry=self.registry)
         except OSError as exc:
             log.warning("could not push metrics to %s: %s", gateway, exc)
+
+
+class TrainMetrics:
+    """Gauges of one training run (rank 0): loss, step and validation metrics, pushed per report."""
+
+    def __init__(self, run: str):
+        self.run = run
+        self.registry = CollectorRegistry()
+        self.loss = Gauge("pifuhd_train_loss", "Mean training loss since the last report", ["run", "stage"], registry=self.registry)
+        self.step = Gauge("pifuhd_train_step", "Optimiser steps done", ["run", "stage"], registry=self.registry)
+        self.validation = Gauge("pifuhd_val_metric", "Validation metrics (chamfer_cm, p2s_cm, point_iou, ...)",
+                                ["run", "stage", "metric"], registry=self.registry)
+
+    def observe(self, report: dict, pushgateway: str | None = None) -> None:
+        stage = report.get("stage", "")
+        self.loss.labels(self.run, stage).set(report["loss"])
+        self.step.labels(self.run, stage).set(report["step"])
+        for key, value in report.items():
+            if key.startswith("val_"):
+                self.validation.labels(self.run, stage, key[4:]).set(value)
+        if pushgateway:
+            try:
+                push_to_gateway(pushgateway, job=f"pifuhd_train_{self.run}", registry=self.registry)
+            except OSError as exc:
+                log.warning("could not push metrics to %s: %s", pushgateway, exc)

@@ -134,6 +134,7 @@ def ray_local(s3_server, tmp_path_factory):
         include_dashboard=False,
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
         log_to_driver=False,
+        _node_ip_address="127.0.0.1",
     )
     yield ray
     ray.shutdown()

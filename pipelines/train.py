@@ -1,0 +1,492 @@
+"""Distributed training of the three PIFuHD stages with Ray Train.
+
+    normal  front/back normal nets: L1 + gradient (or VGG) loss against rendered normal maps
+    coarse  coarse hourglass + MLP on [image, ground-truth (or predicted) normals]; every stack
+            supervised with the weighted BCE of the paper
+    fine    fine hourglass + MLP on random windows of the fine image, coarse level frozen and
+            feeding its phi at the same points
+
+Each stage is a small `nn.Module` whose forward returns the loss, so DDP (gloo on CPU, NCCL
+on GPU) wraps exactly the trainable part. Data streams to every worker from the dataset's
+Parquet shards through Ray Data. Checkpoints (weights in the project format, optimiser state,
+step) go to the run folder `OUT/NAME/` on a local path or s3://; re-submitting the same name
+resumes from the latest one, and `FailureConfig` restarts failed workers from it. Validation
+on held-out subjects (point IoU, Chamfer / P2S in cm, normal consistency) is reported to Ray,
+appended to `OUT/NAME/metrics/*.parquet` and pushed to Prometheus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import model
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.losses import VGG19Features, normal_map_loss, weighted_occupancy_bce
+from model.pifuhd import PIFuHD
+
+log = logging.getLogger(__name__)
+
+STAGES = ("normal", "coarse", "fine")
+# Fault injection for tests and drills: a worker raises once at this step (marker file in the run folder).
+FAIL_AT_STEP_ENV = "PIFUHD_FAIL_AT_STEP"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run of one stage."""
+
+    stage: str
+    data: str  # dataset URI (pipelines.dataset format)
+    out: str  # storage root: local folder or s3://bucket/prefix; the run lives in OUT/NAME
+    name: str = ""  # run name; default "<preset>-<stage>". Same name again = resume.
+    preset: str = "small"
+    init: str | None = None  # checkpoint to start from (the previous stage's model)
+    workers: int = 1
+    use_gpu: bool = False
+    steps: int = 1000
+    batch_size: int = 2
+    points_per_sample: int = 4096  # subsampled from the stored points each step
+    optimizer: str = "rmsprop"  # "rmsprop" (the paper) or "adam"
+    lr: float = 1e-3
+    lr_decay_steps: tuple[int, ...] = ()  # lr *= 0.1 at each of these steps
+    checkpoint_every: int = 100
+    validate_every: int = 100
+    val_samples: int = 2
+    val_resolution: int = 64
+    use_predicted_normals: bool = False  # coarse stage: feed the normal nets' output, not the ground truth
+    vgg_weights: str | None = None  # normal stage: torchvision-layout VGG19 weights enable the perceptual term
+    seed: int = 0
+    max_failures: int = 1
+    log_every: int = 10
+    pushgateway: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, not {self.stage!r}")
+        if self.optimizer not in ("rmsprop", "adam"):
+            raise ValueError(f"optimizer must be 'rmsprop' or 'adam', not {self.optimizer!r}")
+        model.preset(self.preset)  # validates the name
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.preset}-{self.stage}"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        data["lr_decay_steps"] = tuple(data.get("lr_decay_steps", ()))
+        return cls(**data)
+
+
+# ---- batches ------------------------------------------------------------------------------
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=images.shape[-1] > size)
+
+
+def stage_inputs(batch: dict, config: model.PIFuHDConfig) -> dict:
+    """Images and normal maps of a decoded batch at the network's coarse and fine sizes."""
+    stored = max(int(k.split("_")[1]) for k in batch if k.startswith("image_"))
+    image, front, back = batch[f"image_{stored}"], batch[f"normal_front_{stored}"], batch[f"normal_back_{stored}"]
+    return {
+        "coarse": _resize(image, config.coarse_size),
+        "fine": _resize(image, config.fine_size),
+        "normals": (_resize(front, config.coarse_size), _resize(back, config.coarse_size)),
+    }
+
+
+def subsample_points(batch: dict, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random subset of `count` stored points per sample: (B, 3, count), (B, count)."""
+    points, labels = batch["points"], batch["labels"]
+    if points.shape[-1] <= count:
+        return points, labels
+    index = torch.randperm(points.shape[-1], generator=generator)[:count].to(points.device)
+    return points[..., index], labels[..., index]
+
+
+def window_calib(calib: torch.Tensor, image_size: int, window: int, offset_x: int, offset_y: int) -> torch.Tensor:
+    """Calib projecting into a `window`-pixel square cut at (offset_x, offset_y) of an image_size image.
+
+    Image coordinates use align_corners=True: pixel p of the full image sits at
+    -1 + 2p / (S - 1); in the window it is -1 + 2(p - offset) / (W - 1).
+    """
+    scale = (image_size - 1) / (window - 1)
+    affine = torch.eye(4, dtype=calib.dtype, device=calib.device).repeat(calib.shape[0], 1, 1)
+    affine[:, 0, 0] = affine[:, 1, 1] = scale
+    affine[:, 0, 3] = scale - 1 - 2 * offset_x / (window - 1)
+    affine[:, 1, 3] = scale - 1 - 2 * offset_y / (window - 1)
+    return affine @ calib
+
+
+# ---- the three stages as loss modules ------------------------------------------------------
+
+
+class NormalStage(nn.Module):
+    """Front and back normal nets against the rendered normal maps."""
+
+    def __init__(self, net: PIFuHD, vgg: VGG19Features | None):
+        super().__init__()
+        self.netF, self.netB = net.netG.netF, net.netG.netB
+        self.net_config = net.config
+        self.vgg = vgg
+
+    def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        inputs = stage_inputs(batch, self.net_config)
+        front, back = inputs["normals"]
+        loss = normal_map_loss(self.netF(inputs["coarse"]), front, self.vgg) + normal_map_loss(self.netB(inputs["coarse"]), back, self.vgg)
+        return loss, {}
+
+
+class CoarseStage(nn.Module):
+    """Coarse hourglass and MLP; every stack's prediction is supervised."""
+
+    def __init__(self, net: PIFuHD, points: int, use_predicted_normals: bool):
+        super().__init__()
+        self.net = net
+        self.image_filter, self.mlp = net.netG.image_filter, net.netG.mlp
+        self.points, self.use_predicted_normals = points, use_predicted_normals
+
+    def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        inputs = stage_inputs(batch, self.net.config)
+        normals = inputs["normals"]
+        if self.use_predicted_normals:
+            with torch.no_grad():
+                normals = self.net.predict_normals(inputs["coarse"])
+        stacks = self.image_filter(self.net._with_normals(inputs["coarse"], normals))
+        points, labels = subsample_points(batch, self.points, generator)
+        result = self.net.query_levels(model.Features(None, None, stacks), points, batch["calib"], levels="coarse")
+        loss = sum(weighted_occupancy_bce(logits, labels, result.coarse_in_box) for logits in result.coarse_logits)
+        return loss / len(stacks), {"probabilities": result.coarse[-1].detach(), "labels": labels}
+
+
+class FineStage(nn.Module):
+    """Fine hourglass and MLP on a random window of the fine image; the coarse level is frozen."""
+
+    def __init__(self, net: PIFuHD, points: int):
+        super().__init__()
+        self.net = net
+        self.image_filter, self.mlp = net.image_filter, net.mlp
+        self.points = points
+
+    def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        config = self.net.config
+        inputs = stage_inputs(batch, config)
+        with torch.no_grad():
+            coarse = self.net.netG.image_filter(self.net._with_normals(inputs["coarse"], inputs["normals"]), last_only=True)
+        size, window = config.fine_size, config.fine_size // 2
+        ox, oy = (int(v) for v in torch.randint(0, size - window + 1, (2,), generator=generator))
+        fine_input = self.net._with_normals(inputs["fine"], inputs["normals"])[..., oy : oy + window, ox : ox + window]
+        fine = self.image_filter(fine_input, last_only=True)[-1]
+        points, labels = subsample_points(batch, self.points, generator)
+        calib = batch["calib"]
+        result = self.net.query_levels(
+            model.Features(None, None, coarse, fine), points, calib, window_calib(calib, size, window, ox, oy), levels="fine"
+        )
+        loss = weighted_occupancy_bce(result.fine_logits, labels, result.fine_in_box)
+        return loss, {"probabilities": result.fine.detach(), "labels": labels, "valid": result.fine_in_box}
+
+
+def build_stage(net: PIFuHD, config: TrainConfig) -> nn.Module:
+    """The stage's loss module; everything outside it is frozen."""
+    net.requires_grad_(False)
+    if config.stage == "normal":
+        vgg = VGG19Features.from_file(config.vgg_weights) if config.vgg_weights else None
+        stage = NormalStage(net, vgg)
+        trainable = [net.netG.netF, net.netG.netB]
+    elif config.stage == "coarse":
+        stage = CoarseStage(net, config.points_per_sample, config.use_predicted_normals)
+        trainable = [net.netG.image_filter, net.netG.mlp]
+    else:
+        stage = FineStage(net, config.points_per_sample)
+        trainable = [net.image_filter, net.mlp]
+    for part in trainable:
+        part.requires_grad_(True).train()
+    # Unused conv-block norms stay frozen (see model.hourglass.ConvBlock).
+    for module in net.modules():
+        if getattr(module, "downsample", "absent") is None:
+            module.bn4.requires_grad_(False)
+    return stage
+
+
+def initial_network(config: TrainConfig) -> PIFuHD:
+    if config.init:
+        from pipelines.checkpoints import fetch_checkpoint
+
+        net = load_checkpoint(fetch_checkpoint(config.init))
+        if net.config != model.preset(config.preset):
+            log.info("init checkpoint config differs from preset %s: using the checkpoint's", config.preset)
+        return net
+    torch.manual_seed(config.seed)
+    return PIFuHD.from_config(model.preset(config.preset))
+
+
+# ---- validation ----------------------------------------------------------------------------
+
+
+def validate(net: PIFuHD, config: TrainConfig, samples: list[dict], meshes: dict) -> dict:
+    """Validation metrics on held-out samples: point IoU, and mesh metrics in cm for occupancy stages."""
+    from model.metrics import point_iou, surface_metrics
+    from model.surface import extract_surface
+
+    net.eval()
+    results: dict[str, list[float]] = {}
+    device = next(net.parameters()).device
+    with torch.inference_mode():
+        for sample in samples:
+            batch = {k: v[None].to(device) for k, v in sample.items() if isinstance(v, torch.Tensor)}
+            inputs = stage_inputs(batch, net.config)
+            if config.stage == "normal":
+                front, back = net.predict_normals(inputs["coarse"])
+                error = (F.l1_loss(front, inputs["normals"][0]) + F.l1_loss(back, inputs["normals"][1])).item() / 2
+                results.setdefault("normal_l1", []).append(error)
+                continue
+            normals = net.predict_normals(inputs["coarse"]) if config.use_predicted_normals else inputs["normals"]
+            features = net.encode(inputs["coarse"], inputs["fine"], normals=normals)
+            level = "coarse" if config.stage == "coarse" else "fine"
+            probabilities = net.query(features, batch["points"], batch["calib"], level=level)
+            results.setdefault("point_iou", []).append(point_iou(probabilities, batch["labels"]))
+            mesh_gt = meshes.get(sample["subject_id"])
+            if mesh_gt is None:
+                continue
+            predicted, _ = extract_surface(
+                lambda p: net.query(features, p.to(device).T[None], batch["calib"], level=level)[0].float().cpu(),
+                resolution=config.val_resolution,
+                largest_component=True,
+            )
+            truth = mesh_gt.copy()
+            truth.apply_transform(sample["view_from_canonical"].numpy().astype(np.float64))
+            units_per_cm = float(sample["units_per_cm"])
+            for key, value in surface_metrics(predicted, truth, num_samples=10_000, scale=1 / units_per_cm).items():
+                results.setdefault(f"{key}_cm" if key in ("chamfer", "p2s", "s2p") else key, []).append(value)
+    net.train()
+    return {f"val_{k}": float(np.mean(v)) for k, v in results.items()}
+
+
+def _load_validation(config: TrainConfig) -> tuple[list[dict], dict]:
+    """A few decoded val samples (as tensors) and their subjects' ground-truth meshes."""
+    import trimesh
+
+    from pipelines.dataset import iter_samples
+    from pipelines.storage import filesystem, join
+
+    samples = []
+    try:
+        for sample in iter_samples(config.data, "val"):
+            samples.append(sample)
+            if len(samples) >= config.val_samples:
+                break
+    except FileNotFoundError:
+        return [], {}
+    meshes = {}
+    for sample in samples:
+        subject = str(sample["subject_id"])
+        fs, path = filesystem(join(config.data, "meshes", f"{subject}.ply"))
+        try:
+            with fs.open(path, "rb") as handle:
+                meshes[subject] = trimesh.load(handle, file_type="ply", force="mesh", process=False)
+        except FileNotFoundError:
+            pass
+    tensors = [
+        {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) and v.dtype != object else v) for k, v in s.items()}
+        | {"subject_id": str(s["subject_id"]), "units_per_cm": float(s.get("units_per_cm", 0.01))}
+        for s in samples
+    ]
+    return tensors, meshes
+
+
+# ---- the worker loop -------------------------------------------------------------------------
+
+
+def _optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    return torch.optim.RMSprop(params, lr=config.lr, momentum=0, weight_decay=0)
+
+
+def _learning_rate(config: TrainConfig, step: int) -> float:
+    return config.lr * 0.1 ** sum(step >= s for s in config.lr_decay_steps)
+
+
+def _save(directory: str, net: PIFuHD, optimizer: torch.optim.Optimizer, step: int, config: TrainConfig, metrics: dict) -> None:
+    metadata = {
+        "preset": config.preset,
+        "stage": config.stage,
+        "steps": step,
+        "training_data": config.data,
+        "train_config": {k: v for k, v in dataclasses.asdict(config).items() if k != "pushgateway"},
+        "metrics": metrics,
+    }
+    save_checkpoint(net, os.path.join(directory, "model.safetensors"), metadata=metadata)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(directory, "training_state.pt"))
+
+
+def _maybe_inject_failure(config: TrainConfig, step: int) -> None:
+    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+    if not fail_at or step != int(fail_at):
+        return
+    from pipelines.storage import filesystem, join
+
+    fs, marker = filesystem(join(config.out, config.run_name, "injected-failure"))
+    if not fs.exists(marker):
+        fs.pipe_file(marker, b"1")
+        raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")
+
+
+def _append_metrics(config: TrainConfig, row: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.storage import filesystem, join
+
+    fs, path = filesystem(join(config.out, config.run_name, "metrics", f"step-{row['step']:09d}.parquet"))
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as handle:
+        pq.write_table(pa.Table.from_pylist([row]), handle)
+
+
+def train_loop_per_worker(config_dict: dict) -> None:
+    """Ray Train worker: one process per `workers`, DDP across them."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.metrics import TrainMetrics
+
+    config = TrainConfig.from_dict(config_dict)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+
+    net = initial_network(config)
+    stage_module = build_stage(net, config)
+    net.to(device)
+    trainable = [p for p in stage_module.parameters() if p.requires_grad]
+    optimizer = _optimizer(trainable, config)
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(os.path.join(directory, "model.safetensors")).state_dict()
+            net.load_state_dict(state)
+            training_state = torch.load(os.path.join(directory, "training_state.pt"), map_location=device, weights_only=True)
+            optimizer.load_state_dict(training_state["optimizer"])
+            step = int(training_state["step"])
+    stage_ddp = ray.train.torch.prepare_model(stage_module, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": False})
+
+    validation = _load_validation(config) if rank == 0 else ([], {})
+    metrics = TrainMetrics(config.run_name) if rank == 0 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    shard = ray.train.get_dataset_shard("train")
+    started, losses = time.perf_counter(), []
+    while step < config.steps:
+        for batch in shard.iter_torch_batches(batch_size=config.batch_size, device=device, local_shuffle_buffer_size=16, drop_last=True):
+            if step >= config.steps:
+                break
+            _maybe_inject_failure(config, step)
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(config, step)
+            with autocast:
+                loss, _ = stage_ddp(batch, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            if rank == 0 and step % config.log_every == 0:
+                print(f"[{config.run_name}] step {step}/{config.steps} loss {np.mean(losses[-config.log_every:]):.4f} "
+                      f"({(time.perf_counter() - started) / len(losses):.2f} s/step)", flush=True)
+            due_validation = step % config.validate_every == 0 or step == config.steps
+            due_checkpoint = step % config.checkpoint_every == 0 or step == config.steps
+            if not (due_validation or due_checkpoint):
+                continue
+            report = {"step": step, "loss": float(np.mean(losses[-config.log_every:])), "stage": config.stage}
+            if rank == 0 and due_validation and validation[0]:
+                report.update(validate(net, config, *validation))
+            if rank == 0:
+                report["seconds"] = time.perf_counter() - started
+                _append_metrics(config, report)
+                metrics.observe(report, config.pushgateway)
+            with tempfile.TemporaryDirectory() as directory:
+                if rank == 0 and due_checkpoint:
+                    _save(directory, net, optimizer, step, config, report)
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                else:
+                    ray.train.report(report)
+
+
+# ---- the driver --------------------------------------------------------------------------------
+
+
+def _storage(config: TrainConfig):
+    """(storage_path, storage_filesystem) for RunConfig: s3 paths go through pyarrow's filesystem."""
+    from pipelines.storage import is_remote
+
+    if not is_remote(config.out):
+        return os.path.abspath(config.out), None
+    import pyarrow.fs
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(config.out)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and isinstance(filesystem, pyarrow.fs.S3FileSystem):
+        scheme, host = endpoint.split("://", 1)
+        filesystem = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme)
+    return path, filesystem
+
+
+@dataclass
+class TrainResult:
+    model_uri: str
+    steps: int
+    metrics: dict = field(default_factory=dict)
+
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """Fit one stage on the connected Ray cluster; writes OUT/NAME/model.safetensors at the end."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.dataset import open_dataset
+    from pipelines.storage import join, write_bytes_atomic
+
+    train_data = open_dataset(config.data, "train").drop_columns(["subject_id", "split"])
+    storage_path, storage_filesystem = _storage(config)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=dataclasses.asdict(config),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+        datasets={"train": train_data},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {config.run_name} produced no checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        data = open(os.path.join(directory, "model.safetensors"), "rb").read()
+        steps = int(torch.load(os.path.join(directory, "training_state.pt"), weights_only=True)["step"])
+    model_uri = join(config.out, config.run_name, "model.safetensors")
+    write_bytes_atomic(model_uri, data)
+    return TrainResult(model_uri=model_uri, steps=steps, metrics=dict(result.metrics or {}))
+
+
+def describe(result: TrainResult) -> str:
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items() if k.startswith(("val_", "loss"))}
+    return f"model: {result.model_uri} after {result.steps} steps; {json.dumps(shown)}"
