@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+   && ! { command -v prometheus && command -v prometheus-pushgateway; } >/dev/null; then
+    # Prometheus for `pifuhd metrics up` and the metrics tests; nothing starts by itself in containers.
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        prometheus prometheus-pushgateway
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi

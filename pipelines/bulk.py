@@ -399,10 +399,10 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
 
     items = list_inputs(list(config.inputs))
     records = initial_rows(items, config, run_id, checkpoint_id)
-    metrics = BulkMetrics(job="reconstruct")
+    metrics = BulkMetrics(pipeline="reconstruct")
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
-    metrics.in_flight.labels(metrics.job).set(len(records))
+    metrics.in_flight.labels(metrics.pipeline).set(len(records))
     manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, checkpoint_version)
     summary = Summary()
     results = (_results_in_process if in_process else _results_on_ray)(records, config, sizes)
@@ -410,7 +410,7 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
         for record in results:
             row = manifest.add(record)
             metrics.observe(row)
-            metrics.in_flight.labels(metrics.job).dec()
+            metrics.in_flight.labels(metrics.pipeline).dec()
             setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
             if row["status"] == "failed" and len(summary.failures) < 20:
                 summary.failures.append((row["input_uri"], f"{row['error_class']}: {row['error_message']}"))
@@ -419,7 +419,7 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     manifest.flush()
     summary.seconds = time.perf_counter() - start
     summary.manifest_files = manifest.files
-    metrics.throughput.labels(metrics.job).set(summary.total / summary.seconds if summary.seconds else 0)
+    metrics.throughput.labels(metrics.pipeline).set(summary.total / summary.seconds if summary.seconds else 0)
     if config.pushgateway:
         metrics.push(config.pushgateway)
     return summary

@@ -187,9 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     train.set_defaults(handler=_train)
 
+    from cluster.jobs import register_cli as register_jobs
+    from cluster.metrics_stack import register_cli as register_metrics
     from pipelines.data_jobs import register_cli as register_data
 
     register_data(commands)
+    register_jobs(commands)
+    register_metrics(commands)
     return parser
 
 

@@ -18,20 +18,20 @@ _STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 6
 
 
 class BulkMetrics:
-    """Counters and histograms of one bulk job, labelled by job name."""
+    """Counters and histograms of one bulk job, labelled by pipeline name (Prometheus owns `job`)."""
 
-    def __init__(self, job: str):
-        self.job = job
+    def __init__(self, pipeline: str):
+        self.pipeline = pipeline
         self.registry = CollectorRegistry()
         self.images = Counter(
-            "pifuhd_images", "Images finished, by status and error class", ["job", "status", "error_class"], registry=self.registry
+            "pifuhd_images", "Images finished, by status and error class", ["pipeline", "status", "error_class"], registry=self.registry
         )
         self.stage_seconds = Histogram(
-            "pifuhd_stage_seconds", "Seconds per image per pipeline stage", ["job", "stage"], buckets=_STAGE_BUCKETS, registry=self.registry
+            "pifuhd_stage_seconds", "Seconds per image per pipeline stage", ["pipeline", "stage"], buckets=_STAGE_BUCKETS, registry=self.registry
         )
-        self.points = Counter("pifuhd_points_evaluated", "Occupancy queries", ["job"], registry=self.registry)
-        self.in_flight = Gauge("pifuhd_images_in_flight", "Images listed but not yet finished", ["job"], registry=self.registry)
-        self.throughput = Gauge("pifuhd_images_per_second", "Finished images per second so far", ["job"], registry=self.registry)
+        self.points = Counter("pifuhd_points_evaluated", "Occupancy queries", ["pipeline"], registry=self.registry)
+        self.in_flight = Gauge("pifuhd_images_in_flight", "Images listed but not yet finished", ["pipeline"], registry=self.registry)
+        self.throughput = Gauge("pifuhd_images_per_second", "Finished images per second so far", ["pipeline"], registry=self.registry)
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         """Expose the registry on http://address:port/metrics for the job's lifetime."""
@@ -39,17 +39,17 @@ class BulkMetrics:
 
     def observe(self, row: dict) -> None:
         """Account one finished manifest row."""
-        self.images.labels(self.job, row["status"], row.get("error_class") or "").inc()
+        self.images.labels(self.pipeline, row["status"], row.get("error_class") or "").inc()
         for stage in STAGES:
             seconds = row.get(f"seconds_{stage}")
             if seconds is not None and seconds == seconds:  # skip NaN
-                self.stage_seconds.labels(self.job, stage).observe(seconds)
-        self.points.labels(self.job).inc(row.get("points_evaluated") or 0)
+                self.stage_seconds.labels(self.pipeline, stage).observe(seconds)
+        self.points.labels(self.pipeline).inc(row.get("points_evaluated") or 0)
 
     def push(self, gateway: str) -> None:
         """Push the registry to a Pushgateway (host:port or URL); a failure is logged, not raised."""
         try:
-            push_to_gateway(gateway, job=f"pifuhd_{self.job}", registry=self.registry)
+            push_to_gateway(gateway, job=f"pifuhd_{self.pipeline}", registry=self.registry)
         except OSError as exc:
             log.warning("could not push metrics to %s: %s", gateway, exc)
 

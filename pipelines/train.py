@@ -38,8 +38,6 @@ from model.pifuhd import PIFuHD
 log = logging.getLogger(__name__)
 
 STAGES = ("normal", "coarse", "fine")
-# Fault injection for tests and drills: a worker raises once at this step (marker file in the run folder).
-FAIL_AT_STEP_ENV = "PIFUHD_FAIL_AT_STEP"
 
 
 @dataclass(frozen=True)
@@ -53,6 +51,7 @@ class TrainConfig:
     preset: str = "small"
     init: str | None = None  # checkpoint to start from (the previous stage's model)
     workers: int = 1
+    cpus_per_worker: float = 1.0  # below 1 leaves CPUs for the Ray Data tasks feeding the workers
     use_gpu: bool = False
     steps: int = 1000
     batch_size: int = 2
@@ -70,6 +69,8 @@ class TrainConfig:
     max_failures: int = 1
     log_every: int = 10
     pushgateway: str | None = None
+    # Failure drill: rank 0 raises once at this step (a marker in the run folder makes it once).
+    inject_failure_at_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -334,16 +335,15 @@ def _save(directory: str, net: PIFuHD, optimizer: torch.optim.Optimizer, step: i
     torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(directory, "training_state.pt"))
 
 
-def _maybe_inject_failure(config: TrainConfig, step: int) -> None:
-    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
-    if not fail_at or step != int(fail_at):
+def _maybe_inject_failure(config: TrainConfig, step: int, rank: int) -> None:
+    if config.inject_failure_at_step != step or rank != 0:
         return
     from pipelines.storage import filesystem, join
 
     fs, marker = filesystem(join(config.out, config.run_name, "injected-failure"))
     if not fs.exists(marker):
         fs.pipe_file(marker, b"1")
-        raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")
+        raise RuntimeError(f"injected failure at step {step} (inject_failure_at_step)")
 
 
 def _append_metrics(config: TrainConfig, row: dict) -> None:
@@ -356,6 +356,21 @@ def _append_metrics(config: TrainConfig, row: dict) -> None:
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as handle:
         pq.write_table(pa.Table.from_pylist([row]), handle)
+
+
+def read_metrics(run_uri: str):
+    """The metrics table of a run folder (OUT/NAME) as a pandas DataFrame, one row per report.
+
+    Parts differ in columns (validation rows carry more), so they are read one by one.
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from pipelines.storage import filesystem, join
+
+    fs, path = filesystem(join(run_uri, "metrics"))
+    parts = [pq.read_table(p, filesystem=fs).to_pandas() for p in sorted(fs.glob(path + "/*.parquet"))]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["step", "loss", "stage"])
 
 
 def train_loop_per_worker(config_dict: dict) -> None:
@@ -396,7 +411,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
         for batch in shard.iter_torch_batches(batch_size=config.batch_size, device=device, local_shuffle_buffer_size=16, drop_last=True):
             if step >= config.steps:
                 break
-            _maybe_inject_failure(config, step)
+            _maybe_inject_failure(config, step, rank)
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step)
             with autocast:
@@ -467,7 +482,9 @@ def run_training(config: TrainConfig) -> TrainResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(config),
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
+        ),
         run_config=RunConfig(
             name=config.run_name,
             storage_path=storage_path,
