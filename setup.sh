@@ -5,10 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-   && ! { command -v prometheus && command -v prometheus-pushgateway; } >/dev/null; then
-    # Prometheus for `pifuhd metrics up` and the metrics tests; nothing starts by itself in containers.
+   && ! { command -v prometheus && command -v prometheus-pushgateway && [ -e /usr/lib/x86_64-linux-gnu/libEGL_mesa.so.0 -o -e /usr/lib/aarch64-linux-gnu/libEGL_mesa.so.0 ]; } >/dev/null 2>&1; then
+    # Prometheus for `pifuhd metrics up` and the metrics tests (nothing starts by itself in
+    # containers); Mesa EGL for headless rendering of training data on machines without a GPU.
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        prometheus prometheus-pushgateway
+        prometheus prometheus-pushgateway libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1
 fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
@@ -16,4 +17,6 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# Build the body model's cache once (about 90 s the first time), so jobs and tests start quickly.
+.venv/bin/python -c "from model.humans import load_body_model; load_body_model()"
 echo "setup done: $(.venv/bin/pifuhd --help | head -n 1)"

@@ -1,0 +1,429 @@
+"""`pifuhd data synth` and `pifuhd data scans`: training data as Ray Data pipelines.
+
+Both jobs are the same pipeline over a list of subjects:
+
+    subject ids --(Ray Data, an actor pool, one CPU per actor)--> per batch of subjects:
+        make or load the subject -> render K views (EGL) -> label points (winding numbers)
+        -> write meshes/{id}.ply, then one Parquet shard per split
+    --> per-subject status rows back to the driver (progress, failures, summary)
+
+Subjects already in a shard are skipped, so a re-run resumes. A subject that fails (a corrupt
+scan, say) becomes a row of failures.parquet with its reason; the job goes on and exits 0.
+The driver finally rewrites dataset.json from the shards. Layout: pipelines/dataset.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from model.humans import HumanConfig
+    from model.sampling import SamplingConfig
+    from model.scans import ScanConfig
+
+# Nothing from model/ (which imports torch) or pyarrow at import time: pipelines/cli.py builds
+# its parser from register_cli below, and `pifuhd --help` must stay instant.
+
+RENDER_SIZE = 1024  # always rendered at 1024; 512 is its 2x2 downsampling
+
+
+def _sampling_config(**overrides):
+    from model.sampling import SamplingConfig
+
+    return SamplingConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _human_config(**overrides):
+    from model.humans import HumanConfig
+
+    return HumanConfig(**overrides)
+
+
+def _scan_config(**overrides):
+    from model.scans import ScanConfig
+
+    return ScanConfig(**overrides)
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How each subject becomes rows: views, image sizes, lighting/backgrounds, points, splits."""
+
+    views: int = 4
+    resolution: int = 1024  # 1024 stores 1024 and 512 images; 512 stores 512 only
+    pitch_jitter_deg: float = 5.0
+    backgrounds: str | None = None  # a folder of images; procedural backgrounds when None
+    sampling: SamplingConfig = field(default_factory=_sampling_config)
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One data job: where to write, what to make, and how to spread it over Ray."""
+
+    out: str
+    kind: str  # "synth" or "scans"
+    seed: int = 0
+    settings: SampleSettings = field(default_factory=SampleSettings)
+    count: int = 0  # synth: number of subjects
+    inputs: tuple[str, ...] = ()  # scans: files or folders (local or URIs)
+    human: HumanConfig = field(default_factory=_human_config)
+    scan: ScanConfig = field(default_factory=_scan_config)
+    subjects_per_shard: int = 4
+    workers: int | None = None  # actors; default: one per CPU of the cluster
+    address: str | None = None  # Ray address; None starts a private local instance
+    quiet: bool = False
+
+    def settings_dict(self) -> dict:
+        keep = {"kind", "seed", "count", "inputs", "subjects_per_shard"}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+        d["settings"] = dataclasses.asdict(self.settings)
+        d["human" if self.kind == "synth" else "scan"] = dataclasses.asdict(self.human if self.kind == "synth" else self.scan)
+        d["units_per_cm"] = 0.01
+        d["render_size"] = RENDER_SIZE
+        return d
+
+
+# ---- one subject -> rows (pure Python, runs inside the actors) --------------------------------
+
+
+def synth_subject_id(seed: int, index: int) -> str:
+    return f"synth-{seed}-{index:06d}"
+
+
+def subject_seeds(seed: int, key: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+    """Independent seeds for the body and for its views, from the job seed and the subject's key."""
+    body, views = np.random.SeedSequence([seed, key]).spawn(2)
+    return body, views
+
+
+def _id_key(subject_id: str) -> int:
+    return int(hashlib.sha256(subject_id.encode()).hexdigest()[:15], 16)
+
+
+def subject_rows(subject, split: str, source: str, rng: np.random.Generator, settings: SampleSettings) -> list[dict]:
+    """Render and label every view of one subject: a list of rows of pipelines.dataset.SCHEMA."""
+    from pipelines import dataset as fmt
+    from model.render import get_renderer, image_background, network_calib, png_bytes, procedural_background, random_lighting, sample_views
+    from model.sampling import label_views
+
+    renderer = get_renderer(RENDER_SIZE)
+    views = sample_views(rng, settings.views, settings.pitch_jitter_deg)
+    if subject.info.get("label_union"):
+        merged = subject.merged()
+        label_parts = [(merged.vertices, merged.faces)]
+    else:
+        label_parts = [(p.vertices, p.faces) for p in subject.parts]
+    transforms = [v.world_from_canonical() for v in views]
+    points = label_views(label_parts, transforms, settings.sampling, rng)
+    calib = network_calib().reshape(-1)
+    rows = []
+    for index, (view, transform, pts) in enumerate(zip(views, transforms, points)):
+        lighting = random_lighting(rng)
+        if settings.backgrounds:
+            background, bg_name = image_background(rng, RENDER_SIZE, settings.backgrounds), "folder"
+        else:
+            background, bg_name = procedural_background(rng, RENDER_SIZE), "procedural"
+        full = renderer.render(subject.parts, view, lighting, background)
+        half = full.downsample()
+        row = {
+            "schema_version": fmt.SCHEMA_VERSION,
+            "subject_id": subject.subject_id,
+            "view": index,
+            "split": split,
+            "source": source,
+            "yaw_deg": view.yaw_deg,
+            "pitch_deg": view.pitch_deg,
+            "units_per_cm": view.units_per_cm,
+            "calib": calib,
+            "view_from_canonical": transform.astype(np.float32).reshape(-1),
+            "lighting_sh": lighting.reshape(-1),
+            "background": bg_name,
+            "num_points": len(pts.labels),
+            "points": pts.points,
+            "labels": pts.labels,
+            "surface_points": pts.surface,
+            "surface_normals": pts.surface_normals,
+            "mesh_path": f"meshes/{subject.subject_id}.ply",
+        }
+        sizes = {512: half} if settings.resolution == 512 else {512: half, 1024: full}
+        for s, out in sizes.items():
+            row[f"image_{s}"] = png_bytes(out.rgb)
+            row[f"mask_{s}"] = png_bytes(out.mask)
+            row[f"normal_front_{s}"] = png_bytes(out.normal_front)
+            row[f"normal_back_{s}"] = png_bytes(out.normal_back)
+        rows.append(row)
+    return rows
+
+
+def make_job_subject(job: JobConfig, item: dict, workdir: str):
+    """(subject, source, view rng) for one work item of either job."""
+    from model.humans import make_subject
+    from model.scans import ScanRef, load_scan
+
+    if job.kind == "synth":
+        body_seed, view_seed = subject_seeds(job.seed, int(item["index"]))
+        return make_subject(item["subject_id"], body_seed, job.human), "synth", np.random.default_rng(view_seed)
+    _, view_seed = subject_seeds(job.seed, _id_key(item["subject_id"]))
+    subject = load_scan(ScanRef(item["subject_id"], item["uri"]), workdir, job.scan)
+    return subject, item["uri"], np.random.default_rng(view_seed)
+
+
+class SubjectWorker:
+    """Ray Data actor: turns batches of work items into shards, returns one status row per subject."""
+
+    def __init__(self, job: JobConfig):
+        # One CPU per actor: keep Mesa's rasteriser and torch to one thread each.
+        from model.render import configure_llvmpipe_threads
+
+        configure_llvmpipe_threads(1)
+        import torch
+
+        from pipelines import dataset as fmt
+
+        torch.set_num_threads(1)
+        self.job = job
+        self.fs, self.base = fmt.filesystem(job.out)
+        if job.kind == "synth":
+            from model.humans import load_body_model
+
+            load_body_model()
+
+    def __call__(self, batch: dict) -> dict:
+        from pipelines import dataset as fmt
+
+        job, s = self.job, self.job.settings
+        ids = list(batch["subject_id"])
+        status = {"subject_id": [], "split": [], "ok": [], "reason": [], "source": [], "rows": [], "seconds": []}
+        by_split: dict[str, list[dict]] = {}
+        for i, sid in enumerate(ids):
+            item = {k: batch[k][i] for k in batch}
+            start = time.perf_counter()
+            split = fmt.subject_split(sid, job.seed, s.val_fraction, s.test_fraction)
+            source = str(item.get("uri") or "synth")
+            try:
+                with tempfile.TemporaryDirectory(prefix="pifuhd-scan-") as workdir:
+                    subject, source, rng = make_job_subject(job, item, workdir)
+                rows = subject_rows(subject, split, source, rng, s)
+                merged = subject.merged()
+                fmt.write_bytes(self.fs, fmt.join(self.base, "meshes", f"{sid}.ply"), fmt.ply_bytes(merged.vertices, merged.faces, merged.colors))
+                by_split.setdefault(split, []).extend(rows)
+                ok, reason = True, ""
+            except Exception as exc:  # noqa: BLE001 - a bad subject must not stop the job
+                # A ScanError's message is the reason already; anything else is named by its type.
+                ok, rows = False, []
+                reason = str(exc) if _is_scan_error(exc) else f"{type(exc).__name__}: {exc}"
+            status["subject_id"].append(sid)
+            status["split"].append(split)
+            status["ok"].append(ok)
+            status["reason"].append(reason)
+            status["source"].append(source)
+            status["rows"].append(len(rows))
+            status["seconds"].append(time.perf_counter() - start)
+        # Shards last: a subject counts as finished only once its rows are written.
+        for split, rows in by_split.items():
+            name = hashlib.sha1(",".join(sorted({r["subject_id"] for r in rows})).encode()).hexdigest()[:16]
+            path = fmt.join(self.base, "shards", split, f"part-{name}.parquet")
+            fmt.write_bytes(self.fs, path, fmt.table_bytes(fmt.rows_to_table(rows)))
+        return {k: np.array(v, dtype=object if k in ("subject_id", "split", "reason", "source") else None) for k, v in status.items()}
+
+
+def _is_scan_error(exc: BaseException) -> bool:
+    from model.scans import ScanError
+
+    return isinstance(exc, ScanError)
+
+
+# ---- the Ray side -----------------------------------------------------------------------------
+
+
+def connect_ray(address: str | None = None):
+    """Join `address`, or start a private local Ray on loopback; reuse an initialised Ray (tests)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every listener on 127.0.0.1
+    import ray
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def _warm_body_model_cache() -> float:
+    """Build anny's cache once, in a throwaway worker, before the actors start (each would build it)."""
+    from model.humans import load_body_model
+
+    start = time.perf_counter()
+    load_body_model()
+    return time.perf_counter() - start
+
+
+def work_items(job: JobConfig) -> list[dict]:
+    """Every subject of the job: synth indices, or scans found under the inputs."""
+    if job.kind == "synth":
+        return [{"subject_id": synth_subject_id(job.seed, i), "index": i, "uri": ""} for i in range(job.count)]
+    from model.scans import find_scans
+
+    return [{"subject_id": r.subject_id, "index": i, "uri": r.uri} for i, r in enumerate(find_scans(list(job.inputs)))]
+
+
+def run_job(job: JobConfig) -> dict:
+    """Run a data job to completion and return its summary (also printed unless quiet)."""
+    from pipelines import dataset as fmt
+
+    job = dataclasses.replace(job, out=fmt.normalise_uri(job.out))
+    log = (lambda *a: None) if job.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    items = work_items(job)
+    done = fmt.finished_subjects(job.out)
+    todo = [it for it in items if it["subject_id"] not in done]
+    log(f"data {job.kind}: {len(items)} subjects, {len(items) - len(todo)} already written, {len(todo)} to make -> {job.out}")
+
+    statuses: list[dict] = []
+    if todo:
+        ray = connect_ray(job.address)
+        import ray.data
+
+        from model.humans import body_model_cached
+
+        if job.kind == "synth" and not body_model_cached():
+            log("building the anny body model cache once (first use on this machine: about 100 s)")
+            ray.get(ray.remote(num_cpus=1, max_calls=1)(_warm_body_model_cache).remote())
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        workers = max(1, min(job.workers or cpus, cpus, len(todo)))
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = not job.quiet
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), workers * 4)))
+        ds = ds.map_batches(
+            SubjectWorker,
+            fn_constructor_kwargs={"job": job},
+            batch_size=job.subjects_per_shard,
+            batch_format="numpy",
+            num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(min_size=workers, max_size=workers),
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["subject_id"])):
+                statuses.append({k: batch[k][i] for k in batch})
+            ok = sum(bool(s["ok"]) for s in statuses)
+            log(f"  {len(statuses)}/{len(todo)} subjects ({ok} ok, {len(statuses) - ok} failed), {time.perf_counter() - started:.0f} s")
+
+    failed = [{"subject_id": s["subject_id"], "source": s["source"], "reason": s["reason"]} for s in statuses if not s["ok"]]
+    made = [s for s in statuses if s["ok"]]
+    n_failed = fmt.update_failures(job.out, failed, {s["subject_id"] for s in made} | done)
+    fractions = {"train": 1 - job.settings.val_fraction - job.settings.test_fraction, "val": job.settings.val_fraction, "test": job.settings.test_fraction}
+    card = fmt.write_card(job.out, job.kind, job.settings_dict(), job.seed, fractions, n_failed)
+    seconds = [float(s["seconds"]) for s in made]
+    summary = {
+        "out": job.out,
+        "subjects": len(items),
+        "skipped": len(items) - len(todo),
+        "written": len(made),
+        "failed": len(failed),
+        "failures": failed,
+        "rows_written": int(sum(int(s["rows"]) for s in made)),
+        "seconds": round(time.perf_counter() - started, 2),
+        "seconds_per_subject": round(float(np.mean(seconds)), 3) if seconds else None,
+        "dataset": card["counts"],
+    }
+    log(
+        f"data {job.kind} done in {summary['seconds']} s: {summary['written']} written, {summary['skipped']} skipped, "
+        f"{summary['failed']} failed; dataset has {card['counts']['subjects']} subjects / {card['counts']['rows']} rows"
+        + (f"; {summary['seconds_per_subject']} s per subject per worker" if seconds else "")
+    )
+    for f in failed:
+        log(f"  failed {f['subject_id']} ({f['source']}): {f['reason']}")
+    return summary
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="dataset folder or URI (s3://bucket/prefix)")
+    p.add_argument("--views", type=int, default=4, help="views per subject, yaws evenly spread (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="fixes every random draw and the train/val/test split")
+    p.add_argument("--resolution", type=int, choices=(512, 1024), default=1024, help="1024 stores 1024 and 512 images; 512 only 512")
+    p.add_argument("--points", type=int, default=None, help="labelled points per view (default 20000)")
+    p.add_argument("--surface-points", type=int, default=None, help="surface points with normals per view (default 4096)")
+    p.add_argument("--surface-ratio", type=float, default=None, help="near-surface : uniform points (default 16, PIFu)")
+    p.add_argument("--pitch-jitter", type=float, default=5.0, help="max |pitch| in degrees")
+    p.add_argument("--backgrounds", default=None, help="folder of background images (default: procedural)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--test-fraction", type=float, default=0.05)
+    p.add_argument("--subjects-per-shard", type=int, default=4)
+    p.add_argument("--workers", type=int, default=None, help="actors (default: one per CPU)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: a private local instance)")
+
+
+def _settings(args) -> SampleSettings:
+    return SampleSettings(
+        views=args.views,
+        resolution=args.resolution,
+        pitch_jitter_deg=args.pitch_jitter,
+        backgrounds=args.backgrounds,
+        sampling=_sampling_config(num_points=args.points, surface_ratio=args.surface_ratio, num_surface_points=args.surface_points),
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+    )
+
+
+def _run_synth(args) -> int:
+    job = JobConfig(
+        out=args.out, kind="synth", seed=args.seed, settings=_settings(args), count=args.count,
+        human=_human_config(children=args.children), subjects_per_shard=args.subjects_per_shard,
+        workers=args.workers, address=args.address,
+    )
+    run_job(job)
+    return 0
+
+
+def _run_scans(args) -> int:
+    job = JobConfig(
+        out=args.out, kind="scans", seed=args.seed, settings=_settings(args), inputs=tuple(args.inputs),
+        scan=_scan_config(up_axis=args.up_axis), subjects_per_shard=args.subjects_per_shard,
+        workers=args.workers, address=args.address,
+    )
+    run_job(job)
+    return 0
+
+
+def register_cli(subparsers) -> argparse.ArgumentParser:
+    """Add `data synth` and `data scans` to an argparse subparsers object (pipelines/cli.py)."""
+    data = subparsers.add_parser("data", help="make training data (synthetic people, real scans) as Parquet shards")
+    actions = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    synth = actions.add_parser("synth", help="synthetic clothed people from the anny body model")
+    synth.add_argument("--count", type=int, required=True, help="number of subjects")
+    synth.add_argument("--children", action="store_true", help="also draw children (a quarter of subjects)")
+    _common_arguments(synth)
+    synth.set_defaults(handler=_run_synth)
+    scans = actions.add_parser("scans", help="real scans: OBJ(+MTL+texture), PLY (vertex colours), GLB")
+    scans.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", help="mesh files or folders holding them")
+    scans.add_argument("--up-axis", choices=("y", "z"), default="y", help="the scans' up axis (default y)")
+    _common_arguments(scans)
+    scans.set_defaults(handler=_run_scans)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.data_jobs synth|scans ...`, the same as `pifuhd data ...`."""
+    parser = argparse.ArgumentParser(prog="pifuhd")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data", *(argv if argv is not None else sys.argv[1:])])
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""The training-data format: Parquet shards on any filesystem, their writer helpers and the reader.
+
+Layout under a dataset URI (a local folder or s3://bucket/prefix):
+
+    dataset.json                  the card: counts, splits, generator settings (see `write_card`)
+    shards/{split}/part-*.parquet one row per (subject, view), SCHEMA below; split = train|val|test
+    meshes/{subject_id}.ply       the ground-truth mesh per subject, canonical frame (cm, y up,
+                                  facing +z, centred, 180 cm), vertex colours; a row's
+                                  `view_from_canonical` maps it into that row's view frame
+    failures.parquet              subjects that could not be made: subject_id, source, reason
+
+A subject lives in exactly one split (a hash of its id and the split seed), never split by view.
+A subject is finished when its rows are in a shard; jobs skip finished subjects on a re-run.
+
+Every row is in the network's frame (model/geometry.py): points (N, 3) in the view frame
+(box units, 0.01 per cm), `calib` = diag(1, -1, 1, 1) maps them to image coordinates; images
+are PNGs (RGB image, L mask, RGB normals encoded (n + 1) / 2 * 255 with 128 outside the mask).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+IMAGE_KINDS = ("image", "mask", "normal_front", "normal_back")
+
+if TYPE_CHECKING:
+    import ray
+
+_f32_list = pa.list_(pa.float32())
+SCHEMA = pa.schema(
+    [
+        ("schema_version", pa.int16()),
+        ("subject_id", pa.string()),
+        ("view", pa.int16()),
+        ("split", pa.string()),
+        ("source", pa.string()),  # "synth" or the scan's URI
+        ("yaw_deg", pa.float32()),
+        ("pitch_deg", pa.float32()),
+        ("units_per_cm", pa.float32()),
+        ("calib", _f32_list),  # 16, row-major (4, 4)
+        ("view_from_canonical", _f32_list),  # 16, row-major (4, 4): GT mesh (cm) -> this view
+        ("lighting_sh", _f32_list),  # 27, (9, 3) SH radiance coefficients
+        ("background", pa.string()),
+        *[(f"{k}_512", pa.binary()) for k in IMAGE_KINDS],
+        *[(f"{k}_1024", pa.binary()) for k in IMAGE_KINDS],  # null when rendered at 512 only
+        ("num_points", pa.int32()),
+        ("points", _f32_list),  # num_points * 3, xyz interleaved: (N, 3) row-major, view frame
+        ("labels", pa.list_(pa.uint8())),  # num_points, 1 inside
+        ("surface_points", _f32_list),  # M * 3, points on the surface (view frame)
+        ("surface_normals", _f32_list),  # M * 3, their unit outward normals
+        ("mesh_path", pa.string()),  # relative to the dataset root
+    ]
+)
+
+
+# ---- filesystems ------------------------------------------------------------------------------
+
+
+def normalise_uri(uri: str) -> str:
+    """Absolute local paths (workers may run elsewhere), URIs as given, no trailing slash."""
+    if "://" in uri:
+        return uri.rstrip("/")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def filesystem(uri: str):
+    """(pyarrow filesystem, path) for a local path or a URI (s3:// honours AWS_ENDPOINT_URL)."""
+    from pyarrow import fs
+
+    uri = normalise_uri(uri)
+    if "://" not in uri:
+        return fs.LocalFileSystem(), uri
+    return fs.FileSystem.from_uri(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def write_bytes(fs, path: str, data: bytes) -> None:
+    """Write a whole file so that readers never see half of it.
+
+    Object stores publish an object only once its upload completes; a local file is written
+    under a temporary name and renamed.
+    """
+    from pyarrow import fs as pafs
+
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def read_bytes(fs, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def exists(fs, path: str) -> bool:
+    from pyarrow import fs as pafs
+
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_shards(uri: str, split: str | None = None) -> list[str]:
+    """Sorted shard paths (filesystem paths, see `filesystem`) of one split or all."""
+    from pyarrow import fs as pafs
+
+    fsys, base = filesystem(uri)
+    root = join(base, "shards", split) if split else join(base, "shards")
+    if not exists(fsys, root):
+        return []
+    infos = fsys.get_file_info(pafs.FileSelector(root, recursive=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+# ---- splits -----------------------------------------------------------------------------------
+
+
+def subject_split(subject_id: str, seed: int, val_fraction: float = 0.05, test_fraction: float = 0.05) -> str:
+    """train / val / test from a hash of (seed, subject id): stable across runs, machines and counts."""
+    digest = hashlib.sha256(f"{seed}:{subject_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """Rows (dicts with numpy arrays for list columns) -> a table of SCHEMA."""
+    columns = {}
+    for field in SCHEMA:
+        values = [r.get(field.name) for r in rows]
+        if pa.types.is_list(field.type):
+            values = [None if v is None else np.asarray(v).reshape(-1) for v in values]
+            dtype = field.type.value_type.to_pandas_dtype()
+            offsets = np.cumsum([0] + [0 if v is None else len(v) for v in values]).astype(np.int32)
+            flat = np.concatenate([v.astype(dtype) for v in values if v is not None]) if any(v is not None for v in values) else np.zeros(0, dtype)
+            mask = pa.array([v is None for v in values])
+            columns[field.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=field.type.value_type), mask=mask)
+        else:
+            columns[field.name] = pa.array(values, type=field.type)
+    return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """Parquet bytes; one row group per shard keeps a shard one unit of work for readers."""
+    sink = pa.BufferOutputStream()
+    # Images are PNG already and points are noise: compression buys little, zstd stays cheap.
+    pq.write_table(table, sink, compression="zstd", row_group_size=max(len(table), 1))
+    return sink.getvalue().to_pybytes()
+
+
+def ply_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> bytes:
+    """Binary little-endian PLY: float32 xyz + uint8 rgb per vertex, int32 triangles."""
+    v = np.asarray(vertices, dtype="<f4")
+    c = np.clip(np.rint(np.asarray(colors) * 255), 0, 255).astype(np.uint8)
+    header = (
+        "ply\nformat binary_little_endian 1.0\ncomment pifuhd-ray ground truth, canonical frame, cm\n"
+        f"element vertex {len(v)}\nproperty float x\nproperty float y\nproperty float z\n"
+        "property uchar red\nproperty uchar green\nproperty uchar blue\n"
+        f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n"
+    ).encode()
+    vdata = np.zeros(len(v), dtype=[("xyz", "<f4", 3), ("rgb", "u1", 3)])
+    vdata["xyz"], vdata["rgb"] = v, c
+    fdata = np.zeros(len(faces), dtype=[("n", "u1"), ("idx", "<i4", 3)])
+    fdata["n"], fdata["idx"] = 3, faces
+    return header + vdata.tobytes() + fdata.tobytes()
+
+
+def finished_subjects(uri: str) -> set[str]:
+    """Subject ids that already have rows in a shard (only the subject_id column is read)."""
+    fsys, _ = filesystem(uri)
+    done: set[str] = set()
+    for path in list_shards(uri):
+        with fsys.open_input_file(path) as f:
+            done.update(pq.read_table(f, columns=["subject_id"]).column(0).to_pylist())
+    return done
+
+
+def shard_counts(uri: str) -> dict:
+    """Subjects and rows per split, read from the shards' subject_id column."""
+    fsys, _ = filesystem(uri)
+    counts = {s: {"subjects": set(), "rows": 0, "shards": 0} for s in SPLITS}
+    for path in list_shards(uri):
+        split = path.rstrip("/").split("/")[-2]
+        with fsys.open_input_file(path) as f:
+            ids = pq.read_table(f, columns=["subject_id"]).column(0).to_pylist()
+        c = counts.setdefault(split, {"subjects": set(), "rows": 0, "shards": 0})
+        c["subjects"].update(ids)
+        c["rows"] += len(ids)
+        c["shards"] += 1
+    return {s: {"subjects": sorted(c["subjects"]), "rows": c["rows"], "shards": c["shards"]} for s, c in counts.items()}
+
+
+def table_bytes_plain(table: pa.Table) -> bytes:
+    """Parquet bytes with default settings (small tables: the failures)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+FAILURE_SCHEMA = pa.schema([("subject_id", pa.string()), ("source", pa.string()), ("reason", pa.string()), ("time", pa.string())])
+
+
+def update_failures(uri: str, failed: list[dict], succeeded: set[str]) -> int:
+    """Merge this run's failures into failures.parquet (latest reason per subject; subjects that
+    now succeeded are dropped). Returns the number of failed subjects recorded."""
+    fsys, base = filesystem(uri)
+    path = join(base, "failures.parquet")
+    table = {}
+    if exists(fsys, path):
+        with fsys.open_input_file(path) as f:
+            for row in pq.read_table(f).to_pylist():
+                table[row["subject_id"]] = row
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for row in failed:
+        table[row["subject_id"]] = {"subject_id": row["subject_id"], "source": row.get("source", ""), "reason": row["reason"], "time": stamp}
+    for sid in succeeded:
+        table.pop(sid, None)
+    rows = sorted(table.values(), key=lambda r: r["subject_id"])
+    if rows or exists(fsys, path):
+        write_bytes(fsys, path, table_bytes_plain(pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA)))
+    return len(rows)
+
+
+def read_failures(uri: str) -> list[dict]:
+    fsys, base = filesystem(uri)
+    path = join(base, "failures.parquet")
+    if not exists(fsys, path):
+        return []
+    with fsys.open_input_file(path) as f:
+        return pq.read_table(f).to_pylist()
+
+
+def read_card(uri: str) -> dict | None:
+    fsys, base = filesystem(uri)
+    path = join(base, "dataset.json")
+    return json.loads(read_bytes(fsys, path)) if exists(fsys, path) else None
+
+
+def write_card(uri: str, kind: str, settings: dict, split_seed: int, fractions: dict, failed: int) -> dict:
+    """Recount the shards and write dataset.json; earlier runs' settings are kept under "runs"."""
+    fsys, base = filesystem(uri)
+    previous = read_card(uri) or {}
+    counts = shard_counts(uri)
+    card = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "frame": {
+            "units_per_cm": settings.get("units_per_cm"),
+            "calib": [[1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
+            "points": "view frame = network world frame: x right, y up, z toward the camera, box [-1, 1]^3",
+            "meshes": "canonical frame: cm, y up, facing +z, bounding box centred, 180 cm rest height",
+        },
+        "counts": {
+            "subjects": sum(len(c["subjects"]) for c in counts.values()),
+            "rows": sum(c["rows"] for c in counts.values()),
+            "failed": failed,
+            "by_split": {s: {"subjects": len(c["subjects"]), "rows": c["rows"], "shards": c["shards"]} for s, c in counts.items()},
+        },
+        "splits": {"by": "subject", "seed": split_seed, "fractions": fractions, "subjects": {s: c["subjects"] for s, c in counts.items()}},
+        "generator": settings,
+        "runs": (previous.get("runs", []) + [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "generator": settings}])[-20:],
+    }
+    write_bytes(fsys, join(base, "dataset.json"), json.dumps(card, indent=2).encode())
+    return card
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def _png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def _list_column(table: pa.Table, name: str, width: int, dtype) -> np.ndarray:
+    """A list column of equal-length lists -> (rows, length / width, width) without Python loops."""
+    column = table.column(name).combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    return flat.reshape(len(table), -1, width)
+
+
+def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
+    """Shard rows -> a batch of training samples (the one decoding function of the reader).
+
+    Returns, for B rows:
+      image_{S}         (B, 3, S, S) float32 in [-1, 1]   S = 512, and 1024 where stored
+      mask_{S}          (B, 1, S, S) float32 in [0, 1]
+      normal_front_{S}  (B, 3, S, S) float32 in [-1, 1], 0 outside the mask (likewise normal_back_{S})
+      points            (B, 3, N) float32, view frame;  labels (B, N) float32, 1 inside
+      surface_points, surface_normals (B, 3, M) float32
+      calib, view_from_canonical (B, 4, 4) float32
+      subject_id, split (B,) str;  view (B,) int64;  yaw_deg, pitch_deg, units_per_cm (B,) float32
+    """
+    out: dict[str, np.ndarray] = {}
+    sizes = [512] + ([1024] if table.column("image_1024").null_count < len(table) else [])
+    for s in sizes:
+        masks = np.stack([_png(b) for b in table.column(f"mask_{s}").to_pylist()]).astype(np.float32) / 255
+        out[f"mask_{s}"] = masks[:, None]
+        images = np.stack([_png(b)[..., :3] for b in table.column(f"image_{s}").to_pylist()])
+        out[f"image_{s}"] = images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+        for kind in ("normal_front", "normal_back"):
+            n = np.stack([_png(b)[..., :3] for b in table.column(f"{kind}_{s}").to_pylist()])
+            n = n.transpose(0, 3, 1, 2).astype(np.float32) * (2.0 / 255) - 1.0
+            out[f"{kind}_{s}"] = n * (masks[:, None] > 0)
+    out["points"] = _list_column(table, "points", 3, np.float32).transpose(0, 2, 1).copy()
+    out["labels"] = _list_column(table, "labels", 1, np.float32)[..., 0]
+    out["surface_points"] = _list_column(table, "surface_points", 3, np.float32).transpose(0, 2, 1).copy()
+    out["surface_normals"] = _list_column(table, "surface_normals", 3, np.float32).transpose(0, 2, 1).copy()
+    out["calib"] = _list_column(table, "calib", 16, np.float32).reshape(-1, 4, 4)
+    out["view_from_canonical"] = _list_column(table, "view_from_canonical", 16, np.float32).reshape(-1, 4, 4)
+    out["subject_id"] = np.array(table.column("subject_id").to_pylist(), dtype=object)
+    out["split"] = np.array(table.column("split").to_pylist(), dtype=object)
+    out["view"] = table.column("view").to_numpy().astype(np.int64)
+    out["yaw_deg"] = table.column("yaw_deg").to_numpy().astype(np.float32)
+    out["pitch_deg"] = table.column("pitch_deg").to_numpy().astype(np.float32)
+    out["units_per_cm"] = table.column("units_per_cm").to_numpy().astype(np.float32)
+    return out
+
+
+def _shard_uris(uri: str, split: str) -> list[str]:
+    uri = normalise_uri(uri)
+    paths = list_shards(uri, split)
+    if not paths:
+        raise FileNotFoundError(f"no shards for split {split!r} under {uri}/shards/{split}")
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        return [f"{scheme}://{p}" for p in paths]
+    return paths
+
+
+def open_dataset(uri: str, split: str = "train", batch_size: int = 8) -> "ray.data.Dataset":
+    """A Ray Dataset of decoded training samples of one split (see `decode_table` for the fields).
+
+    Shards are read lazily and decoded in parallel by Ray Data; iterate it with
+    `iter_torch_batches` or hand it to Ray Train.
+    """
+    import ray
+
+    ds = ray.data.read_parquet(_shard_uris(uri, split))
+    return ds.map_batches(decode_table, batch_format="pyarrow", batch_size=batch_size)
+
+
+def iter_samples(uri: str, split: str = "train", rows_per_batch: int = 16) -> Iterator[dict]:
+    """Plain-Python iterator over decoded samples (one dict per row, shapes without the batch axis)."""
+    fsys, _ = filesystem(uri)
+    for path in list_shards(uri, split):
+        with fsys.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            for batch in parquet.iter_batches(batch_size=rows_per_batch):
+                decoded = decode_table(pa.Table.from_batches([batch]))
+                for i in range(batch.num_rows):
+                    yield {k: v[i] for k, v in decoded.items()}
