@@ -142,3 +142,38 @@ def test_credentials_never_reach_the_manifest(tmp_path, checkpoint):
     assert manifest.loc[manifest["status"] == "failed", "error_class"].item() == "FileNotFoundError"
     text = json.dumps(manifest.astype(str).to_dict("records"))
     assert os.environ.get("AWS_SECRET_ACCESS_KEY", "testing-secret-key") not in text
+
+
+@pytest.mark.slow
+def test_metrics_reach_a_real_prometheus(tmp_path, checkpoint):
+    import shutil
+
+    from cluster import metrics_stack
+    from tests.test_metrics_stack import free_port, wait_for
+
+    if shutil.which("prometheus") is None or shutil.which("prometheus-pushgateway") is None:
+        pytest.fail("prometheus and prometheus-pushgateway must be installed (setup.sh does it)")
+    person_image(tmp_path / "in" / "a.png")
+    person_image(tmp_path / "in" / "b.png")
+    (tmp_path / "in" / "c.png").write_bytes(b"garbage")
+    app_port = free_port()
+    stack = metrics_stack.StackConfig(directory=tmp_path / "metrics", prometheus_port=free_port(),
+                                      pushgateway_port=free_port(), scrape_interval="1s",
+                                      targets=(f"127.0.0.1:{app_port}",))
+    metrics_stack.up(stack)
+    try:
+        summary = run_bulk(_config([str(tmp_path / "in")], str(tmp_path / "out"), checkpoint, metrics_port=app_port,
+                                   pushgateway=stack.pushgateway_address), in_process=True, progress=False)
+        assert (summary.ok, summary.failed) == (2, 1)
+        prometheus = f"http://{stack.prometheus_address}"
+        # Scraped from the job's own endpoint ...
+        scraped = wait_for(prometheus, f'pifuhd_images_total{{instance="127.0.0.1:{app_port}",status="ok"}}')
+        assert float(scraped[0]["value"][1]) == 2
+        # ... and pushed to the Pushgateway at the end, as batch jobs do.
+        pushed = wait_for(prometheus, 'pifuhd_images_total{exported_job="pifuhd_reconstruct",status="failed"}'
+                          ' or pifuhd_images_total{job="pifuhd_reconstruct",status="failed"}')
+        assert float(pushed[0]["value"][1]) == 1 and pushed[0]["metric"]["error_class"] == "InputError"
+        stages = wait_for(prometheus, 'sum by (stage) (pifuhd_stage_seconds_count)')
+        assert {s["metric"]["stage"] for s in stages} >= {"encode", "surface", "mesh", "write"}
+    finally:
+        metrics_stack.down(stack.directory)
