@@ -355,16 +355,21 @@ def _shard_uris(uri: str, split: str) -> list[str]:
     return paths
 
 
-def open_dataset(uri: str, split: str = "train", batch_size: int = 8) -> "ray.data.Dataset":
+def open_shards(uri: str, split: str = "train") -> "ray.data.Dataset":  # noqa: F821
+    """A Ray Dataset of the raw shard rows of one split (PNG bytes, point lists): small to move,
+    decoded where it is consumed with `decode_table` (training workers do this)."""
+    import ray
+
+    return ray.data.read_parquet(_shard_uris(uri, split))
+
+
+def open_dataset(uri: str, split: str = "train", batch_size: int = 8) -> "ray.data.Dataset":  # noqa: F821
     """A Ray Dataset of decoded training samples of one split (see `decode_table` for the fields).
 
     Shards are read lazily and decoded in parallel by Ray Data; iterate it with
     `iter_torch_batches` or hand it to Ray Train.
     """
-    import ray
-
-    ds = ray.data.read_parquet(_shard_uris(uri, split))
-    return ds.map_batches(decode_table, batch_format="pyarrow", batch_size=batch_size)
+    return open_shards(uri, split).map_batches(decode_table, batch_format="pyarrow", batch_size=batch_size)
 
 
 def iter_samples(uri: str, split: str = "train", rows_per_batch: int = 16) -> Iterator[dict]:

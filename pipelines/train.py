@@ -52,6 +52,7 @@ class TrainConfig:
     init: str | None = None  # checkpoint to start from (the previous stage's model)
     workers: int = 1
     cpus_per_worker: float = 1.0  # below 1 leaves CPUs for the Ray Data tasks feeding the workers
+    threads_per_worker: int | None = None  # torch threads; None keeps Ray's (one per reserved CPU)
     use_gpu: bool = False
     steps: int = 1000
     batch_size: int = 2
@@ -373,14 +374,22 @@ def read_metrics(run_uri: str):
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["step", "loss", "stage"])
 
 
+def _to_tensors(decoded: dict, device: torch.device) -> dict:
+    """The numeric fields of a decoded batch as tensors on `device` (ids and split names dropped)."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in decoded.items() if v.dtype != object}
+
+
 def train_loop_per_worker(config_dict: dict) -> None:
     """Ray Train worker: one process per `workers`, DDP across them."""
     import ray.train
     import ray.train.torch
 
+    from pipelines.dataset import decode_table
     from pipelines.metrics import TrainMetrics
 
     config = TrainConfig.from_dict(config_dict)
+    if config.threads_per_worker:
+        torch.set_num_threads(config.threads_per_worker)
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
@@ -408,9 +417,10 @@ def train_loop_per_worker(config_dict: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     started, losses = time.perf_counter(), []
     while step < config.steps:
-        for batch in shard.iter_torch_batches(batch_size=config.batch_size, device=device, local_shuffle_buffer_size=16, drop_last=True):
+        for table in shard.iter_batches(batch_size=config.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=16, drop_last=True):
             if step >= config.steps:
                 break
+            batch = _to_tensors(decode_table(table), device)
             _maybe_inject_failure(config, step, rank)
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step)
@@ -474,10 +484,12 @@ def run_training(config: TrainConfig) -> TrainResult:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.dataset import open_dataset
+    from pipelines.dataset import open_shards
     from pipelines.storage import join, write_bytes_atomic
 
-    train_data = open_dataset(config.data, "train").drop_columns(["subject_id", "split"])
+    # Raw rows (PNG bytes) travel to the workers, which decode them: a decoded sample is ~12 MB
+    # of float32, and moving that through the object store cost more than the training step.
+    train_data = open_shards(config.data, "train")
     storage_path, storage_filesystem = _storage(config)
     trainer = TorchTrainer(
         train_loop_per_worker,
