@@ -51,27 +51,10 @@ def _checkpoint_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def connect_ray(address: str | None, log_to_driver: bool = False) -> None:
-    """Attach to a cluster at `address`, or start a private local Ray instance on loopback.
-
-    log_to_driver: show the workers' output here (training progress lines).
-    """
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver, _node_ip_address="127.0.0.1")
-
-
 def _reconstruct(args: argparse.Namespace) -> int:
     from model.reconstruct import ReconstructionConfig
     from pipelines.bulk import BulkConfig, run_bulk
+    from pipelines.ray_runtime import connect_ray
     from pipelines.checkpoints import default_checkpoint
 
     config = BulkConfig(
@@ -101,6 +84,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pipelines.ray_runtime import connect_ray
     from pipelines.train import TrainConfig, describe, run_training
 
     config = TrainConfig(

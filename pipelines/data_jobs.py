@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipelines.ray_runtime import connect_ray
+
 if TYPE_CHECKING:
     from model.humans import HumanConfig
     from model.sampling import SamplingConfig
@@ -246,19 +248,6 @@ def _is_scan_error(exc: BaseException) -> bool:
 
 
 # ---- the Ray side -----------------------------------------------------------------------------
-
-
-def connect_ray(address: str | None = None):
-    """Join `address`, or start a private local Ray on loopback; reuse an initialised Ray (tests)."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every listener on 127.0.0.1
-    import ray
-
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    return ray
 
 
 def _warm_body_model_cache() -> float:

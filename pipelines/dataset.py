@@ -30,6 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.storage import join  # noqa: F401 - part of this module's API (fmt.join)
+
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 IMAGE_KINDS = ("image", "mask", "normal_front", "normal_back")
@@ -82,10 +84,6 @@ def filesystem(uri: str):
     if "://" not in uri:
         return fs.LocalFileSystem(), uri
     return fs.FileSystem.from_uri(uri)
-
-
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
 def write_bytes(fs, path: str, data: bytes) -> None:
