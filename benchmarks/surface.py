@@ -84,7 +84,39 @@ def human_occupancy(p: torch.Tensor) -> torch.Tensor:
     return (0.5 - human_sdf(p)).clamp(0.0, 1.0)
 
 
-OCCUPANCIES = {"analytic_human": lambda: human_occupancy}
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "pifuhd"
+SHIPPED = Path(__file__).resolve().parents[1] / "model" / "weights" / "pifuhd-small.safetensors"
+
+
+def fixture_network_occupancy():
+    """The golden fixture's network (random weights, official layout) on the fixture image."""
+    from safetensors.torch import load_file
+
+    import model
+    from model.reconstruct import occupancy_function
+
+    net = model.load_checkpoint(REFERENCE / "small_state_dict.safetensors")
+    image = (load_file(REFERENCE / "inputs.safetensors")["image_512_u8"].float() - 128) / 128
+    features = net.encode(image, image.repeat_interleave(2, -1).repeat_interleave(2, -2))
+    return occupancy_function(net, features)
+
+
+def shipped_network_occupancy():
+    """The shipped trained model on the example photo: a network that outputs a real person."""
+    import model
+    from model.preprocess import prepare_image_file
+    from model.reconstruct import occupancy_function
+
+    net = model.load_checkpoint(SHIPPED)
+    prepared = prepare_image_file(Path(__file__).resolve().parents[1] / "examples" / "person.png",
+                                  sizes=(net.config.coarse_size, net.config.fine_size))
+    images = [prepared.images[s][None] for s in (net.config.coarse_size, net.config.fine_size)]
+    return occupancy_function(net, net.encode(*images))
+
+
+OCCUPANCIES = {"analytic_human": lambda: human_occupancy, "fixture_network": fixture_network_occupancy}
+if SHIPPED.exists():
+    OCCUPANCIES["shipped_network"] = shipped_network_occupancy
 EXACT_SDF = {"analytic_human": human_sdf}
 
 
@@ -120,8 +152,8 @@ def run_case(case: dict) -> dict:
     """Child side: extract once, return the stats plus memory (and save the mesh if asked)."""
     from model.surface import extract_surface
 
-    fn = OCCUPANCIES[case["occupancy"]]()
     torch.set_grad_enabled(False)
+    fn = OCCUPANCIES[case["occupancy"]]()
     # Warm-up call (lazy initialisation of torch kernels / a network) outside the measurement.
     fn(torch.rand(4096, 3) * 2 - 1)
     # Baseline: the current size, with the peak counter reset (else a transient peak of the
@@ -248,7 +280,7 @@ def _row(name, res, method, st, notes):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="resolutions 128 and 256 only")
-    parser.add_argument("--occupancy", nargs="+", default=list(OCCUPANCIES), choices=list(OCCUPANCIES))
+    parser.add_argument("--occupancy", nargs="+", default=["analytic_human"], choices=list(OCCUPANCIES))
     parser.add_argument("--resolutions", nargs="+", type=int, default=None, help="default 256 512")
     parser.add_argument("--dense-max", type=int, default=256, help="run dense up to this resolution (0: never)")
     parser.add_argument("--dilation", type=int, default=None, help="sparse band ring (default: none, surface seeds)")
