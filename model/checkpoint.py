@@ -17,6 +17,7 @@ Every failure is a `CheckpointError` naming the file and the problem.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import pickle
@@ -302,10 +303,13 @@ def _expand_tied(state: dict, config: PIFuHDConfig) -> dict:
     return expanded
 
 
-def save_checkpoint(net: PIFuHD, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+def save_checkpoint(
+    net: PIFuHD, path: str | os.PathLike, metadata: dict | None = None, dtype: torch.dtype = torch.float32
+) -> Path:
     """Write `net` in the project format: safetensors weights, config and metadata as JSON in the header.
 
     metadata: JSON-serialisable facts about the weights (preset, training data, steps, metrics).
+    dtype: storage type; float16 halves a shipped file, and loading always casts to float32.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -315,6 +319,8 @@ def save_checkpoint(net: PIFuHD, path: str | os.PathLike, metadata: dict | None 
         "config": json.dumps(net.config.to_dict()),
         "metadata": json.dumps(metadata or {}),
     }
+    if dtype != torch.float32:
+        net = copy.deepcopy(net).to(dtype)
     save_model(net, str(path), metadata=header)
     return path
 

@@ -168,7 +168,7 @@ def _preset_full() -> PIFuHDConfig:
 
 
 def _preset_small() -> PIFuHDConfig:
-    """About 5 M parameters at 256/512 input: trains on a CPU in hours."""
+    """13 M parameters (11 M in the normal nets) at 256/512 input: trains on a CPU."""
     return PIFuHDConfig(
         normal_net=NormalNetConfig(base_width=16, num_downsamplings=4, num_res_blocks=4),
         coarse_filter=HourglassConfig(num_stacks=2, depth=2, out_channels=64, stem_pool=True, width=128, norm_groups=8),
@@ -181,7 +181,7 @@ def _preset_small() -> PIFuHDConfig:
 
 
 def _preset_tiny() -> PIFuHDConfig:
-    """A few hundred thousand parameters at 128/256 input: for tests."""
+    """0.46 M parameters at 128/256 input: for tests."""
     return PIFuHDConfig(
         normal_net=NormalNetConfig(base_width=4, num_downsamplings=3, num_res_blocks=2),
         coarse_filter=HourglassConfig(num_stacks=2, depth=1, out_channels=16, stem_pool=True, width=64, norm_groups=4),

@@ -46,7 +46,9 @@ def _checkpoint_convert(args: argparse.Namespace) -> int:
         "converted_from": {"file": str(args.input), "format": source.get("format")},
         "source_options": source.get("options", {}),
     }
-    out = save_checkpoint(net, args.output, metadata=metadata)
+    import torch
+
+    out = save_checkpoint(net, args.output, metadata=metadata, dtype=torch.float16 if args.half else torch.float32)
     print(f"wrote {out} ({sum(p.numel() for p in net.parameters()):,} parameters)")
     return 0
 
@@ -115,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = checkpoint_commands.add_parser("convert", help="write a checkpoint in the project format")
     convert.add_argument("input", help="pifuhd.pt (released) or any readable checkpoint")
     convert.add_argument("output", help="output .safetensors path")
+    convert.add_argument("--half", action="store_true", help="store float16 weights (half the size; loads as float32)")
     convert.set_defaults(handler=_checkpoint_convert)
 
     recon = commands.add_parser(

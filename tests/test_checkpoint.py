@@ -39,6 +39,17 @@ def test_project_format_round_trip(tmp_path):
     assert loaded.image_filter.conv2.bn4.weight is loaded.image_filter.conv2.downsample[0].weight
 
 
+def test_float16_storage_halves_the_file_and_loads_as_float32(tmp_path):
+    net = model.PIFuHD.from_config(model.preset("tiny")).eval()
+    full = save_checkpoint(net, tmp_path / "full.safetensors")
+    half = save_checkpoint(net, tmp_path / "half.safetensors", dtype=torch.float16)
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    loaded = model.load_checkpoint(half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert torch.allclose(_outputs(net), _outputs(loaded), atol=2e-3)
+    assert next(net.parameters()).dtype == torch.float32  # the caller's network is left as it was
+
+
 def test_convert_official_keeps_outputs(official_checkpoint, tmp_path):
     out = tmp_path / "converted.safetensors"
     result = subprocess.run(
