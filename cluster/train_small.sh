@@ -10,7 +10,7 @@ OUT=${OUT:-/work/data/runs}
 NORMAL_STEPS=${NORMAL_STEPS:-400}
 COARSE_STEPS=${COARSE_STEPS:-900}
 FINE_STEPS=${FINE_STEPS:-300}
-STAGES=${STAGES:-"data normal coarse fine"}
+STAGES=${STAGES:-"data normal coarse fine package"}
 ADDRESS_ARGS=${ADDRESS:+--address $ADDRESS}
 COMMON="--data $DATA --out $OUT --preset small --batch-size 4 --optimizer adam --lr 1e-3 --checkpoint-every 100 --validate-every 250 --threads ${THREADS:-2} $ADDRESS_ARGS"
 
@@ -28,5 +28,9 @@ for stage in $STAGES; do
     fine)
         .venv/bin/pifuhd train --stage fine --name small-fine --init "$OUT/small-coarse/model.safetensors" \
             --steps "$FINE_STEPS" --lr-decay-steps $((FINE_STEPS * 4 / 5)) $COMMON ;;
+    package)
+        .venv/bin/pifuhd checkpoint package "$OUT/small-normal" "$OUT/small-coarse" "$OUT/small-fine" \
+            -o model/weights/pifuhd-small.safetensors \
+            --recipe "cluster/train_small.sh (NORMAL_STEPS=$NORMAL_STEPS COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS, data seed 7)" ;;
     esac
 done

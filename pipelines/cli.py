@@ -103,6 +103,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_package(args: argparse.Namespace) -> int:
+    from pipelines.train import package_model
+
+    print(f"wrote {package_model(args.runs, args.output, recipe=args.recipe, half=not args.float32)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pifuhd", description="PIFuHD: single-image 3D human reconstruction and training on Ray."
@@ -119,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="output .safetensors path")
     convert.add_argument("--half", action="store_true", help="store float16 weights (half the size; loads as float32)")
     convert.set_defaults(handler=_checkpoint_convert)
+    package = checkpoint_commands.add_parser("package", help="ship a trained model with every stage's history")
+    package.add_argument("runs", nargs="+", metavar="RUN", help="training run folders (OUT/NAME) in stage order")
+    package.add_argument("-o", "--output", required=True, help="output .safetensors path or URI")
+    package.add_argument("--recipe", default="", help="how the model was made (recorded in its metadata)")
+    package.add_argument("--float32", action="store_true", help="keep float32 weights (default float16)")
+    package.set_defaults(handler=_checkpoint_package)
 
     recon = commands.add_parser(
         "reconstruct",

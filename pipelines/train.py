@@ -519,3 +519,31 @@ def run_training(config: TrainConfig) -> TrainResult:
 def describe(result: TrainResult) -> str:
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items() if k.startswith(("val_", "loss"))}
     return f"model: {result.model_uri} after {result.steps} steps; {json.dumps(shown)}"
+
+
+def package_model(run_uris: list[str], output: str, recipe: str = "", half: bool = True) -> str:
+    """Ship the last run's model with the history of every stage in its metadata.
+
+    run_uris: run folders (OUT/NAME) in stage order; the last one holds the final weights.
+    The metadata lists, per stage, its steps, data, training config and last validation metrics.
+    """
+    from pipelines.checkpoints import fetch_checkpoint
+    from pipelines.storage import join, write_bytes_atomic
+
+    stages = []
+    for run in run_uris:
+        meta = load_checkpoint(fetch_checkpoint(join(run, "model.safetensors"))).checkpoint_metadata
+        metrics = read_metrics(run)
+        validated = metrics.dropna(axis=1, how="all")
+        last_val = {k: float(v) for k, v in validated.iloc[-1].items() if str(k).startswith("val_")} if len(validated) else {}
+        stages.append({"stage": meta.get("stage"), "steps": meta.get("steps"), "training_data": meta.get("training_data"),
+                       "train_config": meta.get("train_config"), "validation": last_val,
+                       "history": metrics.to_dict("records")})
+    net = load_checkpoint(fetch_checkpoint(join(run_uris[-1], "model.safetensors")))
+    metadata = {"preset": stages[-1]["train_config"]["preset"] if stages[-1]["train_config"] else None,
+                "version": time.strftime("%Y.%m.%d"), "recipe": recipe, "stages": stages}
+    with tempfile.TemporaryDirectory() as directory:
+        path = save_checkpoint(net, os.path.join(directory, "model.safetensors"), metadata=json.loads(json.dumps(metadata, default=str)),
+                               dtype=torch.float16 if half else torch.float32)
+        write_bytes_atomic(output, path.read_bytes())
+    return output

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 import model
-from pipelines.train import TrainConfig, build_stage, initial_network, read_metrics, run_training, window_calib
+from pipelines.train import (
+    TrainConfig,
+    build_stage,
+    initial_network,
+    package_model,
+    read_metrics,
+    run_training,
+    window_calib,
+)
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +100,13 @@ def test_checkpoints_on_s3_resume_exactly(ray_local, s3_bucket, tiny_dataset):
     assert "val_point_iou" in metrics.columns and metrics["val_point_iou"].notna().any()
     meta = model.load_checkpoint(_local(longer.model_uri)).checkpoint_metadata
     assert meta["steps"] == 6 and meta["stage"] == "coarse" and meta["training_data"] == tiny_dataset
+
+    # Shipping the run keeps its history; float16 storage, float32 weights on load.
+    shipped = package_model([f"s3://{s3_bucket}/runs/resume"], f"s3://{s3_bucket}/shipped.safetensors", recipe="test")
+    net = model.load_checkpoint(_local(shipped))
+    stage = net.checkpoint_metadata["stages"][0]
+    assert stage["steps"] == 6 and "val_point_iou" in stage["validation"] and len(stage["history"]) == 3
+    assert net.checkpoint_metadata["recipe"] == "test"
 
 
 def test_injected_worker_failure_recovers_from_last_checkpoint(ray_local, tmp_path, tiny_dataset):
