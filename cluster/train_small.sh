@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-/work/data/synth-s7}
 OUT=${OUT:-/work/data/runs}
 NORMAL_STEPS=${NORMAL_STEPS:-400}
-COARSE_STEPS=${COARSE_STEPS:-900}
-FINE_STEPS=${FINE_STEPS:-300}
+COARSE_STEPS=${COARSE_STEPS:-700}
+FINE_STEPS=${FINE_STEPS:-250}
 STAGES=${STAGES:-"data normal coarse fine package"}
 ADDRESS_ARGS=${ADDRESS:+--address $ADDRESS}
 COMMON="--data $DATA --out $OUT --preset small --batch-size 4 --optimizer adam --lr 1e-3 --checkpoint-every 100 --validate-every 250 --threads ${THREADS:-2} $ADDRESS_ARGS"
