@@ -286,6 +286,8 @@ def _load_validation(config: TrainConfig) -> tuple[list[dict], dict]:
     from pipelines.storage import filesystem, join
 
     samples = []
+    if config.val_samples <= 0:
+        return [], {}
     try:
         for sample in iter_samples(config.data, "val"):
             samples.append(sample)
@@ -415,7 +417,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     metrics = TrainMetrics(config.run_name) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     shard = ray.train.get_dataset_shard("train")
-    started, losses = time.perf_counter(), []
+    started, losses, validation_seconds = time.perf_counter(), [], 0.0
     while step < config.steps:
         for table in shard.iter_batches(batch_size=config.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=16, drop_last=True):
             if step >= config.steps:
@@ -438,11 +440,14 @@ def train_loop_per_worker(config_dict: dict) -> None:
             due_checkpoint = step % config.checkpoint_every == 0 or step == config.steps
             if not (due_validation or due_checkpoint):
                 continue
-            report = {"step": step, "loss": float(np.mean(losses[-config.log_every:])), "stage": config.stage}
+            # seconds: training time since the loop started, data loading included, validation not.
+            report = {"step": step, "loss": float(np.mean(losses[-config.log_every:])), "stage": config.stage,
+                      "seconds": time.perf_counter() - started - validation_seconds}
             if rank == 0 and due_validation and validation[0]:
+                validation_start = time.perf_counter()
                 report.update(validate(net, config, *validation))
+                validation_seconds += time.perf_counter() - validation_start
             if rank == 0:
-                report["seconds"] = time.perf_counter() - started
                 _append_metrics(config, report)
                 metrics.observe(report, config.pushgateway)
             with tempfile.TemporaryDirectory() as directory:

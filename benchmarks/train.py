@@ -1,0 +1,91 @@
+"""Training throughput: samples/s and points/s per worker, Ray Train (1 and 2 workers) against a
+plain PyTorch loop on the same data and stage.
+
+    .venv/bin/python benchmarks/train.py --data DATASET [--stage coarse] [--preset small] [--steps 40]
+
+Per-step times leave out start-up on both sides: the plain loop times steps after a warm-up;
+for Ray Train the run reports at a warm-up step and at the last step, and the benchmark takes
+the difference of the worker's own clocks (data loading included). Target: Ray Train's per-step
+overhead under 10 % with one worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from pipelines.dataset import iter_samples
+from pipelines.ray_runtime import connect_ray
+from pipelines.train import TrainConfig, _optimizer, build_stage, initial_network, read_metrics, run_training
+
+
+def plain_loop(config: TrainConfig, warmup: int, steps: int) -> float:
+    """Seconds per step of the stage module fed by the plain iterator (decode included)."""
+    torch.set_num_threads(2)
+    net = initial_network(config)
+    stage = build_stage(net, config)
+    optimizer = _optimizer([p for p in stage.parameters() if p.requires_grad], config)
+    generator = torch.Generator().manual_seed(0)
+    samples = iter_samples(config.data, "train")
+    start = None
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        rows = [next(samples) for _ in range(config.batch_size)]
+        batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k, v in rows[0].items()
+                 if isinstance(v, np.ndarray) and v.dtype != object}
+        loss, _ = stage(batch, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - start) / steps
+
+
+def ray_train(config: TrainConfig, warmup: int) -> float:
+    """Seconds per step inside Ray Train workers between the warm-up report and the last one."""
+    run_training(config)
+    metrics = read_metrics(f"{config.out}/{config.run_name}").sort_values("step")
+    first, last = metrics.iloc[0], metrics.iloc[-1]
+    return (last["seconds"] - first["seconds"]) / (last["step"] - first["step"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--stage", default="coarse")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--points", type=int, default=4096)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as out:
+        def config(workers: int, threads: int) -> TrainConfig:
+            return TrainConfig(stage=args.stage, data=args.data, out=out, name=f"bench-{workers}", preset=args.preset,
+                               steps=args.warmup + args.steps, batch_size=args.batch_size,
+                               points_per_sample=args.points, workers=workers, threads_per_worker=threads,
+                               cpus_per_worker=0.5 if workers > 1 else 1.0, checkpoint_every=10_000,
+                               validate_every=args.warmup, val_samples=0, optimizer="adam")
+
+        plain = plain_loop(config(1, 2), args.warmup, args.steps)
+        connect_ray(None)
+        one = ray_train(config(1, 2), args.warmup)
+        two = ray_train(config(2, 1), args.warmup)
+
+    per_sample_points = args.points
+    print(f"stage {args.stage}, preset {args.preset}, batch {args.batch_size} per worker, {args.points} points per sample, "
+          f"{args.steps} timed steps")
+    for name, seconds, workers in (("plain loop", plain, 1), ("Ray Train, 1 worker", one, 1), ("Ray Train, 2 workers", two, 2)):
+        samples = args.batch_size / seconds
+        print(f"  {name:<22} {seconds:.2f} s/step; per worker {samples:.2f} samples/s, {samples * per_sample_points:,.0f} points/s;"
+              f" all workers {samples * workers:.2f} samples/s")
+    print(f"  Ray Train overhead, 1 worker: {100 * (one / plain - 1):+.1f} % per step (target < 10 %)")
+
+
+if __name__ == "__main__":
+    main()
