@@ -37,9 +37,10 @@ class ReconstructionConfig:
     resolution: int = 256  # grid cells per axis over the [-1, 1]^3 box
     method: str = "sparse"  # "sparse" (coarse to fine near the surface) or "dense"
     threshold: float = 0.5
-    # Ring of fine cells evaluated around the surface band at each level: catches pieces the
-    # coarse grid missed near the surface (noisy networks); 0 follows the surface only.
-    dilation: int = 1
+    # None: follow the surface from level to level (fewest queries: 0.42 M at 512 for a human).
+    # k >= 0: also evaluate a ring of k fine cells around the surface band at each level, which
+    # catches small separate pieces near the surface (noisy networks) for ~2.4x the queries.
+    dilation: int | None = None
     batch_points: int = 100_000  # query batch: bounds memory (about 10 KiB per point at full size)
     largest_component: bool = True
     color: str = "image"  # vertex colours: "image", "normal" (as the official output) or "none"

@@ -64,7 +64,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
         output=args.output,
         checkpoint=args.checkpoint or default_checkpoint(),
         reconstruction=ReconstructionConfig(
-            resolution=args.resolution, method=args.method, color=args.color, largest_component=not args.keep_all_components
+            resolution=args.resolution, method=args.method, dilation=args.dilation, color=args.color,
+            largest_component=not args.keep_all_components,
         ),
         mesh_format=args.format,
         overwrite=args.overwrite,
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--checkpoint", help="pifuhd.pt or project checkpoint, local or s3:// (default: the shipped model)")
     recon.add_argument("--resolution", type=int, default=256, help="grid cells per axis (32 x 2^k; default 256)")
     recon.add_argument("--method", choices=("sparse", "dense"), default="sparse")
+    recon.add_argument("--dilation", type=int, help="sparse: also query a ring of K cells around the surface band")
     recon.add_argument("--format", choices=("obj", "ply", "glb"), default="obj")
     recon.add_argument("--color", choices=("image", "normal", "none"), default="image", help="vertex colours")
     recon.add_argument("--keep-all-components", action="store_true", help="keep every connected component")
