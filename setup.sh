@@ -5,11 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-   && ! { command -v prometheus && command -v prometheus-pushgateway && [ -e /usr/lib/x86_64-linux-gnu/libEGL_mesa.so.0 -o -e /usr/lib/aarch64-linux-gnu/libEGL_mesa.so.0 ]; } >/dev/null 2>&1; then
+   && ! { command -v prometheus && command -v prometheus-pushgateway && command -v chromium && [ -e /usr/lib/x86_64-linux-gnu/libEGL_mesa.so.0 -o -e /usr/lib/aarch64-linux-gnu/libEGL_mesa.so.0 ]; } >/dev/null 2>&1; then
     # Prometheus for `pifuhd metrics up` and the metrics tests (nothing starts by itself in
-    # containers); Mesa EGL for headless rendering of training data on machines without a GPU.
+    # containers); Mesa EGL for headless rendering of training data on machines without a GPU;
+    # Chromium for the report's rendering test.
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        prometheus prometheus-pushgateway libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1
+        prometheus prometheus-pushgateway libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1 chromium
 fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv

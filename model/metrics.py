@@ -6,6 +6,10 @@ Chamfer is the mean of P2S and the opposite direction. Distances are exact point
 triangle distances (libigl AABB tree), in the meshes' units: pass `scale` to convert
 (e.g. 100 for box units of 0.01 per cm -> cm). ICON/ECON measure P2S from the ground
 truth to the prediction with 1k points, so their numbers are not comparable.
+
+Also here: `rigid_icp` (optional rigid alignment of a prediction onto its truth before
+measuring) and `normal_image_error` (PIFuHD's normal reprojection error: both meshes'
+normals rendered from 4 yaws with model/render.py's EGL renderer).
 """
 
 from __future__ import annotations
@@ -75,3 +79,122 @@ def surface_metrics(
         precision, recall = (p2s < t).mean(), (s2p < t).mean()
         metrics[f"fscore_{t:g}"] = float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
     return metrics
+
+
+# ---- rigid alignment -----------------------------------------------------------------------
+
+
+def rigid_fit(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(4, 4) rotation + translation (no scale, no reflection) minimising sum |R s + t - q|^2
+    over corresponding (N, 3) point pairs (Kabsch)."""
+    source_mean, target_mean = source.mean(0), target.mean(0)
+    covariance = (source - source_mean).T @ (target - target_mean)
+    u, _, vt = np.linalg.svd(covariance)
+    # The sign fix keeps a proper rotation when the best orthogonal map would be a mirror.
+    d = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
+    rotation = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+    transform = np.eye(4)
+    transform[:3, :3] = rotation
+    transform[:3, 3] = target_mean - rotation @ source_mean
+    return transform
+
+
+def rigid_icp(
+    source: trimesh.Trimesh,
+    target: trimesh.Trimesh,
+    iterations: int = 100,
+    num_samples: int = 5_000,
+    trim: float = 0.9,
+    tolerance: float = 1e-6,
+    seed: int = 0,
+) -> tuple[np.ndarray, float]:
+    """Point-to-surface ICP: the (4, 4) rigid transform moving `source` onto `target`, and the
+    final RMS distance (mesh units) of the kept pairs.
+
+    `num_samples` points are sampled on `source`; each iteration pairs them with their exact
+    closest points on `target`'s triangles (not on target samples: no sampling noise in the
+    fixed point) and keeps the `trim` closest share, so parts the other surface lacks (a hand
+    the prediction missed) do not pull the fit. Starts from the identity: the meshes must
+    already overlap roughly (same frame, same units). Stops when the RMS improves by less
+    than `tolerance` x its value.
+    """
+    if len(source.faces) == 0 or len(target.faces) == 0:
+        return np.eye(4), float("inf")
+    points, _ = sample_surface(source, num_samples, seed)
+    vertices = np.ascontiguousarray(target.vertices, dtype=np.float64)
+    faces = np.ascontiguousarray(target.faces, dtype=np.int64)
+    transform, previous, rms = np.eye(4), np.inf, np.inf
+    for _ in range(iterations):
+        moved = points @ transform[:3, :3].T + transform[:3, 3]
+        squared, _, closest = igl.point_mesh_squared_distance(moved, vertices, faces)
+        keep = squared <= np.quantile(squared, trim) if trim < 1 else np.ones(len(squared), bool)
+        rms = float(np.sqrt(squared[keep].mean()))
+        if previous - rms <= tolerance * max(rms, 1e-12):
+            break
+        previous = rms
+        transform = rigid_fit(moved[keep], closest[keep]) @ transform
+    return transform, rms
+
+
+# ---- normal-image error (PIFuHD) -----------------------------------------------------------
+
+NORMAL_IMAGE_YAWS: tuple[float, ...] = (0.0, 90.0, 180.0, 270.0)
+
+
+def render_normal_images(
+    mesh: trimesh.Trimesh,
+    centre: np.ndarray,
+    units_per_cm: float,
+    size: int = 512,
+    yaws: tuple[float, ...] = NORMAL_IMAGE_YAWS,
+) -> np.ndarray:
+    """(len(yaws), size, size, 3) float32 in [0, 1]: the nearest surface's camera-space normal n
+    as (n + 1) / 2, 0 (black) where the mesh does not cover the pixel.
+
+    The mesh is in cm; it is moved by -centre, turned by each yaw about +y and scaled by
+    units_per_cm into the renderer's [-1, 1] box (orthographic, model/render.py's EGL renderer).
+    """
+    from model.humans import Part
+    from model.render import View, get_renderer
+
+    images = np.zeros((len(yaws), size, size, 3), np.float32)
+    if len(mesh.faces) == 0:
+        return images
+    part = Part(
+        name="mesh",
+        vertices=(np.asarray(mesh.vertices, dtype=np.float64) - centre).astype(np.float32),
+        faces=np.asarray(mesh.faces, dtype=np.int32),
+        colors=np.zeros((len(mesh.vertices), 3), np.float32),
+    )
+    renderer = get_renderer(size)
+    for index, yaw in enumerate(yaws):
+        out = renderer.render([part], View(yaw_deg=yaw, units_per_cm=units_per_cm), np.zeros((9, 3), np.float32))
+        covered = out.mask > 127
+        images[index][covered] = out.normal_front[covered].astype(np.float32) / 255.0
+    return images
+
+
+def normal_image_error(
+    predicted: trimesh.Trimesh,
+    truth: trimesh.Trimesh,
+    size: int = 512,
+    yaws: tuple[float, ...] = NORMAL_IMAGE_YAWS,
+) -> tuple[float, list[float], np.ndarray, np.ndarray]:
+    """PIFuHD's normal reprojection error of two meshes in cm.
+
+    Both are rendered (see `render_normal_images`) from each yaw, framed on the truth: its
+    bounding-box centre at the image centre and min(0.01, 1.8 / its largest extent) units per
+    cm, i.e. a 180 cm person spans 90 % of the image, as in the training renders. Per view
+    the error is the mean over pixels of the squared colour difference summed over the three
+    channels (mean x 3); the total is the sum over views.
+
+    Returns (total, per-view errors, predicted images, truth images), images as
+    (len(yaws), size, size, 3) float32.
+    """
+    centre = truth.bounds.mean(0) if len(truth.vertices) else np.zeros(3)
+    extent = float(np.ptp(truth.vertices, axis=0).max()) if len(truth.vertices) else 0.0
+    units_per_cm = min(0.01, 1.8 / extent) if extent > 0 else 0.01
+    pred_images = render_normal_images(predicted, centre, units_per_cm, size, yaws)
+    true_images = render_normal_images(truth, centre, units_per_cm, size, yaws)
+    per_view = [float(((p - t) ** 2).mean() * 3) for p, t in zip(pred_images, true_images)]
+    return float(sum(per_view)), per_view, pred_images, true_images

@@ -1,0 +1,828 @@
+"""`pifuhd evaluate`: reconstruction quality against ground-truth meshes, as a Ray Data job.
+
+    pairs (driver: checkpoint views, file-name stems or manifest rows)
+      -> evaluation actors, one pair per call:
+           [checkpoint mode] read the stored view, reconstruct it with the checkpoint
+           load both meshes -> cm -> optional rigid ICP -> surface metrics -> normal images
+      -> one result row per pair streamed back -> OUT/results.parquet, OUT/summary.json
+
+Modes (picked from what --pred is):
+  (a) checkpoint (`.safetensors`, `.pt`, `.pth`; omitted = the shipped model) with --gt a
+      dataset (`pifuhd data synth|scans`): every view of the --split subjects (default test)
+      is reconstructed from its stored image. The dataset images are square crops in the
+      network frame already, so the crop is the identity and the prediction's network-frame
+      mesh *is* in the view frame; the ground truth `meshes/{id}.ply` (canonical cm) is mapped
+      there by the row's `view_from_canonical`, and both are divided by `units_per_cm`. One
+      result row per (subject, view); the predicted mesh (view frame, cm) and its preview are
+      written to OUT/predictions/KEY.ply and KEY_preview.png.
+  (b) a folder of meshes with --gt a folder of meshes (or a dataset: its `meshes/` of the
+      split): pairs by file-name stem (a trailing `-<10 hex>`, the bulk job's naming, is
+      ignored when the exact stem is absent).
+  (c) a bulk output folder (it has `manifest/`) with --gt as in (b): the latest manifest row
+      of each input is paired by the input's file-name stem; a failed row stays failed.
+In (b) and (c) both meshes must already share one frame and unit; `--scale` converts that
+unit to cm (bulk meshes are in the photo's pixel frame: their ground truth must be too), and
+`--icp` removes a residual rigid misalignment.
+
+Every ground-truth mesh of the evaluation set gets exactly one row. A missing prediction, an
+unreadable or empty mesh, a failed manifest row or a failed reconstruction is a row with
+status "failed" and its error class, never a crash; failures are left out of the means and
+counted beside them. Predictions without a ground truth are only counted.
+
+Protocol (PIFuHD's evaluator, see model/metrics.py), all distances in cm:
+  * `num_samples` (10k) points uniformly on each surface; P2S = mean distance from the
+    prediction's samples to the ground-truth surface (exact point-to-triangle distances);
+    S2P the opposite direction; Chamfer = (P2S + S2P) / 2.
+  * normal consistency: mean |cos| between a sample's face normal and the closest face's
+    normal on the other surface, both directions.
+  * F-score at 1 and 2 cm: harmonic mean of the shares of prediction samples within the
+    threshold of the truth (precision) and of truth samples within it of the prediction.
+  * normal-image error: both meshes' camera-space normals rendered at 512 x 512 from yaws
+    0/90/180/270 (yaw 0 = the input view in mode (a)), framed on the truth (180 cm spans
+    90 % of the image), colours (n + 1) / 2 and black background; per view the mean over
+    pixels of the squared colour distance (channel mean x 3), summed over the 4 views.
+  * `--icp`: the prediction is first moved by a rigid ICP onto the truth (no scale); the
+    rotation and translation it applied are reported. The published PIFuHD numbers use none.
+How this differs from ICON/ECON's tables: they measure P2S from the ground truth to the
+prediction (our `s2p_cm`) with 1k points, so their P2S is not comparable with ours, nor
+are their Chamfer or normal numbers with another sampling or rendering; compare numbers
+only within one protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
+MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".off", ".stl")
+MODES = ("checkpoint", "folder", "manifest")
+# The per-pair metrics, in the order tables show them; lower is better except where noted.
+METRICS = ("chamfer_cm", "p2s_cm", "s2p_cm", "normal_consistency", "normal_image_error", "fscore_1cm", "fscore_2cm")
+HIGHER_IS_BETTER = ("normal_consistency", "fscore_1cm", "fscore_2cm")
+_BULK_SUFFIX = re.compile(r"-[0-9a-f]{10}$")
+
+
+class MissingPrediction(Exception):
+    """A ground-truth mesh has no prediction to compare with."""
+
+
+class EmptyPrediction(Exception):
+    """The prediction has no triangles (the network found no surface)."""
+
+
+class MissingGroundTruth(Exception):
+    """A dataset row's subject has no ground-truth mesh."""
+
+
+class BrokenMesh(Exception):
+    """A mesh file that cannot be read as triangles."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation job.
+
+    pred: a checkpoint (local or URI; None = the shipped model), a folder of meshes, or a bulk
+    output folder. gt: a dataset URI, or a folder of meshes. scale: mesh units -> cm for both
+    meshes in folder and manifest modes (checkpoint mode takes the dataset's units_per_cm).
+    resolution: grid cells per axis of checkpoint-mode reconstructions (32 x 2^k).
+    normal_image_size: 0 skips the normal-image error (no renderer needed).
+    """
+
+    gt: str
+    out: str
+    pred: str | None = None
+    split: str = "test"
+    icp: bool = False
+    num_samples: int = 10_000
+    resolution: int = 256
+    scale: float = 1.0
+    normal_image_size: int = 512
+    seed: int = 0
+    limit: int | None = None  # evaluate only the first `limit` pairs (sorted by key)
+    workers: int | None = None  # evaluation actors (default: one per cluster CPU)
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {self.num_samples}")
+        if not self.scale > 0:
+            raise ValueError(f"scale must be positive, got {self.scale}")
+        ratio = self.resolution // 32
+        if self.resolution % 32 or ratio & (ratio - 1):
+            raise ValueError(f"resolution must be 32 x 2^k (32, 64, 128, 256, 512, ...), got {self.resolution}")
+
+
+@dataclass
+class EvalResult:
+    """What `run_evaluation` returns: the results table (pandas), its summary and locations."""
+
+    mode: str
+    results_uri: str
+    summary: dict
+    table: object  # pandas.DataFrame of RESULT_SCHEMA
+
+    def line(self) -> str:
+        return format_summary(self.summary)
+
+
+def result_schema():
+    """The Parquet schema of OUT/results.parquet: one row per evaluated pair."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("mode", pa.string()),  # checkpoint | folder | manifest
+            ("key", pa.string()),  # unique per row: the stem, or SUBJECT-viewN
+            ("subject_id", pa.string()),
+            ("view", pa.int32()),  # dataset view index (checkpoint mode), else null
+            ("status", pa.string()),  # ok | failed
+            ("error_class", pa.string()),
+            ("error_message", pa.string()),
+            ("pred_uri", pa.string()),  # the compared prediction (checkpoint mode: the mesh written)
+            ("gt_uri", pa.string()),
+            ("preview_uri", pa.string()),  # input | normals | mesh strip (bulk's or ours), if any
+            ("comparison_uri", pa.string()),  # normal renders: truth (top) over prediction (bottom)
+            *[(name, pa.float64()) for name in METRICS],
+            ("normal_image_error_views", pa.list_(pa.float64())),  # per yaw 0/90/180/270
+            ("icp", pa.bool_()),
+            ("icp_rotation_deg", pa.float64()),  # angle of the rotation ICP applied
+            ("icp_translation_cm", pa.float64()),
+            ("icp_rms_cm", pa.float64()),
+            ("pred_vertices", pa.int64()),
+            ("pred_faces", pa.int64()),
+            ("gt_faces", pa.int64()),
+            ("num_samples", pa.int64()),
+            ("checkpoint_id", pa.string()),
+            ("seconds", pa.float64()),
+            ("finished_at", pa.timestamp("ms", tz="UTC")),
+        ]
+    )
+
+
+# ---- what to compare -----------------------------------------------------------------------
+
+
+def _storage():
+    from pipelines import storage
+
+    return storage
+
+
+def _is_dir(uri: str) -> bool:
+    fs, path = _storage().filesystem(uri)
+    return fs.isdir(path)
+
+
+def _exists(uri: str) -> bool:
+    fs, path = _storage().filesystem(uri)
+    return fs.exists(path)
+
+
+def detect_mode(pred: str | None) -> str:
+    """checkpoint | manifest | folder, from what `pred` is (None: the shipped checkpoint)."""
+    if pred is None or pred == "shipped":
+        return "checkpoint"
+    if pred.lower().endswith(CHECKPOINT_SUFFIXES) and not _is_dir(pred):
+        return "checkpoint"
+    if not _is_dir(pred):
+        raise FileNotFoundError(f"--pred {pred}: not a checkpoint file, a mesh folder or a bulk output folder")
+    if _is_dir(_storage().join(pred, "manifest")):
+        return "manifest"
+    return "folder"
+
+
+def is_dataset(uri: str) -> bool:
+    """Whether `uri` is a dataset root (`pifuhd data ...` output) rather than a folder of meshes."""
+    join = _storage().join
+    return _exists(join(uri, "dataset.json")) or _is_dir(join(uri, "shards"))
+
+
+def _stem(uri: str) -> str:
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.splitext(name)[0]
+
+
+def list_meshes(folder: str) -> dict[str, str]:
+    """stem -> mesh URI of every mesh file under `folder` (recursive; first of duplicate stems)."""
+    storage = _storage()
+    fs, path = storage.filesystem(folder)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{folder}: no such folder")
+    found: dict[str, str] = {}
+    for file in sorted(fs.find(path)):
+        if not file.lower().endswith(MESH_SUFFIXES):
+            continue
+        uri = storage.full_uri(fs, file)
+        stem = _stem(uri)
+        if stem in found:
+            log.warning("two meshes named %s: using %s, ignoring %s", stem, found[stem], uri)
+            continue
+        found[stem] = uri
+    return found
+
+
+def ground_truth_meshes(gt: str, split: str) -> dict[str, str]:
+    """stem (subject id) -> GT mesh URI: a folder of meshes, or a dataset's `meshes/` limited to
+    the subjects of `split` ("all": every subject) as its card lists them."""
+    if not is_dataset(gt):
+        return list_meshes(gt)
+    from pipelines.dataset import read_card
+
+    meshes = list_meshes(_storage().join(gt, "meshes"))
+    card = read_card(gt) or {}
+    subjects = card.get("splits", {}).get("subjects", {})
+    if split == "all" or not subjects:
+        return meshes
+    wanted = set(subjects.get(split, []))
+    return {k: v for k, v in meshes.items() if k in wanted}
+
+
+def _base_item(key: str, subject_id: str, gt_uri: str | None, view: int | None = None) -> dict:
+    return {"key": key, "subject_id": subject_id, "view": view, "gt_uri": gt_uri, "pred_uri": None, "preview_uri": None}
+
+
+def _failed_item(item: dict, error_class: str, message: str) -> dict:
+    return {**item, "kind": "failed", "error_class": error_class, "error_message": message}
+
+
+def folder_items(pred: str, gt_meshes: dict[str, str]) -> tuple[list[dict], int]:
+    """(one item per GT mesh, number of predictions without a GT) pairing by file-name stem."""
+    predictions = list_meshes(pred)
+    # Bulk outputs are named STEM-<hash of the input URI>: accept those too.
+    aliases: dict[str, str] = {}
+    for stem, uri in predictions.items():
+        short = _BULK_SUFFIX.sub("", stem)
+        if short != stem:
+            aliases.setdefault(short, uri)
+    items, used = [], set()
+    for stem, gt_uri in sorted(gt_meshes.items()):
+        item = _base_item(stem, stem, gt_uri)
+        uri = predictions.get(stem) or aliases.get(stem)
+        if uri is None:
+            items.append(_failed_item(item, MissingPrediction.__name__, f"no mesh named {stem}.* under {pred}"))
+            continue
+        used.add(uri)
+        items.append({**item, "kind": "pair", "pred_uri": uri})
+    return items, len(set(predictions.values()) - used)
+
+
+def _text(value) -> str | None:
+    """A manifest cell as a string, None for missing (pandas turns missing strings into NaN)."""
+    return value if isinstance(value, str) and value else None
+
+
+def manifest_items(output: str, gt_meshes: dict[str, str]) -> tuple[list[dict], int]:
+    """(one item per GT mesh, manifest inputs without a GT) pairing the latest manifest row of
+    each input with the GT mesh of the input's file-name stem."""
+    from pipelines.bulk import read_manifest
+
+    manifest = read_manifest(output)
+    latest: dict[str, dict] = {}
+    if len(manifest):
+        manifest = manifest.sort_values("finished_at", kind="stable")
+        for row in manifest.to_dict("records"):
+            stem = _stem(str(row["input_uri"]))
+            if stem in latest and latest[stem]["input_uri"] != row["input_uri"]:
+                log.warning("inputs %s and %s share the stem %s: using the latest", latest[stem]["input_uri"], row["input_uri"], stem)
+            latest[stem] = row
+    items = []
+    for stem, gt_uri in sorted(gt_meshes.items()):
+        item = _base_item(stem, stem, gt_uri)
+        row = latest.get(stem)
+        if row is None:
+            items.append(_failed_item(item, MissingPrediction.__name__, f"no manifest row for an input named {stem}.* in {output}"))
+            continue
+        item.update(pred_uri=_text(row.get("mesh_uri")), preview_uri=_text(row.get("preview_uri")))
+        if row["status"] not in ("ok", "skipped"):
+            items.append(_failed_item(item, _text(row.get("error_class")) or "ReconstructionFailed",
+                                      f"reconstruction {row['status']}: {_text(row.get('error_message')) or ''}"))
+            continue
+        items.append({**item, "kind": "pair"})
+    return items, len(set(latest) - set(gt_meshes))
+
+
+def checkpoint_items(dataset: str, split: str) -> list[dict]:
+    """One item per stored view of the split: where its row is, and its subject's GT mesh."""
+    import pyarrow.parquet as pq
+
+    from pipelines import dataset as fmt
+
+    uri = fmt.normalise_uri(dataset)
+    fs, _ = fmt.filesystem(uri)
+    paths = fmt.list_shards(uri, None if split == "all" else split)
+    if not paths:
+        raise FileNotFoundError(
+            f"{dataset}: no {split!r} shards; make a test split with `pifuhd data synth --test-fraction ...` "
+            "or pick another --split"
+        )
+    scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    items = []
+    for path in paths:
+        with fs.open_input_file(path) as handle:
+            table = pq.read_table(handle, columns=["subject_id", "view"])
+        for row, (subject, view) in enumerate(zip(table.column("subject_id").to_pylist(), table.column("view").to_pylist())):
+            item = _base_item(f"{subject}-view{int(view)}", subject, fmt.join(uri, "meshes", f"{subject}.ply"), int(view))
+            items.append({**item, "kind": "view", "shard": scheme + path, "row": row})
+    return sorted(items, key=lambda i: i["key"])
+
+
+# ---- one pair ------------------------------------------------------------------------------
+
+
+def load_mesh(uri: str):
+    """A mesh file (any trimesh format, local or URI) as one trimesh.Trimesh, unprocessed."""
+    import trimesh
+
+    fs, path = _storage().filesystem(uri)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise MissingPrediction(f"{uri}: no such file") from exc
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    # Materials may reference files beside the mesh that we do not read: geometry only.
+    options = {"skip_materials": True} if suffix == "obj" else {}
+    try:
+        mesh = trimesh.load(io.BytesIO(data), file_type=suffix, force="mesh", process=False, **options)
+    except Exception as exc:  # trimesh's loaders raise many types on a corrupt file
+        raise BrokenMesh(f"{uri}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(mesh, trimesh.Trimesh):
+        raise BrokenMesh(f"{uri}: no triangle mesh inside")
+    return mesh
+
+
+def _rotation_angle_deg(transform: np.ndarray) -> float:
+    cosine = (np.trace(transform[:3, :3]) - 1) / 2
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+
+
+def comparison_png(pred_images: np.ndarray, true_images: np.ndarray, panel: int = 128) -> bytes:
+    """PNG of the normal renders: truth views in the top row, prediction views below.
+
+    pred_images, true_images: (V, S, S, 3) float in [0, 1]; each view shrunk to `panel` px.
+    """
+    from PIL import Image
+
+    def row(images: np.ndarray) -> np.ndarray:
+        tiles = [np.asarray(Image.fromarray((im * 255).round().astype(np.uint8)).resize((panel, panel), Image.BILINEAR)) for im in images]
+        return np.concatenate(tiles, axis=1)
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate([row(true_images), row(pred_images)], axis=0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pair_metrics(predicted, truth, num_samples: int = 10_000, icp: bool = False, normal_image_size: int = 512,
+                 seed: int = 0) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
+    """All metrics of one prediction against its truth, both trimesh meshes in cm.
+
+    Returns (metrics, normal renders): metrics has METRICS plus normal_image_error_views and
+    icp_* fields; the renders are (predicted, truth) (V, S, S, 3) images, or None when
+    normal_image_size is 0. The prediction is moved by ICP first when `icp`.
+    """
+    from model.metrics import normal_image_error, rigid_icp, surface_metrics
+
+    if len(predicted.faces) == 0:
+        raise EmptyPrediction("the prediction has no triangles")
+    result: dict = {"icp": icp, "icp_rotation_deg": None, "icp_translation_cm": None, "icp_rms_cm": None}
+    if icp:
+        transform, rms = rigid_icp(predicted, truth, seed=seed)
+        predicted = predicted.copy()
+        predicted.apply_transform(transform)
+        result.update(icp_rotation_deg=_rotation_angle_deg(transform),
+                      icp_translation_cm=float(np.linalg.norm(transform[:3, 3])), icp_rms_cm=rms)
+    surface = surface_metrics(predicted, truth, num_samples=num_samples, scale=1.0, fscore_thresholds=(1.0, 2.0), seed=seed)
+    result.update(
+        chamfer_cm=surface["chamfer"], p2s_cm=surface["p2s"], s2p_cm=surface["s2p"],
+        normal_consistency=surface["normal_consistency"], fscore_1cm=surface["fscore_1"], fscore_2cm=surface["fscore_2"],
+        normal_image_error=None, normal_image_error_views=None,
+    )
+    renders = None
+    if normal_image_size:
+        try:
+            total, per_view, pred_images, true_images = normal_image_error(predicted, truth, size=normal_image_size)
+        except Exception as exc:  # noqa: BLE001 - no GL on this node: keep the geometric metrics
+            log.warning("normal-image error skipped: %s: %s", type(exc).__name__, exc)
+            result["note"] = f"normal-image error skipped: {type(exc).__name__}: {exc}"
+        else:
+            result.update(normal_image_error=total, normal_image_error_views=per_view)
+            renders = (pred_images, true_images)
+    return result, renders
+
+
+def _scaled(mesh, factor: float):
+    if factor != 1.0:
+        mesh = mesh.copy()
+        mesh.apply_scale(factor)
+    return mesh
+
+
+class PairWorker:
+    """Ray Data actor (or a plain object in process): evaluates one item at a time.
+
+    Holds the network in checkpoint mode, and the renderer (one EGL context per process).
+    """
+
+    def __init__(self, config: EvalConfig, checkpoint: str | None = None, checkpoint_id: str = "", threads: int = 1,
+                 use_gpu: bool = False):
+        from model.render import configure_llvmpipe_threads
+
+        # One CPU per actor: keep Mesa's rasteriser and torch to the CPUs Ray reserved.
+        configure_llvmpipe_threads(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+        self.config = config
+        self.checkpoint_id = checkpoint_id
+        self.net = None
+        if checkpoint is not None:
+            from model.checkpoint import load_checkpoint
+            from pipelines.checkpoints import fetch_checkpoint
+
+            device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+            self.net = load_checkpoint(fetch_checkpoint(checkpoint)).eval().to(device)
+
+    def __call__(self, batch: dict) -> dict:
+        results = [json.dumps(self.evaluate(json.loads(item)), default=_json_default) for item in batch["item"]]
+        return {"result": np.array(results, dtype=object)}
+
+    def evaluate(self, item: dict) -> dict:
+        """One item -> one result row (a dict of RESULT_SCHEMA fields); never raises."""
+        storage = _storage()
+        start = time.perf_counter()
+        row = _row_skeleton(item, self.config, self.checkpoint_id)
+        try:
+            if item["kind"] == "view":
+                predicted, truth = self._reconstruct_view(item, row)
+            else:
+                predicted = _scaled(load_mesh(item["pred_uri"]), self.config.scale)
+                try:
+                    truth = _scaled(load_mesh(item["gt_uri"]), self.config.scale)
+                except MissingPrediction as exc:
+                    raise MissingGroundTruth(str(exc)) from exc
+            row.update(pred_vertices=len(predicted.vertices), pred_faces=len(predicted.faces), gt_faces=len(truth.faces))
+            metrics, renders = pair_metrics(predicted, truth, self.config.num_samples, self.config.icp,
+                                            self.config.normal_image_size, self.config.seed)
+            note = metrics.pop("note", None)
+            row.update(metrics)
+            if renders is not None:
+                uri = storage.join(self.config.out, "comparisons", f"{_safe(item['key'])}.png")
+                storage.write_bytes_atomic(uri, comparison_png(*renders))
+                row["comparison_uri"] = uri
+            row.update(status="ok", error_class=None, error_message=note)
+        except Exception as exc:  # noqa: BLE001 - a bad pair is a failed row, never a dead job
+            _fail(row, exc)
+        row["seconds"] = time.perf_counter() - start
+        return row
+
+    def _reconstruct_view(self, item: dict, row: dict):
+        """Reconstruct a stored dataset view; (prediction, truth) in the view frame, cm."""
+        from model.reconstruct import ReconstructionConfig, reconstruct
+        from model.preview import preview_image
+
+        storage = _storage()
+        view = read_view(item["shard"], item["row"])
+        try:
+            truth = load_mesh(item["gt_uri"])
+        except MissingPrediction as exc:
+            raise MissingGroundTruth(str(exc)) from exc
+        truth.apply_transform(view["view_from_canonical"])
+        prepared = prepared_view(view["image"], view["mask"], self.net.config.coarse_size, self.net.config.fine_size, item["key"])
+        result = reconstruct(self.net, prepared, ReconstructionConfig(resolution=self.config.resolution, color="none"))
+        units_per_cm = view["units_per_cm"]
+        predicted = _scaled(result.mesh_world, 1.0 / units_per_cm)
+        truth = _scaled(truth, 1.0 / units_per_cm)
+        stem = storage.join(self.config.out, "predictions", _safe(item["key"]))
+        buffer = io.BytesIO()
+        preview_image(prepared, result).save(buffer, format="PNG")
+        storage.write_bytes_atomic(f"{stem}_preview.png", buffer.getvalue())
+        storage.write_bytes_atomic(f"{stem}.ply", predicted.export(file_type="ply"))
+        row.update(pred_uri=f"{stem}.ply", preview_uri=f"{stem}_preview.png")
+        return predicted, truth
+
+
+def read_view(shard: str, row: int) -> dict:
+    """One stored view of a dataset shard, only what evaluation needs (not the labelled points).
+
+    Returns image (3, S, S) float32 in [-1, 1] and mask (1, S, S) float32 in [0, 1] at the
+    largest stored size S, view_from_canonical (4, 4) float64, units_per_cm (float).
+    """
+    import pyarrow.parquet as pq
+
+    from pipelines import dataset as fmt
+
+    fs, path = fmt.filesystem(shard)
+    columns = ["image_512", "image_1024", "mask_512", "mask_1024", "view_from_canonical", "units_per_cm"]
+    with fs.open_input_file(path) as handle:
+        record = pq.read_table(handle, columns=columns).slice(row, 1).to_pylist()[0]
+    from PIL import Image
+
+    def png(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)))
+
+    size = 1024 if record["image_1024"] is not None else 512
+    # The same decoding as pipelines.dataset.decode_table (what training and validation see).
+    image = png(record[f"image_{size}"])[..., :3].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    mask = png(record[f"mask_{size}"]).astype(np.float32)[None] / 255
+    return {"image": image, "mask": mask, "units_per_cm": float(record["units_per_cm"]),
+            "view_from_canonical": np.asarray(record["view_from_canonical"], dtype=np.float64).reshape(4, 4)}
+
+
+def prepared_view(image: np.ndarray, mask: np.ndarray, coarse_size: int, fine_size: int, name: str):
+    """A `PreparedImage` of a stored view: image (3, S, S) in [-1, 1], mask (1, S, S) in [0, 1].
+
+    The stored image is already the square crop that defines the network frame, so the crop
+    is the identity on an S x S image (S = fine_size): mesh_world is in the view frame.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from model.preprocess import Box, Crop, PreparedImage
+
+    image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+
+    def resize(tensor: torch.Tensor, size: int) -> torch.Tensor:
+        if tensor.shape[-1] == size:
+            return tensor[0]
+        return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=tensor.shape[-1] > size)[0]
+
+    return PreparedImage(
+        name=name,
+        images={coarse_size: resize(image, coarse_size), fine_size: resize(image, fine_size)},
+        mask=resize(mask, fine_size).clamp(0, 1),
+        crop=Crop(0, 0, fine_size, fine_size, fine_size, fine_size),
+        rgb=np.zeros((0, 0, 3), np.float32),
+        person_box=Box(0, 0, fine_size, fine_size),
+        box_source="mask",
+    )
+
+
+def _row_skeleton(item: dict, config: EvalConfig, checkpoint_id: str) -> dict:
+    row = {k: item.get(k) for k in ("key", "subject_id", "view", "pred_uri", "gt_uri", "preview_uri")}
+    row.update(icp=config.icp, num_samples=config.num_samples, checkpoint_id=checkpoint_id)
+    return row
+
+
+def _fail(row: dict, exc: BaseException) -> dict:
+    row.update(status="failed", error_class=type(exc).__name__, error_message=str(exc)[:2000])
+    return row
+
+
+def driver_failure_row(item: dict, config: EvalConfig) -> dict:
+    """The result row of an item that failed before any work (missing prediction, failed manifest row)."""
+    return _fail(_row_skeleton(item, config, ""), _named_error(item["error_class"], item["error_message"])) | {"seconds": 0.0}
+
+
+def _named_error(name: str, message: str) -> Exception:
+    """An exception whose type name is `name` (a failure found on the driver, kept by class)."""
+    known = {c.__name__: c for c in (MissingPrediction, EmptyPrediction, MissingGroundTruth, BrokenMesh)}
+    return known.get(name, type(name, (Exception,), {}))(message)
+
+
+def _safe(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._") or "item"
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ---- summary -------------------------------------------------------------------------------
+
+
+def summarize(table) -> dict:
+    """ok / failed counts, failure classes, and mean / median / n of each metric over ok rows."""
+    ok = table[table["status"] == "ok"] if len(table) else table
+    failed = table[table["status"] != "ok"] if len(table) else table
+    metrics = {}
+    for name in METRICS:
+        values = ok[name].to_numpy(dtype=float) if len(ok) else np.zeros(0)
+        values = values[np.isfinite(values)]
+        metrics[name] = {
+            "mean": float(values.mean()) if len(values) else None,
+            "median": float(np.median(values)) if len(values) else None,
+            "count": int(len(values)),
+        }
+    reasons = failed["error_class"].fillna("unknown").value_counts().to_dict() if len(failed) else {}
+    return {"pairs": int(len(table)), "ok": int(len(ok)), "failed": int(len(failed)), "metrics": metrics,
+            "failures": {str(k): int(v) for k, v in reasons.items()}}
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a plain-text table."""
+    lines = [f"{summary['pairs']} pairs: {summary['ok']} ok, {summary['failed']} failed"]
+    if "protocol" in summary:
+        lines[0] += f"  ({summary['protocol']})"
+    lines.append(f"{'metric':<22}{'mean':>10}{'median':>10}{'n':>6}")
+    for name, m in summary["metrics"].items():
+        fmt = (lambda v: f"{v:10.4f}" if v is not None else f"{'-':>10}")
+        lines.append(f"{name:<22}{fmt(m['mean'])}{fmt(m['median'])}{m['count']:>6}")
+    if summary["failures"]:
+        lines.append("failures: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["failures"].items())))
+    return "\n".join(lines)
+
+
+def protocol_line(config: EvalConfig) -> str:
+    nie = f"normal image {config.normal_image_size}px x4 yaws" if config.normal_image_size else "no normal image"
+    return (f"PIFuHD protocol: {config.num_samples} samples, P2S prediction->GT, cm, {nie}, "
+            f"ICP {'on' if config.icp else 'off'}")
+
+
+def write_results(rows: list[dict], out: str) -> tuple[str, object]:
+    """Write OUT/results.parquet (replacing an earlier one); returns (its URI, the pandas table)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = result_schema()
+    clean = []
+    for row in rows:
+        record = {name: row.get(name) for name in schema.names}
+        for name in METRICS + ("icp_rotation_deg", "icp_translation_cm", "icp_rms_cm", "seconds"):
+            value = record[name]
+            record[name] = None if value is None else float(value)
+        clean.append(record)
+    table = pa.Table.from_pylist(clean, schema=schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    uri = _storage().join(out, "results.parquet")
+    _storage().write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+    return uri, table.to_pandas()
+
+
+# ---- driver --------------------------------------------------------------------------------
+
+
+def _results_on_ray(items: list[dict], config: EvalConfig, checkpoint: str | None, checkpoint_id: str):
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus = int(resources.get("CPU", 1))
+    # Reconstruction wants the GPUs when the cluster has them; metrics and rendering run anywhere.
+    use_gpu = checkpoint is not None and resources.get("GPU", 0) > 0
+    slots = int(resources["GPU"]) if use_gpu else cpus
+    workers = max(1, min(config.workers or slots, slots, len(items)))
+    dataset = ray.data.from_items([{"item": json.dumps(i)} for i in items], override_num_blocks=max(1, min(len(items), 256)))
+    dataset = dataset.map_batches(
+        PairWorker,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+        num_cpus=1,
+        num_gpus=1 if use_gpu else 0,
+        fn_constructor_kwargs={"config": config, "checkpoint": checkpoint, "checkpoint_id": checkpoint_id, "use_gpu": use_gpu},
+    )
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False  # our own bar counts pairs
+    try:
+        for row in dataset.iter_rows():
+            yield json.loads(row["result"])
+    finally:
+        context.enable_progress_bars = bars
+
+
+def _results_in_process(items: list[dict], config: EvalConfig, checkpoint: str | None, checkpoint_id: str):
+    import torch
+
+    worker = PairWorker(config, checkpoint, checkpoint_id, threads=torch.get_num_threads())
+    for item in items:
+        yield worker.evaluate(item)
+
+
+def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool = True) -> EvalResult:
+    """Run one evaluation to completion; Ray must be initialised unless `in_process`."""
+    from tqdm import tqdm
+
+    mode = detect_mode(config.pred)
+    checkpoint, checkpoint_id = None, ""
+    if mode == "checkpoint":
+        from model.checkpoint import read_checkpoint
+        from pipelines.checkpoints import checkpoint_identity, default_checkpoint, fetch_checkpoint
+
+        try:
+            checkpoint = default_checkpoint() if config.pred in (None, "shipped") else config.pred
+        except Exception as exc:
+            raise FileNotFoundError(f"no --pred given and this installation ships no checkpoint ({exc})") from exc
+        local = fetch_checkpoint(checkpoint)
+        _, _, metadata = read_checkpoint(local)  # a bad checkpoint stops the job before any work
+        checkpoint_id, _ = checkpoint_identity(local, metadata)
+        if not is_dataset(config.gt):
+            raise FileNotFoundError(f"--gt {config.gt}: checkpoint mode needs a dataset (pifuhd data synth|scans output)")
+        items, unmatched = checkpoint_items(config.gt, config.split), 0
+    else:
+        truth = ground_truth_meshes(config.gt, config.split)
+        if not truth:
+            raise FileNotFoundError(f"--gt {config.gt}: no ground-truth meshes ({', '.join(MESH_SUFFIXES)})")
+        items, unmatched = (manifest_items if mode == "manifest" else folder_items)(config.pred, truth)
+    if config.limit is not None:
+        items = items[: config.limit]
+    if unmatched:
+        log.warning("%d predictions have no ground truth and are not evaluated", unmatched)
+
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    # Failures known on the driver need no worker (and no network loaded for them).
+    rows = [driver_failure_row(i, config) for i in items if i["kind"] == "failed"]
+    todo = [i for i in items if i["kind"] != "failed"]
+    if todo:
+        results = (_results_in_process if in_process else _results_on_ray)(todo, config, checkpoint, checkpoint_id)
+        with tqdm(total=len(todo), desc="evaluate", unit="pair", disable=not progress) as bar:
+            for row in results:
+                rows.append(row)
+                bar.update(1)
+    now = datetime.now(timezone.utc)
+    for row in rows:
+        row.update(run_id=run_id, mode=mode, finished_at=now)
+    rows.sort(key=lambda r: r["key"])
+    results_uri, table = write_results(rows, config.out)
+    summary = summarize(table) | {"mode": mode, "protocol": protocol_line(config), "unmatched_predictions": unmatched,
+                                  "run_id": run_id, "config": asdict(config), "checkpoint_id": checkpoint_id}
+    _storage().write_bytes_atomic(_storage().join(config.out, "summary.json"),
+                                  json.dumps(summary, indent=2, default=_json_default).encode())
+    return EvalResult(mode=mode, results_uri=results_uri, summary=summary, table=table)
+
+
+# ---- command line --------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from model.errors import PifuhdError
+    from pipelines.ray_runtime import connect_ray
+
+    try:
+        config = EvalConfig(
+            pred=args.pred, gt=args.gt, out=args.output, split=args.split, icp=args.icp, num_samples=args.num_samples,
+            resolution=args.resolution, scale=args.scale, normal_image_size=args.normal_image_size, seed=args.seed,
+            limit=args.limit, workers=args.workers, address=args.address,
+        )
+        if not args.in_process:
+            connect_ray(args.address)
+        result = run_evaluation(config, in_process=args.in_process, progress=not args.quiet)
+    except (FileNotFoundError, ValueError, PifuhdError) as exc:
+        print(f"pifuhd evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"mode: {result.mode}; results: {result.results_uri}")
+    print(result.line())
+    if result.summary["unmatched_predictions"]:
+        print(f"{result.summary['unmatched_predictions']} predictions without a ground truth were not evaluated")
+    return 1 if args.fail_on_error and result.summary["failed"] else 0
+
+
+def register_cli(subparsers) -> argparse.ArgumentParser:
+    """Add `evaluate` to an argparse subparsers object (pipelines/cli.py)."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="Chamfer, P2S, normal and F-score metrics against ground-truth meshes (Ray Data)",
+        description="Evaluate reconstructions against ground truth with the PIFuHD protocol (cm; see "
+        "pipelines/evaluate.py). --pred CHECKPOINT with --gt DATASET reconstructs every view of the --split "
+        "subjects (default: the test split); --pred MESH_DIR or a bulk output folder with --gt MESH_DIR (or a "
+        "dataset) pairs meshes by file-name stem. Writes OUT/results.parquet and OUT/summary.json.",
+    )
+    parser.add_argument("--pred", help="checkpoint (.safetensors/.pt, local or s3://; default: the shipped model), "
+                        "a folder of meshes, or a `pifuhd reconstruct` output folder")
+    parser.add_argument("--gt", required=True, help="dataset URI (pifuhd data output) or a folder of meshes")
+    parser.add_argument("-o", "--output", required=True, help="output folder or s3:// prefix")
+    parser.add_argument("--split", default="test", help="dataset split to evaluate: test (default), val, train or all")
+    parser.add_argument("--icp", action="store_true", help="align each prediction to its truth by rigid ICP first")
+    parser.add_argument("--num-samples", type=int, default=10_000, help="surface samples per mesh (default 10000)")
+    parser.add_argument("--resolution", type=int, default=256, help="checkpoint mode: grid cells per axis (32 x 2^k)")
+    parser.add_argument("--scale", type=float, default=1.0, help="mesh folders: multiply coordinates by this to get cm")
+    parser.add_argument("--normal-image-size", type=int, default=512, help="normal-image render size; 0 skips it")
+    parser.add_argument("--seed", type=int, default=0, help="surface sampling seed")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
+    parser.add_argument("--workers", type=int, help="evaluation actors (default: one per CPU)")
+    parser.add_argument("--address", help="Ray cluster address (default: a private local instance)")
+    parser.add_argument("--in-process", action="store_true", help="evaluate in this process, without Ray")
+    parser.add_argument("--fail-on-error", action="store_true", help="exit 1 if any pair failed")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.evaluate ...`, the same as `pifuhd evaluate ...`."""
+    parser = argparse.ArgumentParser(prog="pifuhd")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["evaluate", *(argv if argv is not None else sys.argv[1:])])
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
