@@ -415,15 +415,3 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     _add_address(stop)
     stop.add_argument("--wait", action="store_true", help="return once the job has stopped")
     stop.set_defaults(handler=lambda a: _run(_cmd_stop, a))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m cluster.jobs ...`) until `pifuhd` wires these commands."""
-    parser = argparse.ArgumentParser(prog="pifuhd")
-    register_cli(parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

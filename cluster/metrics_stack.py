@@ -430,15 +430,3 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     stop.set_defaults(handler=lambda a: _run(_cmd_down, a))
     status = with_dir(actions.add_parser("status", help="whether the stack is running"))
     status.set_defaults(handler=lambda a: _run(_cmd_status, a))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m cluster.metrics_stack ...`) until `pifuhd` wires these commands."""
-    parser = argparse.ArgumentParser(prog="pifuhd")
-    register_cli(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

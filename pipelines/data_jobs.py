@@ -404,15 +404,3 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     _common_arguments(scans)
     scans.set_defaults(handler=_run_scans)
     return data
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipelines.data_jobs synth|scans ...`, the same as `pifuhd data ...`."""
-    parser = argparse.ArgumentParser(prog="pifuhd")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["data", *(argv if argv is not None else sys.argv[1:])])
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -814,15 +814,3 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_run)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipelines.evaluate ...`, the same as `pifuhd evaluate ...`."""
-    parser = argparse.ArgumentParser(prog="pifuhd")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["evaluate", *(argv if argv is not None else sys.argv[1:])])
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

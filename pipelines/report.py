@@ -582,15 +582,3 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--worst", type=int, default=8, help="worst evaluation cases to show with images (default 8)")
     parser.set_defaults(handler=_run)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipelines.report ...`, the same as `pifuhd report ...`."""
-    parser = argparse.ArgumentParser(prog="pifuhd")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["report", *(argv if argv is not None else sys.argv[1:])])
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

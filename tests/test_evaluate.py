@@ -12,7 +12,8 @@ import trimesh
 from scipy.spatial.transform import Rotation
 
 from model.metrics import rigid_icp
-from pipelines.evaluate import EvalConfig, main, pair_metrics, run_evaluation
+from pipelines.cli import main
+from pipelines.evaluate import EvalConfig, pair_metrics, run_evaluation
 
 
 def sphere(radius: float = 10.0, centre=(0.0, 0.0, 0.0)) -> trimesh.Trimesh:
@@ -86,7 +87,7 @@ def mesh_folders(tmp_path) -> tuple[Path, Path]:
 def test_folder_mode_counts_missing_and_broken_predictions(mesh_folders, tmp_path, capsys):
     pred, gt = mesh_folders
     out = tmp_path / "eval"
-    code = main(["--pred", str(pred), "--gt", str(gt), "-o", str(out), "--in-process", "--quiet",
+    code = main(["evaluate", "--pred", str(pred), "--gt", str(gt), "-o", str(out), "--in-process", "--quiet",
                  "--num-samples", "2000", "--normal-image-size", "128"])
     assert code == 0
     printed = capsys.readouterr().out

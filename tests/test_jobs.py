@@ -3,7 +3,6 @@ on 127.0.0.1, its own ports and temp dir, token auth on), stopped by the PIDs it
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -20,16 +19,14 @@ from pathlib import Path
 import pytest
 
 from cluster import jobs
+from pipelines import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """As `pifuhd ARGV` once cli.py registers the commands (same dest as cli.py's parser)."""
-    parser = argparse.ArgumentParser(prog="pifuhd")
-    jobs.register_cli(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    code = args.handler(args)
+    """`pifuhd ARGV`, in this process."""
+    code = cli.main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -38,8 +35,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_submit_options_may_follow_the_command():
-    parser = argparse.ArgumentParser(prog="pifuhd")
-    jobs.register_cli(parser.add_subparsers(dest="command", required=True))
+    parser = cli.build_parser()
     argv = ["submit", "train", "--stage", "coarse", "--address", "http://h:8265", "--data", "s3://b/d", "--no-follow"]
     args, remote = jobs._split_submit_args(parser.parse_args(argv))
     assert (args.remote_command, remote) == ("train", ["--stage", "coarse", "--data", "s3://b/d"])

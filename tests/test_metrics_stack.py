@@ -5,7 +5,6 @@ are read back through Prometheus's query API, along with every dashboard express
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -21,6 +20,7 @@ import urllib.request
 import pytest
 
 from cluster import metrics_stack
+from pipelines import cli
 from cluster.metrics_stack import PROJECT_METRICS, RAY_METRICS, StackConfig, series_names
 
 DASHBOARDS = sorted(metrics_stack.GRAFANA_DIR.glob("*.json"))
@@ -153,11 +153,8 @@ def test_prometheus_config_renders(tmp_path):
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    """As `pifuhd ARGV` once cli.py registers the metrics commands."""
-    parser = argparse.ArgumentParser(prog="pifuhd")
-    metrics_stack.register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code = args.handler(args)
+    """`pifuhd ARGV`, in this process."""
+    code = cli.main(argv)
     out = capsys.readouterr()
     return code, out.out + out.err
 

@@ -1,0 +1,45 @@
+"""The model shipped in the repository: loads, is the default, and reconstructs a person."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import model
+from model.preprocess import prepare_image_file
+from model.reconstruct import ReconstructionConfig, reconstruct
+from pipelines.checkpoints import SHIPPED_CHECKPOINT, default_checkpoint
+
+EXAMPLE = SHIPPED_CHECKPOINT.parents[2] / "examples" / "synthetic_person.png"  # a held-out test view
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return model.load_checkpoint(default_checkpoint())
+
+
+def test_shipped_checkpoint_is_small_and_documented(shipped):
+    assert SHIPPED_CHECKPOINT.stat().st_size < 40 * 2**20
+    meta = shipped.checkpoint_metadata
+    assert meta["preset"] == "small" and [s["stage"] for s in meta["stages"]] == ["normal", "coarse", "fine"]
+    assert "train_small.sh" in meta["recipe"]
+    assert all(s["steps"] > 0 for s in meta["stages"])
+
+
+def test_example_photo_becomes_a_person_shaped_mesh(shipped):
+    prepared = prepare_image_file(EXAMPLE, sizes=(shipped.config.coarse_size, shipped.config.fine_size))
+    result = reconstruct(shipped, prepared, ReconstructionConfig(resolution=128))
+    assert len(result.mesh.faces) > 1000
+    # Project the mesh (pixel frame, y up) onto the photo and compare with the person's alpha.
+    alpha = np.asarray(Image.open(EXAMPLE))[..., 3] > 127
+    height, width = alpha.shape
+    x = np.clip(result.mesh.vertices[:, 0].astype(int), 0, width - 1)
+    y = np.clip((height - result.mesh.vertices[:, 1]).astype(int), 0, height - 1)
+    # Vertices are sparse on a pixel grid: compare bounding boxes and the share of vertices on the person.
+    on_person = alpha[y, x].mean()
+    rows, cols = np.nonzero(alpha)
+    assert on_person > 0.8, on_person
+    extent = result.mesh.bounds[1, :2] - result.mesh.bounds[0, :2]
+    assert 0.6 < extent[1] / (rows.max() - rows.min()) < 1.4  # as tall as the person
+    assert extent[1] > 1.5 * extent[0]  # taller than wide, like a standing person
