@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.ndimage import binary_dilation
 
 import model
 from model.preprocess import prepare_image_file
@@ -36,8 +37,8 @@ def test_example_photo_becomes_a_person_shaped_mesh(shipped):
     height, width = alpha.shape
     x = np.clip(result.mesh.vertices[:, 0].astype(int), 0, width - 1)
     y = np.clip((height - result.mesh.vertices[:, 1]).astype(int), 0, height - 1)
-    # Vertices are sparse on a pixel grid: compare bounding boxes and the share of vertices on the person.
-    on_person = alpha[y, x].mean()
+    # Most vertices sit on the silhouette's rim: allow them a few pixels (1 % of the image) of slack.
+    on_person = binary_dilation(alpha, iterations=5)[y, x].mean()
     rows, cols = np.nonzero(alpha)
     assert on_person > 0.8, on_person
     extent = result.mesh.bounds[1, :2] - result.mesh.bounds[0, :2]
