@@ -109,3 +109,15 @@ def test_local_command_in_process(tmp_path):
     assert "broken.png" in result.stdout and "InputError" in result.stdout
     meshes = sorted((tmp_path / "out" / "meshes").glob("*.ply"))
     assert len(meshes) == 2 and all(len(trimesh.load(m).vertices) > 0 for m in meshes)
+
+
+def test_bf16_precision_gives_nearly_the_same_mesh(tmp_path):
+    path = person_image(tmp_path / "p.png")
+    prepared = prepare_image_file(path, sizes=(128, 256))
+    net = tiny_network()
+    full = reconstruct(net, prepared, ReconstructionConfig(resolution=64))
+    half = reconstruct(net, prepared, ReconstructionConfig(resolution=64, precision="bf16"))
+    assert abs(len(half.mesh.faces) - len(full.mesh.faces)) < 0.1 * len(full.mesh.faces)
+    assert np.allclose(half.mesh.bounds, full.mesh.bounds, atol=0.05 * np.ptp(full.mesh.bounds))
+    with pytest.raises(ValueError, match="precision"):
+        ReconstructionConfig(precision="fp8")
