@@ -33,7 +33,7 @@ def stage_means(output: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--checkpoint", default=None)
     args = parser.parse_args()
