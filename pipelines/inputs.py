@@ -73,7 +73,8 @@ def _list_single(spec: str) -> list[InputItem]:
     fs, path = filesystem(spec)
     folder = posixpath.dirname(path)
     siblings = {full_uri(fs, p) for p in fs.ls(folder, detail=False)} if folder else set()
-    return [_with_sidecars(spec, posixpath.basename(path), siblings)]
+    # The canonical URI (absolute for local paths), so it matches the listed siblings.
+    return [_with_sidecars(full_uri(fs, path), posixpath.basename(path), siblings)]
 
 
 def _list_uris(uris: list[str], source: str) -> list[InputItem]:
@@ -85,7 +86,7 @@ def _list_uris(uris: list[str], source: str) -> list[InputItem]:
             siblings = {full_uri(fs, p) for p in fs.ls(posixpath.dirname(path), detail=False)}
         except (FileNotFoundError, OSError):
             siblings = set()
-        items.append(_with_sidecars(uri, posixpath.basename(path) or uri, siblings))
+        items.append(_with_sidecars(full_uri(fs, path), posixpath.basename(path) or uri, siblings))
     if not items:
         raise InputError(f"{source}: lists no inputs")
     return items

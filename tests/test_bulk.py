@@ -177,3 +177,17 @@ def test_metrics_reach_a_real_prometheus(tmp_path, checkpoint):
         assert {s["metric"]["stage"] for s in stages} >= {"encode", "surface", "mesh", "write"}
     finally:
         metrics_stack.down(stack.directory)
+
+
+def test_single_files_and_lists_find_their_sidecars(tmp_path, monkeypatch):
+    from pipelines.inputs import list_inputs
+
+    person_image(tmp_path / "a.png", mode="RGB")
+    (tmp_path / "a_rect.txt").write_text("60 10 180 430")
+    (tmp_path / "list.txt").write_text("a.png\n")
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    for spec in ("a.png", str(tmp_path / "a.png")):
+        [item] = list_inputs([spec])
+        assert item.rect_uri == str(tmp_path / "a_rect.txt") and item.uri == str(tmp_path / "a.png")
+    [listed] = list_inputs(["list.txt"])
+    assert listed.rect_uri == str(tmp_path / "a_rect.txt")
