@@ -594,6 +594,14 @@ def _cut_square(plane: np.ndarray | None, crop: Crop, fill: float) -> np.ndarray
     return canvas
 
 
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, L, L) images -> (B, C, size, size): bilinear, pixel-area aligned
+    (align_corners=False), antialiased when shrinking; unchanged when already that size."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=images.shape[-1] > size)
+
+
 def _resize(canvas: np.ndarray, size: int) -> torch.Tensor:
     """(L, L) -> (size, size), bilinear, antialiased when shrinking.
 

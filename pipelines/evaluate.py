@@ -65,6 +65,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from pipelines import storage
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
@@ -178,19 +180,13 @@ def result_schema():
 # ---- what to compare -----------------------------------------------------------------------
 
 
-def _storage():
-    from pipelines import storage
-
-    return storage
-
-
 def _is_dir(uri: str) -> bool:
-    fs, path = _storage().filesystem(uri)
+    fs, path = storage.filesystem(uri)
     return fs.isdir(path)
 
 
 def _exists(uri: str) -> bool:
-    fs, path = _storage().filesystem(uri)
+    fs, path = storage.filesystem(uri)
     return fs.exists(path)
 
 
@@ -202,14 +198,14 @@ def detect_mode(pred: str | None) -> str:
         return "checkpoint"
     if not _is_dir(pred):
         raise FileNotFoundError(f"--pred {pred}: not a checkpoint file, a mesh folder or a bulk output folder")
-    if _is_dir(_storage().join(pred, "manifest")):
+    if _is_dir(storage.join(pred, "manifest")):
         return "manifest"
     return "folder"
 
 
 def is_dataset(uri: str) -> bool:
     """Whether `uri` is a dataset root (`pifuhd data ...` output) rather than a folder of meshes."""
-    join = _storage().join
+    join = storage.join
     return _exists(join(uri, "dataset.json")) or _is_dir(join(uri, "shards"))
 
 
@@ -220,7 +216,6 @@ def _stem(uri: str) -> str:
 
 def list_meshes(folder: str) -> dict[str, str]:
     """stem -> mesh URI of every mesh file under `folder` (recursive; first of duplicate stems)."""
-    storage = _storage()
     fs, path = storage.filesystem(folder)
     if not fs.isdir(path):
         raise FileNotFoundError(f"{folder}: no such folder")
@@ -244,7 +239,7 @@ def ground_truth_meshes(gt: str, split: str) -> dict[str, str]:
         return list_meshes(gt)
     from pipelines.dataset import read_card
 
-    meshes = list_meshes(_storage().join(gt, "meshes"))
+    meshes = list_meshes(storage.join(gt, "meshes"))
     card = read_card(gt) or {}
     subjects = card.get("splits", {}).get("subjects", {})
     if split == "all" or not subjects:
@@ -349,7 +344,7 @@ def load_mesh(uri: str):
     """A mesh file (any trimesh format, local or URI) as one trimesh.Trimesh, unprocessed."""
     import trimesh
 
-    fs, path = _storage().filesystem(uri)
+    fs, path = storage.filesystem(uri)
     try:
         data = fs.cat_file(path)
     except FileNotFoundError as exc:
@@ -463,7 +458,6 @@ class PairWorker:
 
     def evaluate(self, item: dict) -> dict:
         """One item -> one result row (a dict of RESULT_SCHEMA fields); never raises."""
-        storage = _storage()
         start = time.perf_counter()
         row = _row_skeleton(item, self.config, self.checkpoint_id)
         try:
@@ -495,7 +489,6 @@ class PairWorker:
         from model.reconstruct import ReconstructionConfig, reconstruct
         from model.preview import preview_image
 
-        storage = _storage()
         view = read_view(item["shard"], item["row"])
         try:
             truth = load_mesh(item["gt_uri"])
@@ -550,22 +543,15 @@ def prepared_view(image: np.ndarray, mask: np.ndarray, coarse_size: int, fine_si
     is the identity on an S x S image (S = fine_size): mesh_world is in the view frame.
     """
     import torch
-    import torch.nn.functional as F
 
-    from model.preprocess import Box, Crop, PreparedImage
+    from model.preprocess import Box, Crop, PreparedImage, resize_square
 
     image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
-
-    def resize(tensor: torch.Tensor, size: int) -> torch.Tensor:
-        if tensor.shape[-1] == size:
-            return tensor[0]
-        return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=tensor.shape[-1] > size)[0]
-
     return PreparedImage(
         name=name,
-        images={coarse_size: resize(image, coarse_size), fine_size: resize(image, fine_size)},
-        mask=resize(mask, fine_size).clamp(0, 1),
+        images={size: resize_square(image, size)[0] for size in (coarse_size, fine_size)},
+        mask=resize_square(mask, fine_size)[0].clamp(0, 1),
         crop=Crop(0, 0, fine_size, fine_size, fine_size, fine_size),
         rgb=np.zeros((0, 0, 3), np.float32),
         person_box=Box(0, 0, fine_size, fine_size),
@@ -664,8 +650,8 @@ def write_results(rows: list[dict], out: str) -> tuple[str, object]:
     table = pa.Table.from_pylist(clean, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    uri = _storage().join(out, "results.parquet")
-    _storage().write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+    uri = storage.join(out, "results.parquet")
+    storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
     return uri, table.to_pandas()
 
 
@@ -754,7 +740,7 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
     results_uri, table = write_results(rows, config.out)
     summary = summarize(table) | {"mode": mode, "protocol": protocol_line(config), "unmatched_predictions": unmatched,
                                   "run_id": run_id, "config": asdict(config), "checkpoint_id": checkpoint_id}
-    _storage().write_bytes_atomic(_storage().join(config.out, "summary.json"),
+    storage.write_bytes_atomic(storage.join(config.out, "summary.json"),
                                   json.dumps(summary, indent=2, default=_json_default).encode())
     return EvalResult(mode=mode, results_uri=results_uri, summary=summary, table=table)
 

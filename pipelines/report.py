@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from pipelines import storage
+
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "prepare", "encode", "surface", "mesh", "write")
@@ -65,12 +67,6 @@ class Page:
 # ---- inputs --------------------------------------------------------------------------------
 
 
-def _storage():
-    from pipelines import storage
-
-    return storage
-
-
 def _kind_of_table(columns) -> str | None:
     columns = set(columns)
     if {"input_uri", "seconds_read"} <= columns:
@@ -90,7 +86,6 @@ def load_sources(uri: str) -> list[Source]:
     from pipelines.bulk import read_manifest
     from pipelines.train import read_metrics
 
-    storage = _storage()
     fs, path = storage.filesystem(uri)
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     if not fs.exists(path):
@@ -129,7 +124,7 @@ def image_data_uri(uri: str | None, max_width: int) -> str | None:
     from PIL import Image
 
     try:
-        fs, path = _storage().filesystem(uri)
+        fs, path = storage.filesystem(uri)
         image = Image.open(io.BytesIO(fs.cat_file(path)))
         image.load()
     except Exception as exc:  # noqa: BLE001 - a missing preview is shown as missing, not fatal
@@ -548,7 +543,7 @@ def make_report(config: ReportConfig) -> dict:
     """Read every input, write the page to `config.output`; returns {"output", "svg", "img", "sources"}."""
     sources = [s for uri in config.inputs for s in load_sources(uri)]
     document, counts = build_report(sources, config)
-    _storage().write_bytes_atomic(config.output, document.encode("utf-8"))
+    storage.write_bytes_atomic(config.output, document.encode("utf-8"))
     return {"output": config.output, **counts, "sources": [(s.kind, s.uri) for s in sources]}
 
 

@@ -34,6 +34,7 @@ import model
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.losses import VGG19Features, normal_map_loss, weighted_occupancy_bce
 from model.pifuhd import PIFuHD
+from model.preprocess import resize_square
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +95,14 @@ class TrainConfig:
 # ---- batches ------------------------------------------------------------------------------
 
 
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=images.shape[-1] > size)
-
-
 def stage_inputs(batch: dict, config: model.PIFuHDConfig) -> dict:
     """Images and normal maps of a decoded batch at the network's coarse and fine sizes."""
     stored = max(int(k.split("_")[1]) for k in batch if k.startswith("image_"))
     image, front, back = batch[f"image_{stored}"], batch[f"normal_front_{stored}"], batch[f"normal_back_{stored}"]
     return {
-        "coarse": _resize(image, config.coarse_size),
-        "fine": _resize(image, config.fine_size),
-        "normals": (_resize(front, config.coarse_size), _resize(back, config.coarse_size)),
+        "coarse": resize_square(image, config.coarse_size),
+        "fine": resize_square(image, config.fine_size),
+        "normals": (resize_square(front, config.coarse_size), resize_square(back, config.coarse_size)),
     }
 
 
