@@ -3,10 +3,12 @@ plain PyTorch loop on the same data and stage.
 
     .venv/bin/python benchmarks/train.py --data DATASET [--stage coarse] [--preset small] [--steps 40]
 
-Per-step times leave out start-up on both sides: the plain loop times steps after a warm-up;
-for Ray Train the run reports at a warm-up step and at the last step, and the benchmark takes
-the difference of the worker's own clocks (data loading included). Target: Ray Train's per-step
-overhead under 10 % with one worker.
+Per-step times leave out start-up on both sides and include data loading: the plain loop
+times blocks of REPORT steps after a warm-up; Ray Train reports every REPORT steps and the
+benchmark differences the worker's own clocks. Each figure is the median block, and the plain
+loop and one-worker Ray Train alternate `--repeats` times: this 2-core machine drifts by
++-8 % between runs, more than the effect being measured. Target: Ray Train's per-step overhead
+under 10 % with one worker.
 """
 
 from __future__ import annotations
@@ -23,18 +25,25 @@ from pipelines.ray_runtime import connect_ray
 from pipelines.train import TrainConfig, _optimizer, build_stage, initial_network, read_metrics, run_training
 
 
+REPORT = 5  # steps per timed block
+
+
 def plain_loop(config: TrainConfig, warmup: int, steps: int) -> float:
-    """Seconds per step of the stage module fed by the plain iterator (decode included)."""
+    """Median seconds per step over blocks of REPORT steps, the stage module fed by the plain
+    iterator (decode included)."""
     torch.set_num_threads(2)
     net = initial_network(config)
     stage = build_stage(net, config)
     optimizer = _optimizer([p for p in stage.parameters() if p.requires_grad], config)
     generator = torch.Generator().manual_seed(0)
     samples = iter_samples(config.data, "train")
-    start = None
+    blocks, start = [], time.perf_counter()
     for step in range(warmup + steps):
-        if step == warmup:
-            start = time.perf_counter()
+        if step >= warmup and (step - warmup) % REPORT == 0:
+            now = time.perf_counter()
+            if step > warmup:
+                blocks.append((now - start) / REPORT)
+            start = now
         rows = [next(samples) for _ in range(config.batch_size)]
         batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k, v in rows[0].items()
                  if isinstance(v, np.ndarray) and v.dtype != object}
@@ -42,15 +51,16 @@ def plain_loop(config: TrainConfig, warmup: int, steps: int) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return (time.perf_counter() - start) / steps
+    blocks.append((time.perf_counter() - start) / REPORT)
+    return float(np.median(blocks))
 
 
 def ray_train(config: TrainConfig, warmup: int) -> float:
-    """Seconds per step inside Ray Train workers between the warm-up report and the last one."""
+    """Median seconds per step inside the Ray Train workers over the report intervals after warm-up."""
     run_training(config)
     metrics = read_metrics(f"{config.out}/{config.run_name}").sort_values("step")
-    first, last = metrics.iloc[0], metrics.iloc[-1]
-    return (last["seconds"] - first["seconds"]) / (last["step"] - first["step"])
+    metrics = metrics[metrics["step"] >= warmup]
+    return float(np.median(np.diff(metrics["seconds"]) / np.diff(metrics["step"])))
 
 
 def main() -> None:
@@ -62,24 +72,34 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--points", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    if args.warmup % REPORT or args.steps % REPORT:
+        parser.error(f"--warmup and --steps must be multiples of {REPORT}")
 
     with tempfile.TemporaryDirectory() as out:
-        def config(workers: int, threads: int) -> TrainConfig:
-            return TrainConfig(stage=args.stage, data=args.data, out=out, name=f"bench-{workers}", preset=args.preset,
+        def config(workers: int, threads: int, repeat: int = 0) -> TrainConfig:
+            return TrainConfig(stage=args.stage, data=args.data, out=out, name=f"bench-{workers}-{repeat}", preset=args.preset,
                                steps=args.warmup + args.steps, batch_size=args.batch_size,
                                points_per_sample=args.points, workers=workers, threads_per_worker=threads,
                                cpus_per_worker=0.5 if workers > 1 else 1.0, checkpoint_every=10_000,
-                               validate_every=args.warmup, val_samples=0, optimizer="adam")
+                               validate_every=REPORT, val_samples=0, optimizer="adam")
 
-        plain = plain_loop(config(1, 2), args.warmup, args.steps)
-        connect_ray(None)
-        one = ray_train(config(1, 2), args.warmup)
-        two = ray_train(config(2, 1), args.warmup)
+        plains, ones = [], []
+        for repeat in range(args.repeats):
+            # Ray is shut down around each plain run, so its daemons do not tax the baseline.
+            plains.append(plain_loop(config(1, 2), args.warmup, args.steps))
+            ray = connect_ray(None)
+            ones.append(ray_train(config(1, 2, repeat), args.warmup))
+            if repeat == args.repeats - 1:
+                two = ray_train(config(2, 1), args.warmup)
+            ray.shutdown()
+        plain, one = float(np.median(plains)), float(np.median(ones))
 
     per_sample_points = args.points
     print(f"stage {args.stage}, preset {args.preset}, batch {args.batch_size} per worker, {args.points} points per sample, "
-          f"{args.steps} timed steps")
+          f"{args.steps} timed steps, median {REPORT}-step block of {args.repeats} alternating runs")
+    print(f"  runs, s/step: plain {' '.join(f'{t:.3f}' for t in plains)}; Ray Train 1 worker {' '.join(f'{t:.3f}' for t in ones)}")
     for name, seconds, workers in (("plain loop", plain, 1), ("Ray Train, 1 worker", one, 1), ("Ray Train, 2 workers", two, 2)):
         samples = args.batch_size / seconds
         print(f"  {name:<22} {seconds:.2f} s/step; per worker {samples:.2f} samples/s, {samples * per_sample_points:,.0f} points/s;"
