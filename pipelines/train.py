@@ -39,6 +39,12 @@ from model.preprocess import resize_square
 log = logging.getLogger(__name__)
 
 STAGES = ("normal", "coarse", "fine")
+# The submodules of PIFuHD that each stage trains; everything else is frozen in that stage.
+TRAINED_PARTS = {
+    "normal": ("netG.netF", "netG.netB"),
+    "coarse": ("netG.image_filter", "netG.mlp"),
+    "fine": ("image_filter", "mlp"),
+}
 
 
 @dataclass(frozen=True)
@@ -203,15 +209,12 @@ def build_stage(net: PIFuHD, config: TrainConfig) -> nn.Module:
     if config.stage == "normal":
         vgg = VGG19Features.from_file(config.vgg_weights) if config.vgg_weights else None
         stage = NormalStage(net, vgg)
-        trainable = [net.netG.netF, net.netG.netB]
     elif config.stage == "coarse":
         stage = CoarseStage(net, config.points_per_sample, config.use_predicted_normals)
-        trainable = [net.netG.image_filter, net.netG.mlp]
     else:
         stage = FineStage(net, config.points_per_sample)
-        trainable = [net.image_filter, net.mlp]
-    for part in trainable:
-        part.requires_grad_(True).train()
+    for name in TRAINED_PARTS[config.stage]:
+        net.get_submodule(name).requires_grad_(True).train()
     # Unused conv-block norms stay frozen (see model.hourglass.ConvBlock).
     for module in net.modules():
         if getattr(module, "downsample", "absent") is None:
@@ -522,24 +525,29 @@ def describe(result: TrainResult) -> str:
 
 
 def package_model(run_uris: list[str], output: str, recipe: str = "", half: bool = True) -> str:
-    """Ship the last run's model with the history of every stage in its metadata.
+    """One model from the runs of the stages, with every stage's history in its metadata.
 
-    run_uris: run folders (OUT/NAME) in stage order; the last one holds the final weights.
+    run_uris: run folders (OUT/NAME) in stage order. The last run's model is the base, and each
+    run contributes the parts its stage trained (TRAINED_PARTS), so a normal stage trained
+    further after the coarse one started still ships its latest weights.
     The metadata lists, per stage, its steps, data, training config and last validation metrics.
     """
     from pipelines.checkpoints import fetch_checkpoint
     from pipelines.storage import join, write_bytes_atomic
 
+    net = load_checkpoint(fetch_checkpoint(join(run_uris[-1], "model.safetensors")))
     stages = []
     for run in run_uris:
-        meta = load_checkpoint(fetch_checkpoint(join(run, "model.safetensors"))).checkpoint_metadata
+        trained = load_checkpoint(fetch_checkpoint(join(run, "model.safetensors")))
+        meta = trained.checkpoint_metadata
+        for name in TRAINED_PARTS.get(meta.get("stage"), ()):
+            net.get_submodule(name).load_state_dict(trained.get_submodule(name).state_dict())
         metrics = read_metrics(run)
         validated = metrics.dropna(axis=1, how="all")
         last_val = {k: float(v) for k, v in validated.iloc[-1].items() if str(k).startswith("val_")} if len(validated) else {}
         stages.append({"stage": meta.get("stage"), "steps": meta.get("steps"), "training_data": meta.get("training_data"),
                        "train_config": meta.get("train_config"), "validation": last_val,
                        "history": metrics.to_dict("records")})
-    net = load_checkpoint(fetch_checkpoint(join(run_uris[-1], "model.safetensors")))
     metadata = {"preset": stages[-1]["train_config"]["preset"] if stages[-1]["train_config"] else None,
                 "version": time.strftime("%Y.%m.%d"), "recipe": recipe, "stages": stages}
     with tempfile.TemporaryDirectory() as directory:

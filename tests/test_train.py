@@ -8,6 +8,7 @@ import torch
 
 import model
 from pipelines.train import (
+    TRAINED_PARTS,
     TrainConfig,
     build_stage,
     initial_network,
@@ -58,8 +59,7 @@ def test_loss_falls_on_a_fixed_batch(tiny_dataset, stage):
         losses.append(loss.item())
     # Deterministic batch, points and window: any steady fall is learning, not noise.
     assert np.mean(losses[-3:]) < 0.97 * np.mean(losses[:3]), losses
-    prefixes = {"normal": ("netG.netF.", "netG.netB."), "coarse": ("netG.image_filter.", "netG.mlp."),
-                "fine": ("image_filter.", "mlp.")}[stage]
+    prefixes = tuple(f"{name}." for name in TRAINED_PARTS[stage])
     for key, value in net.state_dict().items():
         changed = not torch.equal(value, frozen_before[key])
         if not key.startswith(prefixes):
@@ -107,6 +107,24 @@ def test_checkpoints_on_s3_resume_exactly(ray_local, s3_bucket, tiny_dataset):
     stage = net.checkpoint_metadata["stages"][0]
     assert stage["steps"] == 6 and "val_point_iou" in stage["validation"] and len(stage["history"]) == 3
     assert net.checkpoint_metadata["recipe"] == "test"
+
+
+def test_package_takes_each_stage_from_its_own_run(tmp_path):
+    from model.checkpoint import save_checkpoint
+
+    runs = []
+    for seed, stage in ((1, "normal"), (2, "coarse")):
+        torch.manual_seed(seed)
+        net = model.PIFuHD.from_config(model.preset("tiny"))
+        save_checkpoint(net, tmp_path / stage / "model.safetensors", metadata={"stage": stage})
+        runs.append(net.state_dict())
+    shipped = model.load_checkpoint(package_model([str(tmp_path / "normal"), str(tmp_path / "coarse")],
+                                                  str(tmp_path / "shipped.safetensors"), half=False)).state_dict()
+    normal, coarse = runs
+    for key, value in shipped.items():
+        source = normal if key.startswith(tuple(f"{n}." for n in TRAINED_PARTS["normal"])) else coarse
+        assert torch.equal(value, source[key]), key
+    assert not torch.equal(normal["netG.netF.model.1.weight"], coarse["netG.netF.model.1.weight"])
 
 
 def test_injected_worker_failure_recovers_from_last_checkpoint(ray_local, tmp_path, tiny_dataset):
