@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
-from pipelines.dataset import iter_samples
+from pipelines.dataset import iter_batches
 from pipelines.ray_runtime import connect_ray
-from pipelines.train import TrainConfig, _optimizer, build_stage, initial_network, read_metrics, run_training
+from pipelines.train import TrainConfig, _optimizer, build_stage, initial_network, read_metrics, run_training, to_tensors
 
 
 REPORT = 5  # steps per timed block
@@ -36,7 +36,7 @@ def plain_loop(config: TrainConfig, warmup: int, steps: int) -> float:
     stage = build_stage(net, config)
     optimizer = _optimizer([p for p in stage.parameters() if p.requires_grad], config)
     generator = torch.Generator().manual_seed(0)
-    samples = iter_samples(config.data, "train")
+    batches = iter_batches(config.data, "train", config.batch_size)
     blocks, start = [], time.perf_counter()
     for step in range(warmup + steps):
         if step >= warmup and (step - warmup) % REPORT == 0:
@@ -44,9 +44,7 @@ def plain_loop(config: TrainConfig, warmup: int, steps: int) -> float:
             if step > warmup:
                 blocks.append((now - start) / REPORT)
             start = now
-        rows = [next(samples) for _ in range(config.batch_size)]
-        batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k, v in rows[0].items()
-                 if isinstance(v, np.ndarray) and v.dtype != object}
+        batch = to_tensors(next(batches), torch.device("cpu"))
         loss, _ = stage(batch, generator)
         optimizer.zero_grad()
         loss.backward()

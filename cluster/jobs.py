@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -70,6 +71,15 @@ EXIT_STOPPED = 3
 
 class ClusterError(Exception):
     """The Ray dashboard could not be reached or refused a request; the message says which."""
+
+
+@contextlib.contextmanager
+def _job_client_errors():
+    """The job client's RuntimeErrors (unknown job id, a refused request) as ClusterError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise ClusterError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -299,10 +309,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _follow_to_exit(client: "JobSubmissionClient", job_id: str) -> int:
-    try:
+    with _job_client_errors():
         client.get_job_info(job_id)  # an unknown id fails here, not inside the log stream
-    except RuntimeError as exc:
-        raise ClusterError(str(exc)) from exc
     try:
         status = follow(client, job_id)
     except KeyboardInterrupt:
@@ -342,29 +350,23 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     client = connect(args.address)
     if args.follow:
         return _follow_to_exit(client, args.job_id)
-    try:
+    with _job_client_errors():
         sys.stdout.write(client.get_job_logs(args.job_id))
-    except RuntimeError as exc:
-        raise ClusterError(str(exc)) from exc
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     client = connect(args.address)
-    try:
+    with _job_client_errors():
         info = client.get_job_info(args.job_id)
-    except RuntimeError as exc:
-        raise ClusterError(str(exc)) from exc
     print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
     return 0
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
     client = connect(args.address)
-    try:
+    with _job_client_errors():
         stopped = client.stop_job(args.job_id)
-    except RuntimeError as exc:
-        raise ClusterError(str(exc)) from exc
     if not stopped:
         print(f"{args.job_id} had already ended: {client.get_job_status(args.job_id).value}")
         return 0

@@ -370,13 +370,26 @@ def open_dataset(uri: str, split: str = "train", batch_size: int = 8) -> "ray.da
     return open_shards(uri, split).map_batches(decode_table, batch_format="pyarrow", batch_size=batch_size)
 
 
-def iter_samples(uri: str, split: str = "train", rows_per_batch: int = 16) -> Iterator[dict]:
-    """Plain-Python iterator over decoded samples (one dict per row, shapes without the batch axis)."""
+def iter_batches(uri: str, split: str = "train", batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
+    """Plain-Python iterator over decoded batches of `batch_size` rows (see `decode_table`), in
+    shard order across shard boundaries; only the last batch may be smaller."""
     fsys, _ = filesystem(uri)
+    pending: list[pa.RecordBatch] = []
     for path in list_shards(uri, split):
         with fsys.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
-            for batch in parquet.iter_batches(batch_size=rows_per_batch):
-                decoded = decode_table(pa.Table.from_batches([batch]))
-                for i in range(batch.num_rows):
-                    yield {k: v[i] for k, v in decoded.items()}
+            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+                pending.append(record_batch)
+                table = pa.Table.from_batches(pending)
+                while len(table) >= batch_size:
+                    yield decode_table(table.slice(0, batch_size))
+                    table = table.slice(batch_size)
+                pending = table.to_batches()
+    if pending and sum(b.num_rows for b in pending):
+        yield decode_table(pa.Table.from_batches(pending))
+
+
+def iter_samples(uri: str, split: str = "train", rows_per_batch: int = 16) -> Iterator[dict]:
+    """Plain-Python iterator over decoded samples (one dict per row, shapes without the batch axis)."""
+    for decoded in iter_batches(uri, split, rows_per_batch):
+        for i in range(len(decoded["view"])):
+            yield {k: v[i] for k, v in decoded.items()}

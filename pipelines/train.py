@@ -280,34 +280,26 @@ def _load_validation(config: TrainConfig) -> tuple[list[dict], dict]:
     """A few decoded val samples (as tensors) and their subjects' ground-truth meshes."""
     import trimesh
 
-    from pipelines.dataset import iter_samples
+    from pipelines.dataset import iter_batches
     from pipelines.storage import filesystem, join
 
-    samples = []
     if config.val_samples <= 0:
         return [], {}
-    try:
-        for sample in iter_samples(config.data, "val"):
-            samples.append(sample)
-            if len(samples) >= config.val_samples:
-                break
-    except FileNotFoundError:
+    decoded = next(iter_batches(config.data, "val", config.val_samples), None)
+    if decoded is None:
         return [], {}
+    batch = to_tensors(decoded, torch.device("cpu"))
+    samples = [{k: v[i] for k, v in batch.items()} | {"subject_id": str(subject)}
+               for i, subject in enumerate(decoded["subject_id"])]
     meshes = {}
-    for sample in samples:
-        subject = str(sample["subject_id"])
+    for subject in {s["subject_id"] for s in samples}:
         fs, path = filesystem(join(config.data, "meshes", f"{subject}.ply"))
         try:
             with fs.open(path, "rb") as handle:
                 meshes[subject] = trimesh.load(handle, file_type="ply", force="mesh", process=False)
         except FileNotFoundError:
             pass
-    tensors = [
-        {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) and v.dtype != object else v) for k, v in s.items()}
-        | {"subject_id": str(s["subject_id"]), "units_per_cm": float(s.get("units_per_cm", 0.01))}
-        for s in samples
-    ]
-    return tensors, meshes
+    return samples, meshes
 
 
 # ---- the worker loop -------------------------------------------------------------------------
@@ -374,9 +366,10 @@ def read_metrics(run_uri: str):
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["step", "loss", "stage"])
 
 
-def _to_tensors(decoded: dict, device: torch.device) -> dict:
+def to_tensors(decoded: dict, device: torch.device) -> dict:
     """The numeric fields of a decoded batch as tensors on `device` (ids and split names dropped)."""
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in decoded.items() if v.dtype != object}
+    # Arrow's zero-copy arrays are read-only; np.require copies only those (and non-contiguous ones).
+    return {k: torch.from_numpy(np.require(v, requirements=("C", "W"))).to(device) for k, v in decoded.items() if v.dtype != object}
 
 
 def train_loop_per_worker(config_dict: dict) -> None:
@@ -420,7 +413,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
         for table in shard.iter_batches(batch_size=config.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=16, drop_last=True):
             if step >= config.steps:
                 break
-            batch = _to_tensors(decode_table(table), device)
+            batch = to_tensors(decode_table(table), device)
             _maybe_inject_failure(config, step, rank)
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step)

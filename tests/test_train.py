@@ -15,6 +15,7 @@ from pipelines.train import (
     package_model,
     read_metrics,
     run_training,
+    to_tensors,
     window_calib,
 )
 
@@ -33,11 +34,9 @@ def tiny_dataset(ray_local, tmp_path_factory):
 
 
 def _fixed_batch(uri: str, size: int = 2) -> dict:
-    from pipelines.dataset import iter_samples
+    from pipelines.dataset import iter_batches
 
-    samples = [s for _, s in zip(range(size), iter_samples(uri, "train"))]
-    return {k: torch.as_tensor(np.stack([s[k] for s in samples])) for k, v in samples[0].items()
-            if isinstance(v, np.ndarray) and v.dtype != object}
+    return to_tensors(next(iter_batches(uri, "train", size)), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("stage", ["normal", "coarse", "fine"])
