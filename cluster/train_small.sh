@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-/work/data/synth-s7}
 OUT=${OUT:-/work/data/runs}
-NORMAL_STEPS=${NORMAL_STEPS:-900}
+NORMAL_STEPS=${NORMAL_STEPS:-700}
 COARSE_STEPS=${COARSE_STEPS:-3000}
 FINE_STEPS=${FINE_STEPS:-800}
 STAGES=${STAGES:-"data normal coarse fine package"}
