@@ -15,7 +15,7 @@ def connect_ray(address: str | None = None, log_to_driver: bool = False):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Ray starts workers at niceness 15 so its daemons win every wake-up; on a few cores that
     # preempts one of torch's OpenMP threads mid-region and the other waits at the barrier:
-    # 12-15 % slower training steps on 2 cores (benchmarks/train.py), 5-6 % at niceness 0.
+    # Ray Train steps +14.7 % over a plain loop on 2 cores, +9.5 % at niceness 0 (benchmarks/train.py).
     os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
