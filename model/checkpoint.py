@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
 from model.config import HourglassConfig, MLPConfig, NormalNetConfig, PIFuHDConfig, PRESETS
 from model.errors import CheckpointError

@@ -291,7 +291,8 @@ def write_card(uri: str, kind: str, settings: dict, split_seed: int, fractions: 
 # ---- reading ----------------------------------------------------------------------------------
 
 
-def _png(data: bytes) -> np.ndarray:
+def decode_png(data: bytes) -> np.ndarray:
+    """A stored PNG as its array: (S, S, 3|4) uint8 images and normal maps, (S, S) masks."""
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(data)))
@@ -319,12 +320,12 @@ def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     sizes = [512] + ([1024] if table.column("image_1024").null_count < len(table) else [])
     for s in sizes:
-        masks = np.stack([_png(b) for b in table.column(f"mask_{s}").to_pylist()]).astype(np.float32) / 255
+        masks = np.stack([decode_png(b) for b in table.column(f"mask_{s}").to_pylist()]).astype(np.float32) / 255
         out[f"mask_{s}"] = masks[:, None]
-        images = np.stack([_png(b)[..., :3] for b in table.column(f"image_{s}").to_pylist()])
+        images = np.stack([decode_png(b)[..., :3] for b in table.column(f"image_{s}").to_pylist()])
         out[f"image_{s}"] = images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
         for kind in ("normal_front", "normal_back"):
-            n = np.stack([_png(b)[..., :3] for b in table.column(f"{kind}_{s}").to_pylist()])
+            n = np.stack([decode_png(b)[..., :3] for b in table.column(f"{kind}_{s}").to_pylist()])
             n = n.transpose(0, 3, 1, 2).astype(np.float32) * (2.0 / 255) - 1.0
             out[f"{kind}_{s}"] = n * (masks[:, None] > 0)
     out["points"] = _list_column(table, "points", 3, np.float32).transpose(0, 2, 1).copy()

@@ -523,15 +523,10 @@ def read_view(shard: str, row: int) -> dict:
     columns = ["image_512", "image_1024", "mask_512", "mask_1024", "view_from_canonical", "units_per_cm"]
     with fs.open_input_file(path) as handle:
         record = pq.read_table(handle, columns=columns).slice(row, 1).to_pylist()[0]
-    from PIL import Image
-
-    def png(data: bytes) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(data)))
-
     size = 1024 if record["image_1024"] is not None else 512
     # The same decoding as pipelines.dataset.decode_table (what training and validation see).
-    image = png(record[f"image_{size}"])[..., :3].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
-    mask = png(record[f"mask_{size}"]).astype(np.float32)[None] / 255
+    image = fmt.decode_png(record[f"image_{size}"])[..., :3].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    mask = fmt.decode_png(record[f"mask_{size}"]).astype(np.float32)[None] / 255
     return {"image": image, "mask": mask, "units_per_cm": float(record["units_per_cm"]),
             "view_from_canonical": np.asarray(record["view_from_canonical"], dtype=np.float64).reshape(4, 4)}
 
