@@ -163,6 +163,12 @@ class PIFuHDConfig:
         return cls(**data)
 
 
+# The narrow presets' depth feature is 5.12 z (the release's 1.28 z): a body's +-0.15 of depth
+# then spans +-0.77, as wide as the image features, and training finds the depth sooner (one-view
+# overfit, small preset: IoU 0.61 after 100 steps against 0.45 at the release's scale).
+SMALL_Z_SIZE = 25.0
+
+
 def _preset_full() -> PIFuHDConfig:
     return PIFuHDConfig()
 
@@ -177,6 +183,7 @@ def _preset_small() -> PIFuHDConfig:
         fine_mlp=MLPConfig(widths=(72, 64, 32, 16, 1), skip_layers=(1, 2)),
         coarse_size=256,
         fine_size=512,
+        z_size=SMALL_Z_SIZE,
     )
 
 
@@ -190,6 +197,7 @@ def _preset_tiny() -> PIFuHDConfig:
         fine_mlp=MLPConfig(widths=(20, 16, 8, 4, 1), skip_layers=(1, 2)),
         coarse_size=128,
         fine_size=256,
+        z_size=SMALL_Z_SIZE / 2,
     )
 
 

@@ -70,6 +70,9 @@ class Subject:
     subject_id: str
     parts: list[Part]
     info: dict = field(default_factory=dict)  # what was drawn: phenotype, pose family, garments
+    # The body under the clothes (synthetic subjects: the posed anny body, same frame and
+    # centring as the parts); a prior the network may read, never a label. None for scans.
+    body: Part | None = None
 
     def merged(self) -> Part:
         """All parts as one mesh (faces re-indexed), e.g. to write one PLY per subject."""
@@ -546,10 +549,12 @@ def make_subject(subject_id: str, seed: int | np.random.SeedSequence, config: Hu
         colour = np.asarray(outfit.skirt["color"], dtype=np.float32)
         parts.append(Part("skirt", sv, sf, np.tile(colour, (len(sv), 1))))
 
+    body_part = Part("anny", ((posed_m * 100 * scale) @ ANNY_TO_CANONICAL.T).astype(np.float32), body.faces.astype(np.int32),
+                     np.full((len(posed_m), 3), 0.8, np.float32))
     # Centre the bounding box of all parts at the origin.
     allv = np.concatenate([p.vertices for p in parts])
     centre = (allv.min(0) + allv.max(0)) / 2
-    for p in parts:
+    for p in (*parts, body_part):
         p.vertices = (p.vertices - centre).astype(np.float32)
 
     info = {
@@ -558,6 +563,10 @@ def make_subject(subject_id: str, seed: int | np.random.SeedSequence, config: Hu
         "pose_tries": tries,
         "colliding_faces": colliding,
         "scale_cm_per_anny_cm": float(scale),
+        # anny's inputs that give the body back: body.anny(pose_parameters={bone: (1, 4, 4) local transform},
+        # in metres (anny frame), then x 100 x scale, rotated into the canonical frame, minus this centre.
+        "anny_pose_parameters": None if pose is None else {k: v[0].numpy().tolist() for k, v in pose.items()},
+        "centre_cm": centre.tolist(),
         **outfit.info,
     }
-    return Subject(subject_id=subject_id, parts=parts, info=info)
+    return Subject(subject_id=subject_id, parts=parts, info=info, body=body_part)

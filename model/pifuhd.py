@@ -93,6 +93,24 @@ class PIFuHD(nn.Module):
     def from_config(cls, config: PIFuHDConfig) -> "PIFuHD":
         return cls(config)
 
+    def with_z_size(self, z_size: float) -> "PIFuHD":
+        """The same occupancy function with the depth feature z * (coarse_size // 2) / z_size at a new z_size.
+
+        The depth is the last input column of the coarse MLP's first layer and of each skip layer;
+        those weight columns are scaled by new / old z_size, so every output stays the same (up to
+        rounding) while the depth enters at a new scale, which changes how fast training moves it.
+        """
+        import dataclasses
+
+        net = PIFuHD(dataclasses.replace(self.config, z_size=float(z_size)))
+        net.load_state_dict(self.state_dict())
+        factor = float(z_size) / self.config.z_size
+        with torch.no_grad():
+            for index, layer in enumerate(net.netG.mlp.filters):
+                if index == 0 or index in net.netG.mlp.skip_layers:
+                    layer.weight[:, -1] *= factor
+        return net.train(self.training)
+
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part, in the released naming (tied tensors counted once)."""
         parts = {

@@ -24,7 +24,7 @@ from model.geometry import sample_features
 from model.pifuhd import PIFuHD
 from model.preprocess import PreparedImage, world_to_pixel
 from model.preview import preview_image
-from model.surface import evaluate_grid, mesh_from_grid
+from model.surface import check_sparse_resolution, evaluate_grid, mesh_from_grid
 
 MESH_FORMATS = ("obj", "ply", "glb")
 COLOR_MODES = ("image", "normal", "none")
@@ -49,6 +49,18 @@ class ReconstructionConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.method not in ("sparse", "dense"):
+            raise ValueError(f"method must be 'sparse' or 'dense', not {self.method!r}")
+        if self.method == "sparse":
+            check_sparse_resolution(self.resolution)
+        elif self.resolution < 2:
+            raise ValueError(f"resolution must be at least 2 cells, got {self.resolution}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
+        if self.dilation is not None and self.dilation < 0:
+            raise ValueError(f"dilation must be None or >= 0 cells, got {self.dilation}")
+        if self.batch_points < 1:
+            raise ValueError(f"batch_points must be positive, got {self.batch_points}")
         if self.color not in COLOR_MODES:
             raise ValueError(f"color must be one of {COLOR_MODES}, not {self.color!r}")
         if self.precision not in ("fp32", "bf16"):

@@ -150,7 +150,7 @@ def evaluate_grid(
     evaluator = _Evaluator(occupancy_fn, b_min, (b_max - b_min) / resolution, int(batch_points))
     if method == "dense":
         return DenseGrid(evaluator, resolution, b_min, b_max, threshold)
-    _check_sparse_resolution(resolution, int(coarse_resolution))
+    check_sparse_resolution(resolution, int(coarse_resolution))
     if dilation is not None:
         dilation = int(dilation)
         if dilation < 0:
@@ -167,7 +167,8 @@ def allowed_resolutions(coarse_resolution=32, up_to=2048):
     return out
 
 
-def _check_sparse_resolution(resolution, coarse_resolution):
+def check_sparse_resolution(resolution, coarse_resolution=32):
+    """ValueError unless the sparse method can extract at `resolution` cells per axis."""
     if coarse_resolution < 2 or coarse_resolution % 2:
         raise ValueError(f"coarse_resolution must be an even number of cells >= 2, got {coarse_resolution}")
     ratio = resolution // coarse_resolution

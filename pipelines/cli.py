@@ -11,6 +11,21 @@ import argparse
 import json
 import sys
 
+EXIT_USAGE = 2  # bad arguments: nothing was done
+PRESET_NAMES = ("full", "small", "tiny")  # model.config.PRESETS (not imported: it loads torch)
+
+
+class UsageError(Exception):
+    """A command-line value its config rejected; reported in one line before any work."""
+
+
+def build_config(factory, **fields):
+    """`factory(**fields)`, its ValueError (the config's own validation) turned into a UsageError."""
+    try:
+        return factory(**fields)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
 
 def _checkpoint_inspect(args: argparse.Namespace) -> int:
     from model.checkpoint import preset_name, read_checkpoint
@@ -59,11 +74,13 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import connect_ray
     from pipelines.checkpoints import default_checkpoint
 
-    config = BulkConfig(
+    config = build_config(
+        BulkConfig,
         inputs=tuple(args.inputs),
         output=args.output,
         checkpoint=args.checkpoint or default_checkpoint(),
-        reconstruction=ReconstructionConfig(
+        reconstruction=build_config(
+            ReconstructionConfig,
             resolution=args.resolution, method=args.method, dilation=args.dilation, color=args.color,
             precision=args.precision,
             largest_component=not args.keep_all_components,
@@ -91,13 +108,15 @@ def _train(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import connect_ray
     from pipelines.train import TrainConfig, describe, run_training
 
-    config = TrainConfig(
+    config = build_config(
+        TrainConfig,
         stage=args.stage, data=args.data, out=args.out, name=args.name or "", preset=args.preset, init=args.init,
         workers=args.workers, threads_per_worker=args.threads, use_gpu=args.gpus, steps=args.steps, batch_size=args.batch_size,
         points_per_sample=args.points, optimizer=args.optimizer, lr=args.lr,
         lr_decay_steps=tuple(args.lr_decay_steps or ()), checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every, val_resolution=args.val_resolution,
         use_predicted_normals=args.predicted_normals, vgg_weights=args.vgg_weights, seed=args.seed,
+        grey_composite=args.grey_composite, z_size=args.z_size,
         max_failures=args.max_failures, pushgateway=args.pushgateway,
     )
     connect_ray(args.address, log_to_driver=True)
@@ -116,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pifuhd", description="PIFuHD: single-image 3D human reconstruction and training on Ray."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show INFO logs, Ray's logs and Ray Data's own progress bars (default: warnings only)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     checkpoint = commands.add_parser("checkpoint", help="inspect or convert model checkpoints")
@@ -170,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="dataset URI (pifuhd data synth/scans output)")
     train.add_argument("--out", required=True, help="storage root, local or s3://; the run lives in OUT/NAME")
     train.add_argument("--name", help="run name (default PRESET-STAGE); the same name again resumes")
-    train.add_argument("--preset", default="small", help="model size: full, small, tiny")
+    train.add_argument("--preset", default="small", choices=PRESET_NAMES, help="model size")
     train.add_argument("--init", help="checkpoint to start from (the previous stage's model.safetensors)")
     train.add_argument("--workers", type=int, default=1, help="DDP workers")
     train.add_argument("--threads", type=int, help="torch threads per worker (default: one per CPU Ray reserves)")
@@ -185,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--validate-every", type=int, default=100)
     train.add_argument("--val-resolution", type=int, default=64, help="grid resolution of validation meshes")
     train.add_argument("--predicted-normals", action="store_true", help="coarse stage: train on predicted normal maps")
+    train.add_argument("--grey-composite", type=float, default=0.5,
+                       help="share of samples cut out over grey through a disturbed mask, as at inference (default 0.5)")
+    train.add_argument("--z-size", type=float, default=None,
+                       help="depth-feature scale z_size of the model (default: the preset's or --init's; "
+                       "on --init the network's function is kept)")
     train.add_argument("--vgg-weights", help="normal stage: VGG19 weights file enabling the perceptual loss")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint")
@@ -206,12 +233,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pifuhd-ray")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def configure_console(verbose: bool) -> None:
+    """Logging once for the whole command: diagnostics on stderr (results go to stdout)."""
+    import logging
+    import os
+
+    from pipelines.ray_runtime import VERBOSE_ENV
+
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     from model.errors import PifuhdError
 
     args = build_parser().parse_args(argv)
+    configure_console(args.verbose)
     try:
         return args.handler(args)
+    except UsageError as exc:
+        print(f"pifuhd {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except PifuhdError as exc:
         print(f"pifuhd: error: {exc}", file=sys.stderr)
         return 2

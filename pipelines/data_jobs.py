@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import sys
 import tempfile
 import time
@@ -127,7 +128,8 @@ def subject_rows(subject, split: str, source: str, rng: np.random.Generator, set
     else:
         label_parts = [(p.vertices, p.faces) for p in subject.parts]
     transforms = [v.world_from_canonical() for v in views]
-    points = label_views(label_parts, transforms, settings.sampling, rng)
+    body = None if subject.body is None else (subject.body.vertices, subject.body.faces)
+    points = label_views(label_parts, transforms, settings.sampling, rng, body=body)
     calib = network_calib().reshape(-1)
     rows = []
     for index, (view, transform, pts) in enumerate(zip(views, transforms, points)):
@@ -157,6 +159,8 @@ def subject_rows(subject, split: str, source: str, rng: np.random.Generator, set
             "surface_points": pts.surface,
             "surface_normals": pts.surface_normals,
             "mesh_path": f"meshes/{subject.subject_id}.ply",
+            "body_sdf": pts.body_sdf,
+            "body_normals": pts.body_normals,
         }
         sizes = {512: half} if settings.resolution == 512 else {512: half, 1024: full}
         for s, out in sizes.items():
@@ -166,6 +170,13 @@ def subject_rows(subject, split: str, source: str, rng: np.random.Generator, set
             row[f"normal_back_{s}"] = png_bytes(out.normal_back)
         rows.append(row)
     return rows
+
+
+def body_record(subject) -> dict:
+    """The anny parameters that rebuild a synthetic subject's body (meshes/{id}_body.json)."""
+    keys = ("phenotype", "family", "scale_cm_per_anny_cm", "anny_pose_parameters", "centre_cm")
+    return {"subject_id": subject.subject_id, "frame": "canonical (cm, y up, facing +z, centred)",
+            **{k: subject.info.get(k) for k in keys}}
 
 
 def make_job_subject(job: JobConfig, item: dict, workdir: str):
@@ -219,6 +230,10 @@ class SubjectWorker:
                 rows = subject_rows(subject, split, source, rng, s)
                 merged = subject.merged()
                 fmt.write_bytes(self.fs, fmt.join(self.base, "meshes", f"{sid}.ply"), fmt.ply_bytes(merged.vertices, merged.faces, merged.colors))
+                if subject.body is not None:
+                    b = subject.body
+                    fmt.write_bytes(self.fs, fmt.join(self.base, "meshes", f"{sid}_body.ply"), fmt.ply_bytes(b.vertices, b.faces, b.colors))
+                    fmt.write_bytes(self.fs, fmt.join(self.base, "meshes", f"{sid}_body.json"), json.dumps(body_record(subject)).encode())
                 by_split.setdefault(split, []).extend(rows)
                 ok, reason = True, ""
             except Exception as exc:  # noqa: BLE001 - a bad subject must not stop the job
@@ -291,8 +306,6 @@ def run_job(job: JobConfig) -> dict:
             ray.get(ray.remote(num_cpus=1, max_calls=1)(_warm_body_model_cache).remote())
         cpus = int(ray.cluster_resources().get("CPU", 1))
         workers = max(1, min(job.workers or cpus, cpus, len(todo)))
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = not job.quiet
         ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), workers * 4)))
         ds = ds.map_batches(
             SubjectWorker,
@@ -346,7 +359,8 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, choices=(512, 1024), default=1024, help="1024 stores 1024 and 512 images; 512 only 512")
     p.add_argument("--points", type=int, default=None, help="labelled points per view (default 20000)")
     p.add_argument("--surface-points", type=int, default=None, help="surface points with normals per view (default 4096)")
-    p.add_argument("--surface-ratio", type=float, default=None, help="near-surface : uniform points (default 16, PIFu)")
+    p.add_argument("--near-share", type=float, default=None, help="share of points near the surface (default 0.7)")
+    p.add_argument("--ray-share", type=float, default=None, help="share of points on camera rays through the surface (default 0.2)")
     p.add_argument("--pitch-jitter", type=float, default=5.0, help="max |pitch| in degrees")
     p.add_argument("--backgrounds", default=None, help="folder of background images (default: procedural)")
     p.add_argument("--val-fraction", type=float, default=0.05)
@@ -362,7 +376,8 @@ def _settings(args) -> SampleSettings:
         resolution=args.resolution,
         pitch_jitter_deg=args.pitch_jitter,
         backgrounds=args.backgrounds,
-        sampling=_sampling_config(num_points=args.points, surface_ratio=args.surface_ratio, num_surface_points=args.surface_points),
+        sampling=_sampling_config(num_points=args.points, near_share=args.near_share, ray_share=args.ray_share,
+                                  num_surface_points=args.surface_points),
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
     )

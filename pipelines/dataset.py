@@ -62,6 +62,9 @@ SCHEMA = pa.schema(
         ("surface_points", _f32_list),  # M * 3, points on the surface (view frame)
         ("surface_normals", _f32_list),  # M * 3, their unit outward normals
         ("mesh_path", pa.string()),  # relative to the dataset root
+        # Synthetic subjects: the body under the clothes at every labelled point (null for scans):
+        ("body_sdf", _f32_list),  # num_points, signed distance in box units, negative inside the body
+        ("body_normals", _f32_list),  # num_points * 3, outward normal of the closest body face
     ]
 )
 
@@ -314,6 +317,7 @@ def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
       normal_front_{S}  (B, 3, S, S) float32 in [-1, 1], 0 outside the mask (likewise normal_back_{S})
       points            (B, 3, N) float32, view frame;  labels (B, N) float32, 1 inside
       surface_points, surface_normals (B, 3, M) float32
+      body_sdf (B, N), body_normals (B, 3, N) float32 where every row has them (synthetic data)
       calib, view_from_canonical (B, 4, 4) float32
       subject_id, split (B,) str;  view (B,) int64;  yaw_deg, pitch_deg, units_per_cm (B,) float32
     """
@@ -332,6 +336,9 @@ def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
     out["labels"] = _list_column(table, "labels", 1, np.float32)[..., 0]
     out["surface_points"] = _list_column(table, "surface_points", 3, np.float32).transpose(0, 2, 1).copy()
     out["surface_normals"] = _list_column(table, "surface_normals", 3, np.float32).transpose(0, 2, 1).copy()
+    if "body_sdf" in table.column_names and table.column("body_sdf").null_count == 0:
+        out["body_sdf"] = _list_column(table, "body_sdf", 1, np.float32)[..., 0]
+        out["body_normals"] = _list_column(table, "body_normals", 3, np.float32).transpose(0, 2, 1).copy()
     out["calib"] = _list_column(table, "calib", 16, np.float32).reshape(-1, 4, 4)
     out["view_from_canonical"] = _list_column(table, "view_from_canonical", 16, np.float32).reshape(-1, 4, 4)
     out["subject_id"] = np.array(table.column("subject_id").to_pylist(), dtype=object)

@@ -74,6 +74,7 @@ MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".off", ".stl")
 MODES = ("checkpoint", "folder", "manifest")
 # The per-pair metrics, in the order tables show them; lower is better except where noted.
 METRICS = ("chamfer_cm", "p2s_cm", "s2p_cm", "normal_consistency", "normal_image_error", "fscore_1cm", "fscore_2cm")
+BASELINES = ("silhouette",)
 HIGHER_IS_BETTER = ("normal_consistency", "fscore_1cm", "fscore_2cm")
 _BULK_SUFFIX = re.compile(r"-[0-9a-f]{10}$")
 
@@ -118,6 +119,9 @@ class EvalConfig:
     limit: int | None = None  # evaluate only the first `limit` pairs (sorted by key)
     workers: int | None = None  # evaluation actors (default: one per cluster CPU)
     address: str | None = None
+    # Also score a baseline on the same views (checkpoint mode): "silhouette", the slab inflated
+    # from the mask (model/baselines.py), the floor a model must beat.
+    baseline: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -127,6 +131,8 @@ class EvalConfig:
         ratio = self.resolution // 32
         if self.resolution % 32 or ratio & (ratio - 1):
             raise ValueError(f"resolution must be 32 x 2^k (32, 64, 128, 256, 512, ...), got {self.resolution}")
+        if self.baseline not in (None, *BASELINES):
+            raise ValueError(f"baseline must be one of {BASELINES}, not {self.baseline!r}")
 
 
 @dataclass
@@ -150,7 +156,8 @@ def result_schema():
         [
             ("run_id", pa.string()),
             ("mode", pa.string()),  # checkpoint | folder | manifest
-            ("key", pa.string()),  # unique per row: the stem, or SUBJECT-viewN
+            ("key", pa.string()),  # unique per row: the stem, or SUBJECT-viewN (+ "-BASELINE" for baseline rows)
+            ("method", pa.string()),  # "model", or the baseline's name
             ("subject_id", pa.string()),
             ("view", pa.int32()),  # dataset view index (checkpoint mode), else null
             ("status", pa.string()),  # ok | failed
@@ -496,7 +503,11 @@ class PairWorker:
             raise MissingGroundTruth(str(exc)) from exc
         truth.apply_transform(view["view_from_canonical"])
         prepared = prepared_view(view["image"], view["mask"], self.net.config.coarse_size, self.net.config.fine_size, item["key"])
-        result = reconstruct(self.net, prepared, ReconstructionConfig(resolution=self.config.resolution, color="none"))
+        reconstruction = ReconstructionConfig(resolution=self.config.resolution, color="none")
+        if item.get("method", "model") == "model":
+            result = reconstruct(self.net, prepared, reconstruction)
+        else:
+            result = baseline_reconstruction(prepared, reconstruction)
         units_per_cm = view["units_per_cm"]
         predicted = _scaled(result.mesh_world, 1.0 / units_per_cm)
         truth = _scaled(truth, 1.0 / units_per_cm)
@@ -507,6 +518,18 @@ class PairWorker:
         storage.write_bytes_atomic(f"{stem}.ply", predicted.export(file_type="ply"))
         row.update(pred_uri=f"{stem}.ply", preview_uri=f"{stem}_preview.png")
         return predicted, truth
+
+
+def baseline_reconstruction(prepared, reconstruction):
+    """The silhouette slab of a prepared view through the same extraction and frames as the network's."""
+    from model.baselines import silhouette_slab
+    from model.reconstruct import SurfaceSamples, finish
+    from model.surface import evaluate_grid
+
+    occupancy = silhouette_slab(prepared.mask[0].numpy())
+    grid = evaluate_grid(occupancy, resolution=reconstruction.resolution, method=reconstruction.method,
+                         batch_points=reconstruction.batch_points)
+    return finish(SurfaceSamples(grid=grid, normal_front=None, normal_back=None, stats={}), prepared, reconstruction)
 
 
 def read_view(shard: str, row: int) -> dict:
@@ -535,14 +558,15 @@ def prepared_view(image: np.ndarray, mask: np.ndarray, coarse_size: int, fine_si
     """A `PreparedImage` of a stored view: image (3, S, S) in [-1, 1], mask (1, S, S) in [0, 1].
 
     The stored image is already the square crop that defines the network frame, so the crop
-    is the identity on an S x S image (S = fine_size): mesh_world is in the view frame.
+    is the identity on an S x S image (S = fine_size): mesh_world is in the view frame. The
+    person is cut out over grey through the mask, as every inference input is (model/preprocess.py).
     """
     import torch
 
     from model.preprocess import Box, Crop, PreparedImage, resize_square
 
-    image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+    image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None] * mask
     return PreparedImage(
         name=name,
         images={size: resize_square(image, size)[0] for size in (coarse_size, fine_size)},
@@ -556,7 +580,9 @@ def prepared_view(image: np.ndarray, mask: np.ndarray, coarse_size: int, fine_si
 
 def _row_skeleton(item: dict, config: EvalConfig, checkpoint_id: str) -> dict:
     row = {k: item.get(k) for k in ("key", "subject_id", "view", "pred_uri", "gt_uri", "preview_uri")}
-    row.update(icp=config.icp, num_samples=config.num_samples, checkpoint_id=checkpoint_id)
+    method = item.get("method", "model")
+    row.update(method=method, icp=config.icp, num_samples=config.num_samples,
+               checkpoint_id=checkpoint_id if method == "model" else None)
     return row
 
 
@@ -592,6 +618,26 @@ def _json_default(value):
 
 
 def summarize(table) -> dict:
+    """The model's rows summarised (`summarize_rows`), and each baseline's under "baselines"."""
+    methods = table["method"].fillna("model") if len(table) and "method" in table else None
+    if methods is None:
+        return summarize_rows(table)
+    summary = summarize_rows(table[methods == "model"])
+    summary["baselines"] = {str(m): summarize_rows(table[methods == m]) for m in sorted(set(methods) - {"model"})}
+    return summary
+
+
+def beats_baseline(summary: dict, name: str) -> dict:
+    """Model / baseline ratios of the mean Chamfer and P2S, and whether both are below 1."""
+    base = summary["baselines"][name]["metrics"]
+    ratios = {}
+    for metric in ("chamfer_cm", "p2s_cm"):
+        a, b = summary["metrics"][metric]["mean"], base[metric]["mean"]
+        ratios[metric] = a / b if a is not None and b else None
+    return {"ratios": ratios, "beats": all(r is not None and r < 1 for r in ratios.values())}
+
+
+def summarize_rows(table) -> dict:
     """ok / failed counts, failure classes, and mean / median / n of each metric over ok rows."""
     ok = table[table["status"] == "ok"] if len(table) else table
     failed = table[table["status"] != "ok"] if len(table) else table
@@ -610,14 +656,27 @@ def summarize(table) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    """The summary as a plain-text table."""
+    """The summary as a plain-text table; each baseline's mean and median beside the model's."""
+    baselines = summary.get("baselines") or {}
     lines = [f"{summary['pairs']} pairs: {summary['ok']} ok, {summary['failed']} failed"]
     if "protocol" in summary:
         lines[0] += f"  ({summary['protocol']})"
-    lines.append(f"{'metric':<22}{'mean':>10}{'median':>10}{'n':>6}")
-    for name, m in summary["metrics"].items():
-        fmt = (lambda v: f"{v:10.4f}" if v is not None else f"{'-':>10}")
-        lines.append(f"{name:<22}{fmt(m['mean'])}{fmt(m['median'])}{m['count']:>6}")
+    header = f"{'metric':<22}{'mean':>10}{'median':>10}{'n':>6}"
+    for name in baselines:
+        header += f"{name + ' mean':>18}{'median':>10}"
+    lines.append(header)
+    fmt = (lambda v: f"{v:10.4f}" if v is not None else f"{'-':>10}")  # noqa: E731
+    for metric, m in summary["metrics"].items():
+        line = f"{metric:<22}{fmt(m['mean'])}{fmt(m['median'])}{m['count']:>6}"
+        for base in baselines.values():
+            b = base["metrics"][metric]
+            line += f"{'':>8}{fmt(b['mean'])}{fmt(b['median'])}"
+        lines.append(line)
+    for name in baselines:
+        verdict = beats_baseline(summary, name)
+        ratios = ", ".join(f"{k} {v:.2f}x" for k, v in verdict["ratios"].items() if v is not None)
+        lines.append(f"model / {name} baseline: {ratios}: "
+                     + ("beats the baseline" if verdict["beats"] else f"does NOT beat the {name} baseline"))
     if summary["failures"]:
         lines.append("failures: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["failures"].items())))
     return "\n".join(lines)
@@ -671,13 +730,8 @@ def _results_on_ray(items: list[dict], config: EvalConfig, checkpoint: str | Non
         num_gpus=1 if use_gpu else 0,
         fn_constructor_kwargs={"config": config, "checkpoint": checkpoint, "checkpoint_id": checkpoint_id, "use_gpu": use_gpu},
     )
-    context = ray.data.DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, False  # our own bar counts pairs
-    try:
-        for row in dataset.iter_rows():
-            yield json.loads(row["result"])
-    finally:
-        context.enable_progress_bars = bars
+    for row in dataset.iter_rows():
+        yield json.loads(row["result"])
 
 
 def _results_in_process(items: list[dict], config: EvalConfig, checkpoint: str | None, checkpoint_id: str):
@@ -715,6 +769,10 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
         items, unmatched = (manifest_items if mode == "manifest" else folder_items)(config.pred, truth)
     if config.limit is not None:
         items = items[: config.limit]
+    if config.baseline:
+        if mode != "checkpoint":
+            raise ValueError(f"--baseline needs a dataset to reconstruct (checkpoint mode), not {mode} mode")
+        items = items + [{**i, "key": f"{i['key']}-{config.baseline}", "method": config.baseline} for i in items if i["kind"] == "view"]
     if unmatched:
         log.warning("%d predictions have no ground truth and are not evaluated", unmatched)
 
@@ -751,7 +809,7 @@ def _run(args: argparse.Namespace) -> int:
         config = EvalConfig(
             pred=args.pred, gt=args.gt, out=args.output, split=args.split, icp=args.icp, num_samples=args.num_samples,
             resolution=args.resolution, scale=args.scale, normal_image_size=args.normal_image_size, seed=args.seed,
-            limit=args.limit, workers=args.workers, address=args.address,
+            limit=args.limit, workers=args.workers, address=args.address, baseline=args.baseline,
         )
         if not args.in_process:
             connect_ray(args.address)
@@ -788,6 +846,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--normal-image-size", type=int, default=512, help="normal-image render size; 0 skips it")
     parser.add_argument("--seed", type=int, default=0, help="surface sampling seed")
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
+    parser.add_argument("--baseline", choices=BASELINES, help="checkpoint mode: also score this baseline on the same "
+                        "views and print it beside the model (silhouette: a slab inflated from the mask)")
     parser.add_argument("--workers", type=int, help="evaluation actors (default: one per CPU)")
     parser.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     parser.add_argument("--in-process", action="store_true", help="evaluate in this process, without Ray")

@@ -1,8 +1,25 @@
-"""Connecting a driver to Ray: a cluster address, or a private local instance on loopback."""
+"""Connecting a driver to Ray: a cluster address, or a private local instance on loopback.
+
+Console policy: the project's commands draw their own progress bar and print their own summary,
+so Ray's INFO lines, Ray Data's progress bars and its plan printing are off unless the user asked
+for them (`pifuhd --verbose`, which sets PIFUHD_VERBOSE=1 for this process and its jobs).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+
+VERBOSE_ENV = "PIFUHD_VERBOSE"
+# Ray loggers that speak at WARNING about things that are as intended here.
+_EXPECTED_NOTICES = (
+    "ray._private.authentication.authentication_token_setup",  # token auth is on: good
+    "ray.data._internal.progress",  # progress bars are off: on purpose
+)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
 
 
 def connect_ray(address: str | None = None, log_to_driver: bool = False):
@@ -18,12 +35,20 @@ def connect_ray(address: str | None = None, log_to_driver: bool = False):
     # Ray Train steps +14.7 % over a plain loop on 2 cores, +9.5 % at niceness 0 (benchmarks/train.py).
     os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
+    import ray.data
 
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = verbose()
     if ray.is_initialized():
         return ray
+    level = logging.INFO if verbose() else logging.WARNING
+    if not verbose():
+        for name in _EXPECTED_NOTICES:
+            logging.getLogger(name).setLevel(logging.ERROR)
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=level)
     else:
         # address="local": never attach to some other cluster found through RAY_ADDRESS.
-        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver, _node_ip_address="127.0.0.1")
+        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver, _node_ip_address="127.0.0.1",
+                 logging_level=level)
     return ray

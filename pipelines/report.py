@@ -409,7 +409,7 @@ def _failures_table(table) -> str:
 
 def evaluation_section(source: Source, config: ReportConfig, page: Page) -> str:
     """Summary, metric distributions, failures and the worst cases of one evaluation."""
-    from pipelines.evaluate import HIGHER_IS_BETTER, METRICS, summarize
+    from pipelines.evaluate import HIGHER_IS_BETTER, METRICS, beats_baseline, summarize
 
     table = source.table
     parts = [f"<h2>Evaluation: {_esc(source.uri)}</h2>"]
@@ -422,15 +422,28 @@ def evaluation_section(source: Source, config: ReportConfig, page: Page) -> str:
     parts.append(f"<p>{summary['pairs']} pairs ({_esc(mode)} mode): {summary['ok']} ok, {summary['failed']} failed. "
                  f"PIFuHD protocol, distances in cm, {_esc(_fmt(samples))} samples per surface, P2S prediction &rarr; "
                  f"ground truth, ICP {'on' if icp else 'off'}.</p>")
+    methods = table["method"].fillna("model") if "method" in table else None
+    if methods is not None:
+        table = table[methods == "model"]
     ok = table[table["status"] == "ok"]
+    baselines = summary.get("baselines") or {}
     rows = []
     for name in METRICS:
         values = ok[name].to_numpy(dtype=float) if len(ok) else np.zeros(0)
         values = values[np.isfinite(values)]
         better = "higher" if name in HIGHER_IS_BETTER else "lower"
-        rows.append([name, better, *(([float(values.mean()), float(np.median(values)), float(values.min()), float(values.max())])
-                                      if len(values) else [None] * 4), len(values)])
-    parts.append(html_table(["metric", "better", "mean", "median", "min", "max", "n"], rows, numeric_from=2))
+        row = [name, better, *(([float(values.mean()), float(np.median(values)), float(values.min()), float(values.max())])
+                               if len(values) else [None] * 4), len(values)]
+        row += [base["metrics"][name]["mean"] for base in baselines.values()]
+        rows.append(row)
+    header = ["metric", "better", "mean", "median", "min", "max", "n", *(f"{b} baseline mean" for b in baselines)]
+    parts.append(html_table(header, rows, numeric_from=2))
+    for name in baselines:
+        verdict = beats_baseline(summary, name)
+        ratios = ", ".join(f"{_esc(k)} {v:.2f}x" for k, v in verdict["ratios"].items() if v is not None)
+        parts.append(f"<p><b>Model / {_esc(name)} baseline on the same views: {ratios}: "
+                     + ("the model beats the baseline." if verdict["beats"] else f"the model does NOT beat the {_esc(name)} baseline.")
+                     + "</b></p>")
     parts.append('<div class="grid">')
     for name in METRICS:
         parts.append(_figure(histogram(ok[name] if len(ok) else [], name, name, width=400)))

@@ -32,6 +32,7 @@ from torch import nn
 
 import model
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.augment import MaskNoise, grey_composite
 from model.losses import VGG19Features, normal_map_loss, weighted_occupancy_bce
 from model.pifuhd import PIFuHD
 from model.preprocess import resize_square
@@ -39,6 +40,7 @@ from model.preprocess import resize_square
 log = logging.getLogger(__name__)
 
 STAGES = ("normal", "coarse", "fine")
+EXACT_CUTOUT = MaskNoise(probability=1.0, max_grow_px=0, max_blur_px=0)
 # The submodules of PIFuHD that each stage trains; everything else is frozen in that stage.
 TRAINED_PARTS = {
     "normal": ("netG.netF", "netG.netB"),
@@ -72,6 +74,12 @@ class TrainConfig:
     val_samples: int = 2
     val_resolution: int = 64
     use_predicted_normals: bool = False  # coarse stage: feed the normal nets' output, not the ground truth
+    # Share of samples composited over grey through a disturbed mask, as inference cuts people out
+    # (model/augment.py); the others keep their rendered background.
+    grey_composite: float = 0.5
+    # The model's depth-feature scale (model.config.PIFuHDConfig.z_size); None keeps the preset's or
+    # the --init checkpoint's. Changing it on an --init checkpoint keeps the network's function.
+    z_size: float | None = None
     vgg_weights: str | None = None  # normal stage: torchvision-layout VGG19 weights enable the perceptual term
     seed: int = 0
     max_failures: int = 1
@@ -86,6 +94,10 @@ class TrainConfig:
         if self.optimizer not in ("rmsprop", "adam"):
             raise ValueError(f"optimizer must be 'rmsprop' or 'adam', not {self.optimizer!r}")
         model.preset(self.preset)  # validates the name
+        if not 0 <= self.grey_composite <= 1:
+            raise ValueError(f"grey_composite must lie in [0, 1], not {self.grey_composite}")
+        if self.z_size is not None and not self.z_size > 0:
+            raise ValueError(f"z_size must be positive, not {self.z_size}")
 
     @property
     def run_name(self) -> str:
@@ -101,10 +113,14 @@ class TrainConfig:
 # ---- batches ------------------------------------------------------------------------------
 
 
-def stage_inputs(batch: dict, config: model.PIFuHDConfig) -> dict:
-    """Images and normal maps of a decoded batch at the network's coarse and fine sizes."""
+def stage_inputs(batch: dict, config: model.PIFuHDConfig, noise: MaskNoise | None = None,
+                 generator: torch.Generator | None = None) -> dict:
+    """Images and normal maps of a decoded batch at the network's coarse and fine sizes; with
+    `noise`, a share of the images composited over grey as inference does (model/augment.py)."""
     stored = max(int(k.split("_")[1]) for k in batch if k.startswith("image_"))
     image, front, back = batch[f"image_{stored}"], batch[f"normal_front_{stored}"], batch[f"normal_back_{stored}"]
+    if noise is not None:
+        image = grey_composite(image, batch[f"mask_{stored}"], noise, generator)
     return {
         "coarse": resize_square(image, config.coarse_size),
         "fine": resize_square(image, config.fine_size),
@@ -141,14 +157,14 @@ def window_calib(calib: torch.Tensor, image_size: int, window: int, offset_x: in
 class NormalStage(nn.Module):
     """Front and back normal nets against the rendered normal maps."""
 
-    def __init__(self, net: PIFuHD, vgg: VGG19Features | None):
+    def __init__(self, net: PIFuHD, vgg: VGG19Features | None, noise: MaskNoise):
         super().__init__()
         self.netF, self.netB = net.netG.netF, net.netG.netB
         self.net_config = net.config
-        self.vgg = vgg
+        self.vgg, self.noise = vgg, noise
 
     def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        inputs = stage_inputs(batch, self.net_config)
+        inputs = stage_inputs(batch, self.net_config, self.noise, generator)
         front, back = inputs["normals"]
         loss = normal_map_loss(self.netF(inputs["coarse"]), front, self.vgg) + normal_map_loss(self.netB(inputs["coarse"]), back, self.vgg)
         return loss, {}
@@ -157,14 +173,14 @@ class NormalStage(nn.Module):
 class CoarseStage(nn.Module):
     """Coarse hourglass and MLP; every stack's prediction is supervised."""
 
-    def __init__(self, net: PIFuHD, points: int, use_predicted_normals: bool):
+    def __init__(self, net: PIFuHD, points: int, use_predicted_normals: bool, noise: MaskNoise):
         super().__init__()
         self.net = net
         self.image_filter, self.mlp = net.netG.image_filter, net.netG.mlp
-        self.points, self.use_predicted_normals = points, use_predicted_normals
+        self.points, self.use_predicted_normals, self.noise = points, use_predicted_normals, noise
 
     def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        inputs = stage_inputs(batch, self.net.config)
+        inputs = stage_inputs(batch, self.net.config, self.noise, generator)
         normals = inputs["normals"]
         if self.use_predicted_normals:
             with torch.no_grad():
@@ -179,15 +195,15 @@ class CoarseStage(nn.Module):
 class FineStage(nn.Module):
     """Fine hourglass and MLP on a random window of the fine image; the coarse level is frozen."""
 
-    def __init__(self, net: PIFuHD, points: int):
+    def __init__(self, net: PIFuHD, points: int, noise: MaskNoise):
         super().__init__()
         self.net = net
         self.image_filter, self.mlp = net.image_filter, net.mlp
-        self.points = points
+        self.points, self.noise = points, noise
 
     def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         config = self.net.config
-        inputs = stage_inputs(batch, config)
+        inputs = stage_inputs(batch, config, self.noise, generator)
         with torch.no_grad():
             coarse = self.net.netG.image_filter(self.net._with_normals(inputs["coarse"], inputs["normals"]), last_only=True)
         size, window = config.fine_size, config.fine_size // 2
@@ -206,13 +222,14 @@ class FineStage(nn.Module):
 def build_stage(net: PIFuHD, config: TrainConfig) -> nn.Module:
     """The stage's loss module; everything outside it is frozen."""
     net.requires_grad_(False)
+    noise = MaskNoise(probability=config.grey_composite)
     if config.stage == "normal":
         vgg = VGG19Features.from_file(config.vgg_weights) if config.vgg_weights else None
-        stage = NormalStage(net, vgg)
+        stage = NormalStage(net, vgg, noise)
     elif config.stage == "coarse":
-        stage = CoarseStage(net, config.points_per_sample, config.use_predicted_normals)
+        stage = CoarseStage(net, config.points_per_sample, config.use_predicted_normals, noise)
     else:
-        stage = FineStage(net, config.points_per_sample)
+        stage = FineStage(net, config.points_per_sample, noise)
     for name in TRAINED_PARTS[config.stage]:
         net.get_submodule(name).requires_grad_(True).train()
     # Unused conv-block norms stay frozen (see model.hourglass.ConvBlock).
@@ -229,9 +246,12 @@ def initial_network(config: TrainConfig) -> PIFuHD:
         net = load_checkpoint(fetch_checkpoint(config.init))
         if net.config != model.preset(config.preset):
             log.info("init checkpoint config differs from preset %s: using the checkpoint's", config.preset)
-        return net
+        return net if config.z_size is None else net.with_z_size(config.z_size)
     torch.manual_seed(config.seed)
-    return PIFuHD.from_config(model.preset(config.preset))
+    net_config = model.preset(config.preset)
+    if config.z_size is not None:
+        net_config = dataclasses.replace(net_config, z_size=config.z_size)
+    return PIFuHD.from_config(net_config)
 
 
 # ---- validation ----------------------------------------------------------------------------
@@ -248,7 +268,8 @@ def validate(net: PIFuHD, config: TrainConfig, samples: list[dict], meshes: dict
     with torch.inference_mode():
         for sample in samples:
             batch = {k: v[None].to(device) for k, v in sample.items() if isinstance(v, torch.Tensor)}
-            inputs = stage_inputs(batch, net.config)
+            # Cut out over grey through the true mask, as inference does.
+            inputs = stage_inputs(batch, net.config, EXACT_CUTOUT, None)
             if config.stage == "normal":
                 front, back = net.predict_normals(inputs["coarse"])
                 error = (F.l1_loss(front, inputs["normals"][0]) + F.l1_loss(back, inputs["normals"][1])).item() / 2

@@ -83,6 +83,14 @@ def reference_features(reference_net, reference_inputs):
 
 
 @pytest.fixture(scope="session")
+def body_model():
+    """anny built once per session (first build on a machine: ~70-100 s, cached under ~/.cache/pifuhd-ray)."""
+    from model.humans import load_body_model
+
+    return load_body_model()
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3 protocol server (moto) on 127.0.0.1; the environment points every client at it.
 

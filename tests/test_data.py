@@ -7,15 +7,9 @@ import pytest
 import trimesh
 from PIL import Image, ImageDraw
 
-from model.humans import POSE_FAMILIES, HumanConfig, load_body_model, make_subject
+from model.humans import POSE_FAMILIES, HumanConfig, make_subject
 from model.render import Renderer, View, decode_normals, procedural_background, random_lighting
-from model.sampling import SamplingConfig, label_views, winding_inside
-
-
-@pytest.fixture(scope="session")
-def body_model():
-    """anny built once per session (first build on a machine: ~70-100 s, cached under ~/.cache/pifuhd-ray)."""
-    return load_body_model()
+from model.sampling import SamplingConfig, label_views, sample_query_points, winding_inside
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +117,7 @@ def test_view_points_agree_with_the_mesh(body_model):
         assert vp.points.shape == (17000, 3) and vp.points.dtype == np.float32
         assert vp.labels.shape == (17000,) and vp.labels.dtype == np.uint8
         assert 0.15 < vp.labels.mean() < 0.6
-        # 1/17 uniform in the box, the rest within a few sigma of the surface.
+        # Uniform points fill the box; near points stay within a few sigma of it.
         assert np.abs(vp.points).max() < 1.0 + 6 * config.sigma
         # Surface points in this view's frame: 2 cm inward is inside, 2 cm outward is outside.
         view_parts = [(view.apply(v), f) for v, f in parts]
@@ -135,6 +129,27 @@ def test_view_points_agree_with_the_mesh(body_model):
         body = trimesh.Trimesh(subject.parts[0].vertices, subject.parts[0].faces, process=False)
         centre = view.apply(np.asarray(body.center_mass)[None])
         assert winding_inside(view_parts, np.concatenate([centre, [[0.95, 0.95, 0.95], [-0.95, -0.9, 0.9]]])).tolist() == [True, False, False]
+
+
+def test_ray_points_sample_depth_inside_the_silhouette():
+    """Ray points keep a surface point's x, y and spread in z: the depth supervision."""
+    box = trimesh.creation.box(extents=(0.4, 1.2, 0.3))
+    parts = [(np.asarray(box.vertices), np.asarray(box.faces))]
+    rng = np.random.default_rng(1)
+    only_rays = SamplingConfig(num_points=4000, near_share=0.0, ray_share=1.0, ray_depth=0.4)
+    points = sample_query_points(parts, only_rays, rng)
+    assert (np.abs(points[:, 0]) <= 0.2 + 1e-9).all() and (np.abs(points[:, 1]) <= 0.6 + 1e-9).all()
+    inside = winding_inside(parts, points)
+    # The box is 0.3 deep and rays span 0.8: most ray points fall in front of it or behind.
+    assert 0.1 < inside.mean() < 0.5
+    # Rays through the front and back faces are outside exactly beyond the box's depth.
+    through_faces = (np.abs(points[:, 0]) < 0.19) & (np.abs(points[:, 1]) < 0.59)
+    np.testing.assert_array_equal(inside[through_faces], np.abs(points[through_faces, 2]) < 0.15)
+    assert np.abs(points[:, 2]).max() > 0.4
+    pifu = SamplingConfig.pifu()
+    assert pifu.ray_share == 0 and abs(pifu.near_share - 16 / 17) < 1e-12
+    with pytest.raises(ValueError, match="near_share"):
+        SamplingConfig(near_share=0.9, ray_share=0.2)
 
 
 # ---- rendering --------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import pytest
 import trimesh
 from PIL import Image
 
-from model.humans import load_body_model
 from model.scans import ScanError, ScanRef, find_scans, load_scan
 from pipelines import dataset as fmt
 from pipelines.data_jobs import JobConfig, SampleSettings, make_job_subject, register_cli, subject_rows
@@ -27,11 +26,6 @@ def pifuhd_data(*argv: str) -> int:
 
 
 SMALL = ("--views", "2", "--resolution", "512", "--points", "3400", "--surface-points", "500", "--subjects-per-shard", "1")
-
-
-@pytest.fixture(scope="session")
-def body_model():
-    return load_body_model()
 
 
 # ---- synthetic people to S3 -------------------------------------------------------------------

@@ -194,3 +194,28 @@ def test_checkpoint_mode_reconstructs_the_test_split(test_split_dataset, tmp_pat
     column = np.round((v[:, 0] + 1) / 2 * 255).astype(int)
     row = np.round((1 - v[:, 1]) / 2 * 255).astype(int)
     assert (mask[row, column] > 0.5).mean() > 0.85
+
+
+def test_silhouette_baseline_is_scored_beside_the_model(test_split_dataset, tmp_path, capsys):
+    from tests.helpers import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--pred", str(checkpoint), "--gt", test_split_dataset, "-o", str(out), "--resolution", "64",
+                 "--num-samples", "2000", "--normal-image-size", "0", "--baseline", "silhouette", "--quiet"])
+    assert code == 0
+    table = pd.read_parquet(out / "results.parquet")
+    assert sorted(table["method"]) == ["model", "model", "silhouette", "silhouette"]
+    baseline = table[table["method"] == "silhouette"]
+    assert (baseline["status"] == "ok").all() and baseline["checkpoint_id"].isna().all()
+    # The slab has the person's outline: its Chamfer to the truth is a few cm, not a blob's tens.
+    assert (baseline["chamfer_cm"] < 8).all(), baseline["chamfer_cm"]
+    printed = capsys.readouterr().out
+    assert "silhouette mean" in printed and "model / silhouette baseline: chamfer_cm" in printed
+    # Random weights do not beat the floor, and the summary says so.
+    assert "does NOT beat the silhouette baseline" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["chamfer_cm"]["count"] == 2
+    assert summary["baselines"]["silhouette"]["metrics"]["chamfer_cm"]["count"] == 2
+    with pytest.raises(ValueError, match="baseline"):
+        EvalConfig(gt="x", out="y", baseline="sphere")

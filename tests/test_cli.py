@@ -1,0 +1,34 @@
+"""The command line's own contract: bad values stop before any work, in one line, with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.cli import PRESET_NAMES, main
+
+
+def test_a_bad_resolution_is_a_usage_error_before_any_work(tmp_path, capsys):
+    image = tmp_path / "photo.png"
+    image.write_bytes(b"not read: the arguments fail first")
+    code = main(["reconstruct", str(image), "-o", str(tmp_path / "out"), "--resolution", "100", "--in-process"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "pifuhd reconstruct: error:" in err and "100" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_preset_and_version():
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--stage", "coarse", "--data", "d", "--out", "o", "--preset", "huge"])
+    assert exc.value.code == 2
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("pifuhd ")
+
+
+def test_preset_names_match_the_model_presets():
+    from model.config import PRESETS
+
+    assert tuple(PRESETS) == PRESET_NAMES
