@@ -1,38 +1,52 @@
 #!/usr/bin/env bash
 # The recipe of the shipped model (model/weights/pifuhd-small.safetensors): synthetic data, then the
-# three stages, each starting from the previous stage's model (learning rate x0.1 at 80 %). The
-# normal nets only feed the coarse level at inference (it trains on ground-truth normals), so
-# their stage may run in any order; `package` takes every stage's parts from its own run.
+# three stages, each starting from the previous stage's model (learning rate x0.1 near the end).
+# `package` takes every stage's parts from its own run.
+#
+# Two generations of the shipped model:
+#   v1: STAGES="data normal coarse fine package" with PIFu's sampling (16:1 near : uniform) and the
+#       release's depth-feature scale, on 600 subjects (README, "Shipped model").
+#   v2: the v1 model continued (INIT=the v1 file): the coarse level with its depth feature rescaled
+#       to 5.12 z (function kept), trained on the v2 data (ray points, bodies) with predicted normals
+#       and grey cut-outs; then the fine level. STAGES="data coarse fine package" INIT=v1.safetensors.
+# From scratch, STAGES="data normal coarse fine package" trains all three with the v2 settings.
 # Any Ray address works: set ADDRESS=... to run on a cluster (and DATA/OUT to s3:// URIs).
-# THREADS: torch threads per worker (2 uses both cores of a 2-core machine). STAGES: which to run.
+# THREADS: torch threads per worker (1 is faster than 2 on a 2-core machine that runs anything else).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${DATA:-/work/data/synth-s7}
-OUT=${OUT:-/work/data/runs}
+DATA=${DATA:-/work/data/synth-v2}
+OUT=${OUT:-/work/data/runs-v2}
+SUBJECTS=${SUBJECTS:-600}
 NORMAL_STEPS=${NORMAL_STEPS:-700}
-COARSE_STEPS=${COARSE_STEPS:-3000}
-FINE_STEPS=${FINE_STEPS:-800}
+COARSE_STEPS=${COARSE_STEPS:-1200}
+FINE_STEPS=${FINE_STEPS:-400}
 STAGES=${STAGES:-"data normal coarse fine package"}
 ADDRESS_ARGS=${ADDRESS:+--address $ADDRESS}
-COMMON="--data $DATA --out $OUT --preset small --batch-size 4 --optimizer adam --lr 1e-3 --checkpoint-every 100 --validate-every 250 --threads ${THREADS:-2} $ADDRESS_ARGS"
+COMMON="--data $DATA --out $OUT --preset small --batch-size 4 --optimizer adam --lr 1e-3 --checkpoint-every 100 --validate-every 200 --threads ${THREADS:-1} $ADDRESS_ARGS"
+# The coarse stage starts from INIT when given (continuing a shipped model), else from the normal run.
+COARSE_INIT=${INIT:-$OUT/v2-normal/model.safetensors}
+RUNS=""
 
 for stage in $STAGES; do
     case $stage in
     data)
-        [ -f "$DATA/dataset.json" ] || .venv/bin/pifuhd data synth --count 600 --views 4 --seed 7 --resolution 512 \
+        [ -f "$DATA/dataset.json" ] || .venv/bin/pifuhd data synth --count "$SUBJECTS" --views 4 --seed 7 --resolution 512 \
             --val-fraction 0.1 --test-fraction 0.1 --out "$DATA" $ADDRESS_ARGS ;;
     normal)
-        .venv/bin/pifuhd train --stage normal --name small-normal --steps "$NORMAL_STEPS" \
-            --lr-decay-steps $((NORMAL_STEPS * 4 / 5)) $COMMON ;;
+        .venv/bin/pifuhd train --stage normal --name v2-normal --steps "$NORMAL_STEPS" \
+            --lr-decay-steps $((NORMAL_STEPS * 4 / 5)) $COMMON
+        RUNS="$RUNS $OUT/v2-normal" ;;
     coarse)
-        .venv/bin/pifuhd train --stage coarse --name small-coarse --init "$OUT/small-normal/model.safetensors" \
-            --steps "$COARSE_STEPS" --lr-decay-steps $((COARSE_STEPS * 4 / 5)) $COMMON ;;
+        .venv/bin/pifuhd train --stage coarse --name v2-coarse --init "$COARSE_INIT" --z-size 25 --predicted-normals \
+            --steps "$COARSE_STEPS" --lr-decay-steps $((COARSE_STEPS * 5 / 6)) $COMMON
+        RUNS="$RUNS $OUT/v2-coarse" ;;
     fine)
-        .venv/bin/pifuhd train --stage fine --name small-fine --init "$OUT/small-coarse/model.safetensors" \
-            --steps "$FINE_STEPS" --lr-decay-steps $((FINE_STEPS * 4 / 5)) $COMMON ;;
+        .venv/bin/pifuhd train --stage fine --name v2-fine --init "$OUT/v2-coarse/model.safetensors" --predicted-normals \
+            --steps "$FINE_STEPS" --lr-decay-steps $((FINE_STEPS * 4 / 5)) $COMMON
+        RUNS="$RUNS $OUT/v2-fine" ;;
     package)
-        .venv/bin/pifuhd checkpoint package "$OUT/small-normal" "$OUT/small-coarse" "$OUT/small-fine" \
+        .venv/bin/pifuhd checkpoint package ${RUNS:-$OUT/v2-coarse $OUT/v2-fine} \
             -o model/weights/pifuhd-small.safetensors \
-            --recipe "cluster/train_small.sh (NORMAL_STEPS=$NORMAL_STEPS COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS, data seed 7)" ;;
+            --recipe "cluster/train_small.sh (STAGES='$STAGES' INIT=${INIT:-none} COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS, data seed 7, $SUBJECTS subjects)" ;;
     esac
 done

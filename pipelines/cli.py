@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=100)
     train.add_argument("--validate-every", type=int, default=100)
     train.add_argument("--val-resolution", type=int, default=64, help="grid resolution of validation meshes")
-    train.add_argument("--predicted-normals", action="store_true", help="coarse stage: train on predicted normal maps")
+    train.add_argument("--predicted-normals", action="store_true", help="coarse and fine stages: train on predicted normal maps")
     train.add_argument("--grey-composite", type=float, default=0.5,
                        help="share of samples cut out over grey through a disturbed mask, as at inference (default 0.5)")
     train.add_argument("--z-size", type=float, default=None,

@@ -73,9 +73,12 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
 MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".off", ".stl")
 MODES = ("checkpoint", "folder", "manifest")
 # The per-pair metrics, in the order tables show them; lower is better except where noted.
-METRICS = ("chamfer_cm", "p2s_cm", "s2p_cm", "normal_consistency", "normal_image_error", "fscore_1cm", "fscore_2cm")
+METRICS = ("chamfer_cm", "p2s_cm", "s2p_cm", "normal_consistency", "normal_image_error", "fscore_1cm", "fscore_2cm",
+           "depth_ratio")
 BASELINES = ("silhouette",)
 HIGHER_IS_BETTER = ("normal_consistency", "fscore_1cm", "fscore_2cm")
+# depth_ratio: the prediction's extent along z (toward the camera) over the truth's, 2nd to 98th
+# percentile of surface samples; 1 is right, a blob from the silhouette alone is well above 1.
 _BULK_SUFFIX = re.compile(r"-[0-9a-f]{10}$")
 
 
@@ -413,6 +416,7 @@ def pair_metrics(predicted, truth, num_samples: int = 10_000, icp: bool = False,
         chamfer_cm=surface["chamfer"], p2s_cm=surface["p2s"], s2p_cm=surface["s2p"],
         normal_consistency=surface["normal_consistency"], fscore_1cm=surface["fscore_1"], fscore_2cm=surface["fscore_2"],
         normal_image_error=None, normal_image_error_views=None,
+        depth_ratio=depth_extent(predicted, seed) / depth_extent(truth, seed),
     )
     renders = None
     if normal_image_size:
@@ -425,6 +429,13 @@ def pair_metrics(predicted, truth, num_samples: int = 10_000, icp: bool = False,
             result.update(normal_image_error=total, normal_image_error_views=per_view)
             renders = (pred_images, true_images)
     return result, renders
+
+
+def depth_extent(mesh, seed: int = 0, samples: int = 10_000) -> float:
+    """Extent of a mesh along z, 2nd to 98th percentile of area-uniform surface samples (its unit)."""
+    z = mesh.sample(samples, seed=seed)[:, 2] if len(mesh.faces) else np.zeros(1)
+    low, high = np.percentile(z, [2, 98])
+    return float(high - low)
 
 
 def _scaled(mesh, factor: float):

@@ -73,7 +73,7 @@ class TrainConfig:
     validate_every: int = 100
     val_samples: int = 2
     val_resolution: int = 64
-    use_predicted_normals: bool = False  # coarse stage: feed the normal nets' output, not the ground truth
+    use_predicted_normals: bool = False  # coarse and fine stages: feed the normal nets' output, not the ground truth
     # Share of samples composited over grey through a disturbed mask, as inference cuts people out
     # (model/augment.py); the others keep their rendered background.
     grey_composite: float = 0.5
@@ -195,16 +195,18 @@ class CoarseStage(nn.Module):
 class FineStage(nn.Module):
     """Fine hourglass and MLP on a random window of the fine image; the coarse level is frozen."""
 
-    def __init__(self, net: PIFuHD, points: int, noise: MaskNoise):
+    def __init__(self, net: PIFuHD, points: int, use_predicted_normals: bool, noise: MaskNoise):
         super().__init__()
         self.net = net
         self.image_filter, self.mlp = net.image_filter, net.mlp
-        self.points, self.noise = points, noise
+        self.points, self.use_predicted_normals, self.noise = points, use_predicted_normals, noise
 
     def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         config = self.net.config
         inputs = stage_inputs(batch, config, self.noise, generator)
         with torch.no_grad():
+            if self.use_predicted_normals:
+                inputs["normals"] = self.net.predict_normals(inputs["coarse"])
             coarse = self.net.netG.image_filter(self.net._with_normals(inputs["coarse"], inputs["normals"]), last_only=True)
         size, window = config.fine_size, config.fine_size // 2
         ox, oy = (int(v) for v in torch.randint(0, size - window + 1, (2,), generator=generator))
@@ -229,7 +231,7 @@ def build_stage(net: PIFuHD, config: TrainConfig) -> nn.Module:
     elif config.stage == "coarse":
         stage = CoarseStage(net, config.points_per_sample, config.use_predicted_normals, noise)
     else:
-        stage = FineStage(net, config.points_per_sample, noise)
+        stage = FineStage(net, config.points_per_sample, config.use_predicted_normals, noise)
     for name in TRAINED_PARTS[config.stage]:
         net.get_submodule(name).requires_grad_(True).train()
     # Unused conv-block norms stay frozen (see model.hourglass.ConvBlock).
