@@ -8,16 +8,18 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 from PIL import Image
 
 from model.body import BodyParameters, FitConfig, UnusableLandmarks, body_vertices, fit_body
 from model.body import landmarks as lm
 from model.body.export import body_json, rigged_glb
-from model.body.synthetic import rendered_body, vertex_error_cm
+from model.body.synthetic import rendered_body, rendered_subject, vertex_error_cm
 from model.errors import InputError
 
 SIZE = 512
+torch.set_num_threads(1)  # the fit's setting: one core (more threads only spin on a busy machine)
 FRONT = [(101, "stand"), (102, "walk"), (103, "gesture")]  # own seeds, not the generator's
 QUICK = FitConfig(camera_steps=10, pose_steps=15, shape_steps=5)
 
@@ -60,6 +62,20 @@ def test_noisy_landmarks_without_world_pose_still_fit(bodies):
     fit = fit_body(noisy, (SIZE, SIZE), mask=body.mask)
     assert fit.landmark_error < 0.02 and fit.mask_iou > 0.8
     assert vertex_error_cm(fit.vertices, body.vertices, body.pixels_per_cm) < 5.0  # depth from 2D and priors only
+
+
+def test_fitted_body_lies_under_the_clothes():
+    import igl
+
+    subject = rendered_subject(106, 0.0, SIZE)
+    fit = fit_body(subject.landmarks, (SIZE, SIZE), mask=subject.mask, world_landmarks=subject.world_landmarks)
+    vertices = np.ascontiguousarray(subject.vertices, dtype=np.float64)
+    faces = np.ascontiguousarray(subject.faces, dtype=np.int64)
+    points = fit.vertices.copy()
+    points[:, 2] += vertices[:, 2].mean() - points[:, 2].mean()  # no depth in an orthographic photo
+    inside = igl.fast_winding_number(vertices, faces, points) > 0.5  # the parts are closed: inside any
+    distance_cm = np.sqrt(igl.point_mesh_squared_distance(points, vertices, faces)[0]) / subject.pixels_per_cm
+    assert np.mean(inside | (distance_cm < 3.0)) >= 0.95
 
 
 def test_fit_is_deterministic(bodies):

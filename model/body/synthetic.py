@@ -97,6 +97,51 @@ def rendered_body(seed: int, family: str = "stand", yaw_deg: float = 0.0, size: 
     )
 
 
+def rendered_subject(seed: int, yaw_deg: float = 0.0, size: int = 512) -> RenderedBody:
+    """A clothed synthetic subject (`model.humans.make_subject`) rendered like `rendered_body`.
+
+    `vertices`/`faces` are the clothed surface (all parts merged) in the pixel frame; landmarks are
+    anny's regressor applied to the dressed body (same topology as the bare one; the eyes, which
+    need bones, are marked invisible). phenotype and family come from the subject's record.
+    """
+    import torch
+
+    from model.humans import make_subject
+    from model.render import View, get_renderer, sh_basis
+
+    subject = make_subject(f"subject-{seed}", seed)
+    view = View(yaw_deg=yaw_deg)
+    lighting = np.zeros((9, 3), np.float32)
+    lighting += sh_basis(np.array([[0.3, 0.5, 0.8]]))[0][:, None] * np.pi * 0.8
+    lighting[0] += 0.4 * np.sqrt(4 * np.pi)
+    render = get_renderer(size).render(subject.parts, view, lighting)
+    crop = Crop(0, 0, size, size, size, size)
+    merged = subject.merged()
+    regress = lm.anny_landmarks()
+    dressed = torch.tensor(subject.parts[0].vertices, dtype=torch.float64)[None]
+    with torch.no_grad():
+        points_cm = regress.on_mesh(dressed, torch.zeros(1, int(regress.bones.max()) + 1, 3, dtype=torch.float64))[0].numpy()
+    points_view = view.apply(points_cm)
+    points_px = world_to_pixel(points_view, crop)
+    landmarks = np.zeros((lm.COUNT, 3), np.float32)
+    landmarks[:, 0], landmarks[:, 1] = points_px[:, 0], size - points_px[:, 1]
+    landmarks[:, 2] = regress.defined
+    landmarks[[lm.INDEX["left_eye"], lm.INDEX["right_eye"]], 2] = 0.0
+    world = points_view * np.array([1.0, -1.0, -1.0])
+    world -= world[list(lm.HIPS)].mean(0)
+    return RenderedBody(
+        image=render.rgb,
+        mask=render.mask > 127,
+        landmarks=landmarks,
+        world_landmarks=world.astype(np.float32),
+        vertices=world_to_pixel(view.apply(merged.vertices.astype(np.float64)), crop),
+        faces=merged.faces.astype(np.int64),
+        pixels_per_cm=crop.pixels_per_unit * view.units_per_cm,
+        phenotype=subject.info["phenotype"],
+        family=subject.info["family"],
+    )
+
+
 def vertex_error_cm(fitted: np.ndarray, truth: np.ndarray, pixels_per_cm: float) -> float:
     """Mean distance (cm) between corresponding pixel-frame vertices (V, 3) after depth alignment
     (an orthographic photo fixes no depth: the fitted body is shifted along z to the truth's mean)."""
