@@ -112,15 +112,21 @@ def test_a_mismatched_mask_is_flagged_low_quality(bodies):
     assert fit.low_quality and "IoU" in fit.quality_note
 
 
-def test_parameters_reproduce_the_body(fits):
-    fit = fits[(102, "walk", 0)]
+@pytest.fixture(scope="module")
+def quick_fit(bodies):
+    body = bodies[(103, "gesture", 0)]
+    return fit_body(body.landmarks, (SIZE, SIZE), mask=body.mask, world_landmarks=body.world_landmarks, config=QUICK)
+
+
+def test_parameters_reproduce_the_body(quick_fit):
+    fit = quick_fit
     params = BodyParameters.from_json(body_json(fit, {"content_hash": "x"}))
     assert params == fit.params
     np.testing.assert_allclose(body_vertices(params), fit.vertices, atol=1e-3)  # pixels
 
 
-def test_rigged_glb_binds_to_the_fitted_pose(fits):
-    fit = fits[(103, "gesture", 0)]
+def test_rigged_glb_binds_to_the_fitted_pose(quick_fit):
+    fit = quick_fit
     data = rigged_glb(fit)
     magic, version, length = struct.unpack("<4sII", data[:12])
     assert (magic, version, length) == (b"glTF", 2, len(data))

@@ -118,9 +118,9 @@ def rendered_subject(seed: int, yaw_deg: float = 0.0, size: int = 512) -> Render
     crop = Crop(0, 0, size, size, size, size)
     merged = subject.merged()
     regress = lm.anny_landmarks()
-    dressed = torch.tensor(subject.parts[0].vertices, dtype=torch.float64)[None]
+    dressed = torch.tensor(subject.parts[0].vertices, dtype=torch.float32)[None]
     with torch.no_grad():
-        points_cm = regress.on_mesh(dressed, torch.zeros(1, int(regress.bones.max()) + 1, 3, dtype=torch.float64))[0].numpy()
+        points_cm = regress.on_mesh(dressed, torch.zeros(1, int(regress.bones.max()) + 1, 3))[0].double().numpy()
     points_view = view.apply(points_cm)
     points_px = world_to_pixel(points_view, crop)
     landmarks = np.zeros((lm.COUNT, 3), np.float32)
