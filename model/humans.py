@@ -166,7 +166,7 @@ def sample_phenotype(rng: np.random.Generator, config: HumanConfig) -> dict[str,
 # Joint limits in radians for anny's "local-ref" parameterisation (rotation vectors in the
 # rest frame's world axes, X = the body's left, Y = backward, Z = up), for the left side; the
 # right side mirrors as (x, -y, -z). Values outside are clipped so no family breaks a joint.
-_LIMITS = {
+JOINT_LIMITS = {
     "upperleg01": ((-2.0, 0.5), (-0.6, 0.3), (-0.5, 0.5)),  # flexion is -x, abduction -y
     "lowerleg01": ((0.0, 2.4), (0.0, 0.0), (-0.2, 0.2)),  # knee bends +x only
     "foot": ((-0.7, 0.5), (-0.2, 0.2), (-0.3, 0.3)),
@@ -235,7 +235,7 @@ def _clip_and_mirror(angles: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     for name, value in angles.items():
         joint, _, side = name.partition(".")
-        lo, hi = np.array(_LIMITS[joint]).T
+        lo, hi = np.array(JOINT_LIMITS[joint]).T
         left = np.clip(value, lo, hi)
         out[name] = left * np.array([1.0, -1.0, -1.0]) if side == "R" else left
     return out

@@ -407,18 +407,12 @@ def parse_rect(source: str | os.PathLike | bytes, name: str | None = None) -> Bo
     return max(boxes, key=lambda b: b.width * b.height)
 
 
-def parse_keypoints(
-    source: str | os.PathLike | bytes,
-    name: str | None = None,
-    *,
-    threshold: float = DEFAULT_KEYPOINT_THRESHOLD,
-) -> np.ndarray:
-    """Parse an OpenPose JSON file (path or bytes) -> (K, 2) confident keypoints.
+def parse_openpose_people(source: str | os.PathLike | bytes, name: str | None = None) -> list[np.ndarray]:
+    """Parse an OpenPose JSON file (path or bytes) -> every person's (K, 3) x, y, confidence.
 
     Format: {"people": [{"pose_keypoints_2d": [x0, y0, c0, x1, y1, c1, ...]}]}
     with 25 (BODY_25) or 18 (COCO-18) keypoints per person, in pixel indices.
-    Keypoints with confidence > threshold are kept; of the people with at least
-    two, the largest (by the larger side of their keypoints' box) is returned.
+    InputError for invalid JSON, a missing or empty "people" list, or a malformed person.
     """
     name = _source_name(source, name, default="<keypoints bytes>")
     try:
@@ -430,10 +424,24 @@ def parse_keypoints(
         raise InputError(f"{name}: no \"people\" list")
     if not people:
         raise InputError(f"{name}: no person detected (\"people\" is empty)")
+    return [_person_keypoints(person, f"{name}: person {index}") for index, person in enumerate(people)]
 
+
+def parse_keypoints(
+    source: str | os.PathLike | bytes,
+    name: str | None = None,
+    *,
+    threshold: float = DEFAULT_KEYPOINT_THRESHOLD,
+) -> np.ndarray:
+    """Parse an OpenPose JSON file (path or bytes) -> (K, 2) confident keypoints.
+
+    See `parse_openpose_people` for the format. Keypoints with confidence > threshold
+    are kept; of the people with at least two, the largest (by the larger side of
+    their keypoints' box) is returned.
+    """
+    name = _source_name(source, name, default="<keypoints bytes>")
     candidates = []
-    for index, person in enumerate(people):
-        points = _person_keypoints(person, f"{name}: person {index}")
+    for points in parse_openpose_people(source, name):
         confident = points[points[:, 2] > threshold, :2]
         if len(confident) >= 2 and np.ptp(confident, axis=0).max() > 0:
             candidates.append(confident)

@@ -295,25 +295,33 @@ def finish_rows(batch: dict, reconstruction: ReconstructionConfig, mesh_format: 
 
 
 class ManifestWriter:
-    """Appends manifest rows to Parquet parts of at most `flush_rows` rows each."""
+    """Appends manifest rows to Parquet parts of at most `flush_rows` rows each.
 
-    def __init__(self, output: str, run_id: str, flush_rows: int, checkpoint_version: str):
+    `constants` are set on every row (e.g. the checkpoint version); `schema` defaults to the
+    reconstruction manifest's (`pipelines.fit` has its own).
+    """
+
+    def __init__(self, output: str, run_id: str, flush_rows: int, constants: dict, schema: pa.Schema = MANIFEST_SCHEMA):
         self.folder = join(output, "manifest")
         self.run_id = run_id
         self.flush_rows = flush_rows
-        self.checkpoint_version = checkpoint_version
+        self.constants = constants
+        self.schema = schema
         self.pending: list[dict] = []
         self.files: list[str] = []
 
     def add(self, record: dict) -> dict:
-        row = {name: record.get(name) for name in MANIFEST_SCHEMA.names}
-        row["checkpoint_version"] = self.checkpoint_version
+        row = {name: record.get(name) for name in self.schema.names}
+        row.update(self.constants)
         row["finished_at"] = datetime.now(timezone.utc)
-        for name in ("vertices", "faces", "points_evaluated"):
-            row[name] = None if row[name] is None else int(row[name])
-        for name in ("bbox_min", "bbox_max"):
-            if row[name] is not None and any(v is None or v != v for v in row[name]):
-                row[name] = None
+        for column in self.schema:
+            value = row[column.name]
+            if value is None:
+                continue
+            if pa.types.is_integer(column.type):
+                row[column.name] = int(value)
+            elif pa.types.is_list(column.type) and any(v is None or v != v for v in value):
+                row[column.name] = None  # a NaN bounding box (empty mesh) is stored as missing
         self.pending.append(row)
         if len(self.pending) >= self.flush_rows:
             self.flush()
@@ -326,20 +334,20 @@ class ManifestWriter:
         fs, path = filesystem(uri)
         fs.makedirs(os.path.dirname(path), exist_ok=True)
         with fs.open(path, "wb") as handle:
-            pq.write_table(pa.Table.from_pylist(self.pending, schema=MANIFEST_SCHEMA), handle)
+            pq.write_table(pa.Table.from_pylist(self.pending, schema=self.schema), handle)
         self.files.append(uri)
         self.pending = []
 
 
-def read_manifest(output: str):
+def read_manifest(output: str, schema: pa.Schema = MANIFEST_SCHEMA):
     """All manifest rows of an output folder as a pandas DataFrame (every run)."""
     import pandas as pd
 
     fs, path = filesystem(join(output, "manifest"))
     files = sorted(fs.glob(path + "/*.parquet"))
     if not files:
-        return pd.DataFrame(columns=MANIFEST_SCHEMA.names)
-    return pq.read_table(files, filesystem=fs, schema=MANIFEST_SCHEMA).to_pandas()
+        return pd.DataFrame(columns=schema.names)
+    return pq.read_table(files, filesystem=fs, schema=schema).to_pandas()
 
 
 def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
@@ -403,7 +411,7 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
     metrics.in_flight.labels(metrics.pipeline).set(len(records))
-    manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, checkpoint_version)
+    manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, {"checkpoint_version": checkpoint_version})
     summary = Summary()
     results = (_results_in_process if in_process else _results_on_ray)(records, config, sizes)
     with tqdm(total=len(records), desc="reconstruct", unit="img", disable=not progress) as bar:

@@ -223,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.metrics_stack import register_cli as register_metrics
     from pipelines.data_jobs import register_cli as register_data
     from pipelines.evaluate import register_cli as register_evaluate
+    from pipelines.fit import register_cli as register_fit
     from pipelines.report import register_cli as register_report
 
     register_data(commands)
     register_evaluate(commands)
+    register_fit(commands)
     register_report(commands)
     register_jobs(commands)
     register_metrics(commands)

@@ -132,7 +132,7 @@ def test_manifest_mode_pairs_by_input_stem(tmp_path):
     bulk = tmp_path / "bulk"
     (bulk / "meshes").mkdir(parents=True)
     sphere(10.5).export(bulk / "meshes" / "alice-0011223344.obj")
-    writer = ManifestWriter(str(bulk), "run1", flush_rows=10, checkpoint_version="test")
+    writer = ManifestWriter(str(bulk), "run1", flush_rows=10, constants={"checkpoint_version": "test"})
     writer.add({"input_uri": "/photos/alice.jpg", "status": "ok", "mesh_uri": str(bulk / "meshes" / "alice-0011223344.obj")})
     writer.add({"input_uri": "/photos/bob.png", "status": "failed", "error_class": "InputError", "error_message": "no person"})
     writer.flush()

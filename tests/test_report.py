@@ -37,7 +37,7 @@ def report_inputs(tmp_path) -> dict:
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
     rng = np.random.default_rng(0)
     for run in ("run-a", "run-b"):
-        writer = ManifestWriter(str(bulk), run, flush_rows=100, checkpoint_version="test")
+        writer = ManifestWriter(str(bulk), run, flush_rows=100, constants={"checkpoint_version": "test"})
         for i in range(12):
             times = {f"seconds_{s}": float(t) for s, t in zip(("read", "prepare", "encode", "surface", "mesh", "write"),
                                                               rng.uniform([0.01, 0.1, 1, 3, 0.5, 0.05], [0.05, 0.3, 2, 6, 1, 0.1]))}

@@ -1,0 +1,296 @@
+"""`pifuhd fit`: the anny body fitted to every input photo, on Ray Data.
+
+    list inputs (driver, `pipelines.inputs`)
+      -> read, hash, find the person, fit, write     CPU tasks, one image each (`fit_rows`)
+      -> manifest rows streamed back to the driver, appended to Parquet
+
+Outputs per input, beside each other under OUT/bodies/ (pixel frame of the photo, as
+`pifuhd reconstruct` meshes): `STEM_body.EXT` (the body mesh), `STEM_body_rigged.glb` (with
+`rigged`), and `STEM_body.json` (anny parameters that reproduce the body, the fit's quality, the
+input's content hash), written last, so its presence marks a finished input: a re-run skips
+inputs whose json has the same content hash and fitter id.
+
+The person's landmarks come from one function, `find_person`: until the person finder is wired
+in, it reads the `NAME_keypoints.json` sidecar (MediaPipe-33 or OpenPose BODY_25 layout, see
+`model.body.landmarks`) and takes the mask from `NAME_mask.png` or the image's alpha.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from model.body.export import MESH_FORMATS
+from model.body.fit import FitConfig
+from model.errors import InputError
+from pipelines.bulk import ManifestWriter, Summary, _batch, _fail, _finished_marker, _read, _rows, _where
+from pipelines.inputs import InputItem, list_inputs
+from pipelines.storage import join, redact, safe_stem, write_bytes_atomic
+
+FIT_MANIFEST_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("input_uri", pa.string()),
+        ("content_hash", pa.string()),  # sha256 of the image and its sidecars
+        ("status", pa.string()),  # ok | failed | skipped
+        ("error_class", pa.string()),
+        ("error_message", pa.string()),
+        ("mesh_uri", pa.string()),
+        ("params_uri", pa.string()),  # STEM_body.json
+        ("rigged_uri", pa.string()),
+        ("vertices", pa.int64()),
+        ("faces", pa.int64()),
+        ("bbox_min", pa.list_(pa.float64(), 3)),  # pixel frame
+        ("bbox_max", pa.list_(pa.float64(), 3)),
+        ("mask_iou", pa.float64()),
+        ("landmark_error_px", pa.float64()),
+        ("low_quality", pa.bool_()),
+        ("quality_note", pa.string()),
+        ("landmark_source", pa.string()),
+        ("seconds_read", pa.float64()),
+        ("seconds_fit", pa.float64()),
+        ("seconds_write", pa.float64()),
+        ("node", pa.string()),
+        ("worker", pa.string()),
+        ("fitter_id", pa.string()),  # hash of the fit settings and the anny version
+        ("finished_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class FitJobConfig:
+    """One `pifuhd fit` job."""
+
+    inputs: tuple[str, ...]
+    output: str
+    fit: FitConfig = field(default_factory=FitConfig)
+    mesh_format: str = "obj"
+    rigged: bool = False  # also write STEM_body_rigged.glb
+    overwrite: bool = False
+    max_pixels: int = 100_000_000  # decompression-bomb guard
+    manifest_flush_rows: int = 50
+
+    def __post_init__(self) -> None:
+        if self.mesh_format not in MESH_FORMATS:
+            raise ValueError(f"mesh format must be one of {MESH_FORMATS}, not {self.mesh_format!r}")
+        if not self.inputs:
+            raise ValueError("no inputs given")
+
+
+def fitter_id(config: FitConfig) -> str:
+    """Identity of the fit's settings and body model: a re-run with another redoes every input."""
+    import anny
+
+    text = json.dumps({"fit": dataclasses.asdict(config), "anny": getattr(anny, "__version__", "?"), "format": 1}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PersonInput:
+    """What the fitter needs from the person finder: landmarks (33, 3), world landmarks (33, 3) or
+    None, the person mask (H, W) bool or None, and where the landmarks came from."""
+
+    landmarks: np.ndarray
+    world_landmarks: np.ndarray | None
+    mask: np.ndarray | None
+    source: str
+
+
+def find_person(image_bytes: bytes, sidecars: dict[str, bytes | None], name: str, max_pixels: int) -> tuple[PersonInput, tuple[int, int]]:
+    """The landmark source of the job: one photo (and its sidecars) -> (PersonInput, (width, height)).
+
+    This is the one place the person finder plugs in. Until then: landmarks from the
+    `NAME_keypoints.json` sidecar, mask from `NAME_mask.*` or the alpha channel (none otherwise).
+    """
+    from model.body.landmarks import parse_body_keypoints
+    from model.preprocess import ALPHA_BOX_THRESHOLD, load_image, load_mask
+
+    image = load_image(image_bytes, name, max_pixels=max_pixels)
+    height, width = image.rgb.shape[:2]
+    if sidecars.get("keypoints") is None:
+        raise InputError(f"{name}: no landmarks: the body fit needs a NAME_keypoints.json beside the image "
+                         "(MediaPipe-33 or OpenPose BODY_25)")
+    keypoints = parse_body_keypoints(sidecars["keypoints"], f"keypoints for {name}")
+    mask = None
+    if sidecars.get("mask") is not None:
+        mask = load_mask(sidecars["mask"], f"mask for {name}", max_pixels=max_pixels)
+    elif image.alpha is not None and image.alpha.min() < 1:
+        mask = image.alpha > ALPHA_BOX_THRESHOLD
+    if mask is not None and mask.shape != (height, width):
+        raise InputError(f"mask for {name}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}")
+    person = PersonInput(keypoints.landmarks, keypoints.world_landmarks, mask, f"sidecar {keypoints.layout}")
+    return person, (width, height)
+
+
+def initial_rows(items: list[InputItem], config: FitJobConfig, run_id: str, fitter: str) -> list[dict]:
+    """One pending record per input, with its output locations fixed up front."""
+    records = []
+    for item in items:
+        stem = join(config.output, "bodies", safe_stem(item.name, item.uri))
+        records.append({
+            "run_id": run_id,
+            "input_uri": redact(item.uri),
+            "status": "pending",
+            "mesh_uri": f"{stem}_body.{config.mesh_format}",
+            "params_uri": f"{stem}_body.json",
+            "rigged_uri": f"{stem}_body_rigged.glb" if config.rigged else None,
+            "fitter_id": fitter,
+            "item": item.to_dict(),
+        })
+    return records
+
+
+def _fit_one(record: dict, config: FitJobConfig) -> dict:
+    from model.body.export import body_json, mesh_bytes, rigged_glb
+    from model.body.fit import fit_body
+
+    item = InputItem(**record["item"])
+    start = time.perf_counter()
+    image = _read(item.uri)
+    sidecars = {k: _read(getattr(item, f"{k}_uri")) if getattr(item, f"{k}_uri") else None for k in ("mask", "rect", "keypoints")}
+    digest = hashlib.sha256(image)
+    for key in ("mask", "rect", "keypoints"):
+        digest.update(key.encode() + (sidecars[key] or b""))
+    record["content_hash"] = digest.hexdigest()
+    record["seconds_read"] = time.perf_counter() - start
+    marker = None if config.overwrite else _finished_marker(record["params_uri"])
+    if marker and marker.get("content_hash") == record["content_hash"] and marker.get("fitter_id") == record["fitter_id"]:
+        record.update(status="skipped", **{k: marker.get(k) for k in ("vertices", "faces", "bbox_min", "bbox_max")})
+        return record
+
+    start = time.perf_counter()
+    name = redact(item.uri)
+    person, size = find_person(image, sidecars, name, config.max_pixels)
+    fit = fit_body(person.landmarks, size, mask=person.mask, world_landmarks=person.world_landmarks, config=config.fit, name=name)
+    record["seconds_fit"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    write_bytes_atomic(record["mesh_uri"], mesh_bytes(fit.vertices, fit.faces, config.mesh_format))
+    if config.rigged:
+        write_bytes_atomic(record["rigged_uri"], rigged_glb(fit))
+    record.update(
+        status="ok",
+        vertices=len(fit.vertices),
+        faces=len(fit.faces),
+        bbox_min=[float(v) for v in fit.vertices.min(0)],
+        bbox_max=[float(v) for v in fit.vertices.max(0)],
+        mask_iou=fit.mask_iou,
+        landmark_error_px=fit.landmark_error_px,
+        low_quality=fit.low_quality,
+        quality_note=fit.quality_note,
+        landmark_source=person.source,
+    )
+    extra = {k: record[k] for k in ("input_uri", "content_hash", "fitter_id", "mesh_uri", "vertices", "faces", "bbox_min", "bbox_max")}
+    # Written last: its presence means every output of this input is complete.
+    write_bytes_atomic(record["params_uri"], body_json(fit, extra).encode())
+    record["seconds_write"] = time.perf_counter() - start
+    return record
+
+
+def fit_rows(batch: dict, config: FitJobConfig) -> dict:
+    """Ray Data stage: fit every pending row of the batch; any failure is that row's failed status."""
+    out = []
+    node, worker = _where()
+    for record, _ in _rows(batch):
+        record.update(node=node, worker=worker)
+        try:
+            out.append((_fit_one(record, config), b""))
+        except Exception as exc:  # noqa: BLE001 - one bad image is one failed row
+            out.append(_fail(record, exc))
+    return _batch(out)
+
+
+def _results_on_ray(records: list[dict], config: FitJobConfig):
+    import ray
+
+    dataset = ray.data.from_items(
+        [{"record": json.dumps(r), "payload": b""} for r in records],
+        override_num_blocks=max(1, min(len(records), 256)),
+    )
+    # One CPU per fit: the descent is sequential and single-threaded is its fastest setting.
+    dataset = dataset.map_batches(fit_rows, batch_size=1, num_cpus=1, fn_kwargs={"config": config})
+    for row in dataset.select_columns(["record"]).iter_rows():
+        yield json.loads(row["record"])
+
+
+def _results_in_process(records: list[dict], config: FitJobConfig):
+    for record in records:
+        yield _rows(fit_rows(_batch([(record, b"")]), config))[0][0]
+
+
+def run_fit(config: FitJobConfig, in_process: bool = False, progress: bool = True) -> Summary:
+    """Run one fit job to completion; Ray must already be initialised unless `in_process`."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    records = initial_rows(list_inputs(list(config.inputs)), config, run_id, fitter_id(config.fit))
+    manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, {}, schema=FIT_MANIFEST_SCHEMA)
+    summary = Summary()
+    results = (_results_in_process if in_process else _results_on_ray)(records, config)
+    with tqdm(total=len(records), desc="fit", unit="img", disable=not progress) as bar:
+        for record in results:
+            row = manifest.add(record)
+            setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
+            if row["status"] == "failed" and len(summary.failures) < 20:
+                summary.failures.append((row["input_uri"], f"{row['error_class']}: {row['error_message']}"))
+            bar.update(1)
+    manifest.flush()
+    summary.seconds = time.perf_counter() - start
+    summary.manifest_files = manifest.files
+    return summary
+
+
+def register_cli(commands) -> None:
+    """Add `pifuhd fit` to the command line."""
+    fit = commands.add_parser(
+        "fit",
+        help="fit the anny body to every photo: body meshes, parameters and a Parquet manifest (Ray Data)",
+        description="Fit the free anny body model (pose, shape, orthographic camera) to every input image. INPUT as for "
+        "`reconstruct`. Each image needs NAME_keypoints.json beside it (MediaPipe-33: {\"landmarks\": [[x, y, "
+        "visibility] x 33], \"world_landmarks\": optional}, or OpenPose BODY_25); NAME_mask.png or an alpha channel "
+        "adds the silhouette. Outputs, in the photo's pixel frame: OUT/bodies/STEM_body.EXT and STEM_body.json.",
+    )
+    fit.add_argument("inputs", nargs="+", metavar="INPUT")
+    fit.add_argument("-o", "--output", required=True, help="output folder or s3:// prefix")
+    fit.add_argument("--format", choices=MESH_FORMATS, default="obj", help="body mesh format")
+    fit.add_argument("--rigged", action="store_true", help="also write STEM_body_rigged.glb (anny skeleton and skin weights)")
+    fit.add_argument("--children", action="store_true", help="allow children's ages (default: adults)")
+    fit.add_argument("--overwrite", action="store_true", help="redo inputs already fitted with these settings")
+    fit.add_argument("--fail-on-error", action="store_true", help="exit 1 if any input failed")
+    fit.add_argument("--address", help="Ray cluster address (default: a private local instance)")
+    fit.add_argument("--in-process", action="store_true", help="run the same stage in this process, without Ray")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.set_defaults(handler=_fit_command)
+
+
+def _fit_command(args) -> int:
+    from model.humans import ADULT_AGE, CHILD_AGE
+    from pipelines.ray_runtime import connect_ray
+
+    config = FitJobConfig(
+        inputs=tuple(args.inputs),
+        output=args.output,
+        fit=FitConfig(age_range=(CHILD_AGE[0], ADULT_AGE[1]) if args.children else ADULT_AGE),
+        mesh_format=args.format,
+        rigged=args.rigged,
+        overwrite=args.overwrite,
+    )
+    if not args.in_process:
+        connect_ray(args.address)
+    summary = run_fit(config, in_process=args.in_process, progress=not args.quiet)
+    print(summary.line())
+    for uri, reason in summary.failures:
+        print(f"  failed: {uri}: {reason}")
+    if summary.manifest_files:
+        print(f"manifest: {summary.manifest_files[0].rsplit('/', 1)[0]}/ ({len(summary.manifest_files)} parts)")
+    return 1 if args.fail_on_error and summary.failed else 0

@@ -1,0 +1,229 @@
+"""The anny body fitter against rendered bodies of known truth, its files, and the `pifuhd fit` job."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+
+from model.body import BodyParameters, FitConfig, UnusableLandmarks, body_vertices, fit_body
+from model.body import landmarks as lm
+from model.body.export import body_json, rigged_glb
+from model.body.synthetic import rendered_body, rendered_subject, vertex_error_cm
+from model.errors import InputError
+
+SIZE = 512
+torch.set_num_threads(1)  # the fit's setting: one core (more threads only spin on a busy machine)
+FRONT = [(101, "stand"), (102, "walk"), (103, "gesture")]  # own seeds, not the generator's
+QUICK = FitConfig(camera_steps=10, pose_steps=15, shape_steps=5)
+
+
+@pytest.fixture(scope="module")
+def bodies():
+    cases = {(seed, family, 0): rendered_body(seed, family, 0, SIZE) for seed, family in FRONT}
+    cases[(104, "walk", 90)] = rendered_body(104, "walk", 90, SIZE)
+    cases[(105, "reach", 180)] = rendered_body(105, "reach", 180, SIZE)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def fits(bodies):
+    return {key: fit_body(b.landmarks, (SIZE, SIZE), mask=b.mask, world_landmarks=b.world_landmarks) for key, b in bodies.items()}
+
+
+def test_front_views_meet_the_targets(bodies, fits):
+    errors = []
+    for key in [(s, f, 0) for s, f in FRONT]:
+        body, fit = bodies[key], fits[key]
+        errors.append(vertex_error_cm(fit.vertices, body.vertices, body.pixels_per_cm))
+        assert fit.landmark_error < 0.02, (key, fit.landmark_error)
+        assert fit.mask_iou > 0.8 and not fit.low_quality, (key, fit.mask_iou, fit.quality_note)
+    assert max(errors) < 2.5, errors
+
+
+def test_side_and_back_views(bodies, fits):
+    for key in [(104, "walk", 90), (105, "reach", 180)]:
+        body, fit = bodies[key], fits[key]
+        assert fit.landmark_error < 0.02, (key, fit.landmark_error)
+        assert vertex_error_cm(fit.vertices, body.vertices, body.pixels_per_cm) < 4.0, key
+        assert not fit.low_quality, fit.quality_note
+
+
+def test_noisy_landmarks_without_world_pose_still_fit(bodies):
+    body = bodies[(102, "walk", 0)]
+    noisy = body.landmarks.copy()
+    noisy[:, :2] += np.random.default_rng(0).normal(0, 2.0, (lm.COUNT, 2))  # 2 px of detector noise
+    fit = fit_body(noisy, (SIZE, SIZE), mask=body.mask)
+    assert fit.landmark_error < 0.02 and fit.mask_iou > 0.8
+    assert vertex_error_cm(fit.vertices, body.vertices, body.pixels_per_cm) < 5.0  # depth from 2D and priors only
+
+
+def test_fitted_body_lies_under_the_clothes():
+    import igl
+
+    subject = rendered_subject(106, 0.0, SIZE)
+    fit = fit_body(subject.landmarks, (SIZE, SIZE), mask=subject.mask, world_landmarks=subject.world_landmarks)
+    vertices = np.ascontiguousarray(subject.vertices, dtype=np.float64)
+    faces = np.ascontiguousarray(subject.faces, dtype=np.int64)
+    points = fit.vertices.copy()
+    points[:, 2] += vertices[:, 2].mean() - points[:, 2].mean()  # no depth in an orthographic photo
+    inside = igl.fast_winding_number(vertices, faces, points) > 0.5  # the parts are closed: inside any
+    distance_cm = np.sqrt(igl.point_mesh_squared_distance(points, vertices, faces)[0]) / subject.pixels_per_cm
+    assert np.mean(inside | (distance_cm < 3.0)) >= 0.95
+
+
+def test_fit_is_deterministic(bodies):
+    body = bodies[(101, "stand", 0)]
+    first, second = (fit_body(body.landmarks, (SIZE, SIZE), mask=body.mask, world_landmarks=body.world_landmarks, config=QUICK) for _ in range(2))
+    np.testing.assert_array_equal(first.vertices, second.vertices)
+    assert first.params == second.params
+
+
+def test_unusable_landmarks_fail_clearly(bodies):
+    body = bodies[(101, "stand", 0)]
+    cropped = body.landmarks.copy()
+    cropped[23:, 2] = 0.0  # a torso cropped at the waist: no hips, knees, ankles, feet
+    with pytest.raises(UnusableLandmarks, match="left_hip, right_hip"):
+        fit_body(cropped, (SIZE, SIZE), mask=body.mask)
+    outside = body.landmarks.copy()
+    outside[23:, 1] += SIZE  # below the image: the same as not found
+    with pytest.raises(UnusableLandmarks):
+        fit_body(outside, (SIZE, SIZE))
+    back = np.zeros_like(body.landmarks)
+    back[list(lm.SHOULDERS)] = body.landmarks[list(lm.SHOULDERS)]  # a back view where only the shoulders were found
+    with pytest.raises(UnusableLandmarks, match="2 of 12"):
+        fit_body(back, (SIZE, SIZE))
+    assert issubclass(UnusableLandmarks, InputError)
+    with pytest.raises(InputError, match=r"\(33, 3\)"):
+        fit_body(body.landmarks[:17], (SIZE, SIZE))
+
+
+def test_a_mismatched_mask_is_flagged_low_quality(bodies):
+    body = bodies[(101, "stand", 0)]
+    wrong = np.zeros_like(body.mask)
+    wrong[:120, :120] = True  # someone else's mask in the corner
+    fit = fit_body(body.landmarks, (SIZE, SIZE), mask=wrong, config=QUICK)
+    assert fit.low_quality and "IoU" in fit.quality_note
+
+
+@pytest.fixture(scope="module")
+def quick_fit(bodies):
+    body = bodies[(103, "gesture", 0)]
+    return fit_body(body.landmarks, (SIZE, SIZE), mask=body.mask, world_landmarks=body.world_landmarks, config=QUICK)
+
+
+def test_parameters_reproduce_the_body(quick_fit):
+    fit = quick_fit
+    params = BodyParameters.from_json(body_json(fit, {"content_hash": "x"}))
+    assert params == fit.params
+    np.testing.assert_allclose(body_vertices(params), fit.vertices, atol=1e-3)  # pixels
+
+
+def test_rigged_glb_binds_to_the_fitted_pose(quick_fit):
+    fit = quick_fit
+    data = rigged_glb(fit)
+    magic, version, length = struct.unpack("<4sII", data[:12])
+    assert (magic, version, length) == (b"glTF", 2, len(data))
+    json_length = struct.unpack("<I", data[12:16])[0]
+    document = json.loads(data[20 : 20 + json_length])
+    skin = document["skins"][0]
+    assert len(skin["joints"]) == 104
+    mesh = trimesh.load(io.BytesIO(data), file_type="glb", force="mesh", process=False)
+    np.testing.assert_allclose(np.asarray(mesh.vertices), fit.vertices, atol=1e-2)
+
+    # Every joint's global transform times its inverse bind matrix is the identity: the bind pose is the fit.
+    binary = data[20 + json_length + 8 :]
+    view = document["bufferViews"][document["accessors"][skin["inverseBindMatrices"]]["bufferView"]]
+    inverse_bind = np.frombuffer(binary[view["byteOffset"] : view["byteOffset"] + view["byteLength"]], np.float32)
+    inverse_bind = inverse_bind.reshape(-1, 4, 4).transpose(0, 2, 1)
+    nodes = document["nodes"]
+    parent = {c: i for i, n in enumerate(nodes) for c in n.get("children", [])}
+
+    def global_matrix(i):
+        local = np.asarray(nodes[i]["matrix"]).reshape(4, 4).T
+        return global_matrix(parent[i]) @ local if i in parent else local
+
+    for joint, ibm in zip(skin["joints"], inverse_bind):
+        np.testing.assert_allclose(global_matrix(joint) @ ibm, np.eye(4), atol=2e-3)
+
+
+def test_keypoint_sidecars():
+    landmarks = np.tile([[10.0, 20.0, 0.9]], (33, 1))
+    parsed = lm.parse_body_keypoints(json.dumps({"landmarks": landmarks.tolist()}).encode())
+    assert parsed.layout == "mediapipe-33" and parsed.world_landmarks is None
+    np.testing.assert_allclose(parsed.landmarks, landmarks)
+
+    body25 = np.zeros((25, 3))
+    body25[5] = (100, 50, 0.8)  # OpenPose LShoulder, pixel indices
+    small = np.zeros((25, 3))
+    small[5], small[2] = (1, 1, 0.9), (2, 2, 0.9)
+    people = {"people": [{"pose_keypoints_2d": small.ravel().tolist()}, {"pose_keypoints_2d": body25.ravel().tolist()}]}
+    body25[2] = (300, 60, 0.7)
+    people["people"][1]["pose_keypoints_2d"] = body25.ravel().tolist()
+    parsed = lm.parse_body_keypoints(json.dumps(people).encode())
+    assert parsed.layout == "openpose-body25"
+    np.testing.assert_allclose(parsed.landmarks[lm.INDEX["left_shoulder"]], (100.5, 50.5, 0.8))  # the larger person
+    np.testing.assert_allclose(parsed.landmarks[lm.INDEX["right_shoulder"]], (300.5, 60.5, 0.7))
+
+    for bad, cause in ((b"{", "not valid JSON"), (b'{"landmarks": [[1, 2, 3]]}', r"\(33, 3\)"),
+                       (json.dumps({"people": [{"pose_keypoints_2d": [0.0] * 54}]}).encode(), "BODY_25")):
+        with pytest.raises(InputError, match=cause):
+            lm.parse_body_keypoints(bad, "k.json")
+
+
+# ---- the Ray Data job -------------------------------------------------------------------------
+
+
+def _photo_files(body) -> dict[str, bytes]:
+    """A rendered body as a photo with alpha (the mask) and a MediaPipe-33 keypoints sidecar."""
+    rgba = np.dstack([body.image, body.mask.astype(np.uint8) * 255])
+    buffer = io.BytesIO()
+    Image.fromarray(rgba).save(buffer, format="PNG")
+    keypoints = {"landmarks": body.landmarks.tolist(), "world_landmarks": body.world_landmarks.tolist()}
+    return {"png": buffer.getvalue(), "json": json.dumps(keypoints).encode()}
+
+
+def test_fit_job_on_ray_with_s3(ray_local, s3_bucket, bodies):
+    import s3fs
+
+    from pipelines.fit import FIT_MANIFEST_SCHEMA, FitJobConfig, run_fit
+    from pipelines.bulk import read_manifest
+
+    fs = s3fs.S3FileSystem()
+    good = _photo_files(bodies[(101, "stand", 0)])
+    fs.pipe_file(f"{s3_bucket}/in/person.png", good["png"])
+    fs.pipe_file(f"{s3_bucket}/in/person_keypoints.json", good["json"])
+    fs.pipe_file(f"{s3_bucket}/in/no_landmarks.png", good["png"])
+    fs.pipe_file(f"{s3_bucket}/in/broken.png", good["png"][:100])
+    cropped = json.loads(good["json"])
+    for row in cropped["landmarks"][23:]:
+        row[2] = 0.0
+    fs.pipe_file(f"{s3_bucket}/in/cropped.png", good["png"])
+    fs.pipe_file(f"{s3_bucket}/in/cropped_keypoints.json", json.dumps(cropped).encode())
+
+    out = f"s3://{s3_bucket}/out"
+    config = FitJobConfig(inputs=(f"s3://{s3_bucket}/in",), output=out, fit=QUICK, rigged=True)
+    summary = run_fit(config, progress=False)
+    assert (summary.ok, summary.failed, summary.skipped) == (1, 3, 0)
+    manifest = read_manifest(out, FIT_MANIFEST_SCHEMA)
+    rows = {uri.rsplit("/", 1)[1]: row for uri, row in zip(manifest["input_uri"], manifest.to_dict("records"))}
+    assert set(rows) == {"person.png", "no_landmarks.png", "broken.png", "cropped.png"}
+    ok = rows["person.png"]
+    assert ok["status"] == "ok" and ok["vertices"] > 10000 and ok["mask_iou"] > 0.5 and ok["landmark_source"] == "sidecar mediapipe-33"
+    mesh = trimesh.load(io.BytesIO(fs.cat_file(ok["mesh_uri"])), file_type="obj", force="mesh", process=False)
+    assert len(mesh.faces) == ok["faces"]
+    params = BodyParameters.from_json(fs.cat_file(ok["params_uri"]))
+    np.testing.assert_allclose(body_vertices(params), mesh.vertices, atol=1e-3)
+    assert fs.cat_file(ok["rigged_uri"])[:4] == b"glTF"
+    assert "NAME_keypoints.json" in rows["no_landmarks.png"]["error_message"]
+    assert rows["cropped.png"]["error_class"] == "UnusableLandmarks"
+    assert rows["broken.png"]["error_class"] == "InputError"
+
+    again = run_fit(config, progress=False)  # resumes: the finished input is skipped, failures retried
+    assert (again.ok, again.failed, again.skipped) == (0, 3, 1)
