@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.preprocess import Box, box_from_mask
+from model.errors import InputError
+from model.preprocess import (DEFAULT_KEYPOINT_THRESHOLD, Box, DecodedImage, PreparedImage, alpha_is_mask, box_from_mask,
+                              prepare_input, sidecar_box)
 
 MODELS = Path(__file__).resolve().parent / "models"
 DETECTOR_FILE = MODELS / "pose_detection.tflite"
@@ -43,7 +45,8 @@ DETECTOR_SIZE = 224
 LANDMARK_SIZE = 256
 LANDMARK_COUNT = 33  # MediaPipe's order: 0 nose ... 11/12 shoulders, 23/24 hips, 27/28 ankles, 31/32 feet
 LETTERBOX_FILL = (128, 128, 128)
-ROI_SCALE = 1.25  # the body circle's diameter x this = the ROI side (the margin the landmark net was trained with)
+ROI_SCALE = 1.25
+HIDE_THRESHOLD = 0.1  # mask probability above which a found person is painted out before the next detection round  # the body circle's diameter x this = the ROI side (the margin the landmark net was trained with)
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class PersonFinderConfig:
     """detection_threshold: minimum detector score (sigmoid, 0..1) of a detection kept.
     nms_iou: detections whose face boxes overlap more than this are merged (score-weighted).
     presence_threshold: minimum landmark-net "pose present" score of a person kept.
-    max_people: at most this many detections (best first) get landmarks and a mask.
+    max_people: at most this many people are returned (detections best first).
     threads: interpreter threads (1: one core per finder, as a Ray actor holds)."""
 
     detection_threshold: float = 0.5
@@ -149,6 +152,10 @@ def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area(box) + area(others) - inter, 1e-12)
 
 
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
 def weighted_nms(boxes: np.ndarray, points: np.ndarray, scores: np.ndarray, iou: float) -> list[tuple[float, np.ndarray]]:
     """Merge overlapping detections, best first.
 
@@ -201,16 +208,35 @@ class PersonFinder:
 
     def find(self, rgb: np.ndarray) -> list[Person]:
         """rgb (H, W, 3) uint8, or float in [0, 1] -> the people in it, most prominent first
-        (largest mask; on equal masks the box centre nearest the image centre). [] if none."""
+        (largest mask; on equal masks the box centre nearest the image centre). [] if none.
+
+        Detection runs in rounds: the people found are painted grey and the detector runs again,
+        until a round finds no one new (the detector tends to report one dominant person and
+        miss a smaller one beside it; with that person hidden it finds the other).
+        """
         image = _as_uint8(rgb)
+        height, width = image.shape[:2]
         with self._lock:
             self.images_seen += 1
-            height, width = image.shape[:2]
-            people = []
-            for score, keypoints in self._detect(image)[: self.config.max_people]:
-                person = self._landmarks(image, score, _roi_from_keypoints(keypoints))
-                if person is not None:
-                    people.append(person)
+            people: list[Person] = []
+            hidden = image
+            while len(people) < self.config.max_people:
+                new = []
+                for score, keypoints in self._detect(hidden):
+                    if len(people) + len(new) >= self.config.max_people:
+                        break
+                    hip = np.clip(np.round(keypoints[0]).astype(int), 0, [width - 1, height - 1])
+                    if any(p.mask[hip[1], hip[0]] for p in people + new):
+                        continue  # a person already found, detected again
+                    person = self._landmarks(image, score, _roi_from_keypoints(keypoints))
+                    if person is not None and all(_mask_iou(person.mask, p.mask) < 0.5 for p in people + new):
+                        new.append(person)
+                if not new:
+                    break
+                people += new
+                hidden = hidden.copy()
+                for person in new:
+                    hidden[person.mask_soft > HIDE_THRESHOLD] = 128
         centre = np.array([width / 2, height / 2])
         return sorted(people, key=lambda p: (-int(p.mask.sum()), float(np.linalg.norm(np.asarray(p.box.centre) - centre))))
 
@@ -367,7 +393,100 @@ def _mask_to_image(mask: np.ndarray, roi: _Roi, height: int, width: int) -> np.n
         return out
     inverse = np.linalg.inv(np.vstack([roi.crop_to_image(), [0, 0, 1]]))[:2]  # image point -> crop point
     inverse[:, 2] += inverse[:, :2] @ np.array([x0, y0], float)  # from the bounding box's own pixels
-    warped = Image.fromarray(np.ascontiguousarray(mask, dtype=np.float32), mode="F").transform(
+    warped = Image.fromarray(np.ascontiguousarray(mask, dtype=np.float32)).transform(
         (x1 - x0, y1 - y0), Image.AFFINE, data=tuple(inverse.ravel()), resample=Image.BILINEAR, fillcolor=0.0)
     out[y0:y1, x0:x1] = np.asarray(warped)
     return out
+
+
+# ---- from a photo to the network's inputs ----------------------------------------------------
+
+PERSON_MODES = ("auto", "sidecar", "off")
+
+
+@dataclass(frozen=True)
+class PersonOptions:
+    """How `prepare_people` finds the person in each photo.
+
+    mode: "auto" (a mask or alpha when given, else the finder; a rect or keypoints still fix the
+        crop and the finder's mask replaces the background), "sidecar" (the given mask, alpha,
+        rect or keypoints only; the finder never runs) or "off" (the whole image is the crop,
+        its background kept; sidecars and alpha are ignored).
+    all_people: every person found becomes its own input (else the most prominent one only).
+    min_score: people whose detection score is below this are not counted as found.
+    """
+
+    mode: str = "auto"
+    all_people: bool = False
+    min_score: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.mode not in PERSON_MODES:
+            raise ValueError(f"person mode must be one of {PERSON_MODES}, not {self.mode!r}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
+
+
+@dataclass(frozen=True)
+class PersonInput:
+    """One network input made from a photo. person: the found person it shows (None when the
+    finder did not run); index: its rank among the people found (0 = most prominent);
+    persons_found: how many people the finder found at or above the minimum score (None when
+    it did not run)."""
+
+    prepared: PreparedImage
+    person: Person | None
+    index: int
+    persons_found: int | None
+
+
+def _mask_inside(mask: np.ndarray, box: Box) -> int:
+    """Pixels of an (H, W) bool mask inside a box."""
+    height, width = mask.shape
+    x0, x1 = (int(np.clip(round(v), 0, width)) for v in (box.x0, box.x1))
+    y0, y1 = (int(np.clip(round(v), 0, height)) for v in (box.y0, box.y1))
+    return int(mask[y0:y1, x0:x1].sum())
+
+
+def prepare_people(image: DecodedImage, finder: PersonFinder | None, options: PersonOptions, *, name: str, mask=None, rect=None,
+                   keypoints=None, **prepare_kwargs) -> list[PersonInput]:
+    """A decoded photo (`model.preprocess.DecodedImage`) and its sidecars -> the inputs to reconstruct.
+
+    The finder (needed in mode "auto" only) runs when no mask or alpha is given. With a rect or
+    keypoints box, the found person with the most mask pixels inside that box is used (and when
+    none is found, the box's crop keeps the photo's background); else the most prominent one, or
+    every one with `all_people`. prepare_kwargs go to `prepare_input` (sizes, margin,
+    keypoint_threshold, max_pixels).
+    Raises InputError when the finder ran, no box was given and no person at or above
+    `min_score` was found.
+    """
+    if options.mode == "off":
+        height, width = image.rgb.shape[:2]
+        whole = prepare_input(DecodedImage(image.rgb, None), name=name, rect=Box(0, 0, width, height), **prepare_kwargs)
+        return [PersonInput(whole, None, 0, None)]
+    if options.mode == "sidecar" or mask is not None or alpha_is_mask(image):
+        given = prepare_input(image, name=name, mask=mask, rect=rect, keypoints=keypoints, **prepare_kwargs)
+        return [PersonInput(given, None, 0, None)]
+    if finder is None:
+        raise ValueError("person mode 'auto' needs a PersonFinder")
+
+    found = finder.find(image.rgb)
+    people = [p for p in found if p.score >= options.min_score]
+    box = sidecar_box(rect, keypoints, name, prepare_kwargs.get("keypoint_threshold", DEFAULT_KEYPOINT_THRESHOLD))
+    if not people and box is not None:  # the given box still says where the person is: keep its crop as it is
+        given = prepare_input(image, name=name, rect=rect, keypoints=keypoints, **prepare_kwargs)
+        return [PersonInput(given, None, 0, 0)]
+    if not people:
+        best = f"; the best score was {max(p.score for p in found):.2f}" if found else ""
+        raise InputError(f"{name}: no person found (none with a score >= {options.min_score}{best})")
+    if box is not None:
+        chosen = [max(range(len(people)), key=lambda k: _mask_inside(people[k].mask, box))]
+    else:
+        chosen = list(range(len(people))) if options.all_people else [0]
+    return [
+        PersonInput(
+            prepare_input(image, name=name, rect=rect, keypoints=keypoints, person_mask=people[k].mask_soft, **prepare_kwargs),
+            people[k], k, len(people),
+        )
+        for k in chosen
+    ]
