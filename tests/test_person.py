@@ -120,6 +120,19 @@ def test_masks_and_boxes_match_the_renderer(finder, renders):
     assert max(box_errors) <= 0.03, box_errors
 
 
+def test_a_turned_photo_gives_the_turned_person(finder, renders):
+    """The rotated-ROI conventions: a person lying on their side (the photo turned 90 degrees) is
+    found with the same mask and landmarks, turned."""
+    rng = np.random.default_rng(3)
+    photo, [truth] = composite(rng, (480, 640), [(*renders[0], 0.9, 0.5, 0.05)])
+    upright = finder.find(photo)[0]
+    turned = finder.find(np.ascontiguousarray(np.rot90(photo)))[0]  # counter-clockwise: (x, y) -> (y, W - x)
+    assert iou(turned.mask, np.rot90(truth)) > 0.85
+    expected = np.stack([upright.landmarks[:, 1], photo.shape[1] - upright.landmarks[:, 0]], axis=1)
+    moved = np.linalg.norm(turned.landmarks[:, :2] - expected, axis=1)
+    assert np.median(moved) < 0.02 * max(photo.shape), moved
+
+
 def test_no_person_gives_nothing(finder):
     rng = np.random.default_rng(2)
     for size in (256, 640):
@@ -268,3 +281,16 @@ def test_ray_bulk_over_plain_jpegs_on_s3(ray_local, s3_bucket, renders, checkpoi
         # The preview's input panel carries the mask outline (pure green pixels).
         preview = np.asarray(Image.open(io.BytesIO(fs.cat_file(row["preview_uri"]))))[:, :256]
         assert ((preview == (0, 255, 0)).all(axis=2)).sum() > 100
+
+
+def test_command_line_person_options():
+    from pipelines.cli import build_parser
+
+    args = build_parser().parse_args(["reconstruct", "in/", "-o", "out/"])
+    assert (args.person, args.all_people, args.min_person_score, args.prepare_actors) == ("auto", False, 0.5, 1)
+    args = build_parser().parse_args(["reconstruct", "in/", "-o", "out/", "--person", "sidecar", "--all-people",
+                                      "--min-person-score", "0.8", "--prepare-actors", "2"])
+    assert PersonOptions(mode=args.person, all_people=args.all_people, min_score=args.min_person_score) == \
+        PersonOptions("sidecar", True, 0.8)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["reconstruct", "in/", "-o", "out/", "--person", "maybe"])
