@@ -20,17 +20,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
 from model.person import PersonFinder, PersonFinderConfig
 from model.reconstruct import ReconstructionConfig
 from model.render import procedural_background
-from pipelines.bulk import BulkConfig, run_bulk
+from pipelines.bulk import BulkConfig, read_manifest, run_bulk
 from pipelines.checkpoints import default_checkpoint
 from pipelines.ray_runtime import connect_ray
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "synthetic_person.png"
+STAGES = ("read", "prepare", "encode", "surface", "mesh", "write")
 
 
 def photo(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +76,7 @@ def bulk_throughput(images: int, resolution: int, repeats: int) -> None:
         connect_ray(None)
         ray_start = time.perf_counter() - start
         rates: dict[str, list[float]] = {"sidecar masks": [], "finder": []}
+        stages: dict[str, list] = {"sidecar masks": [], "finder": []}
         for repeat in range(repeats):
             for name, folder in (("sidecar masks", masked), ("finder", plain)):
                 config = BulkConfig(inputs=(str(folder),), output=f"{tmp}/out-{name.replace(' ', '-')}-{repeat}",
@@ -82,10 +85,14 @@ def bulk_throughput(images: int, resolution: int, repeats: int) -> None:
                 if summary.ok != images:
                     raise RuntimeError(f"{name}: {summary.line()}: {summary.failures}")
                 rates[name].append(summary.total / summary.seconds)
+                stages[name].append(read_manifest(config.output))
         print(f"  bulk, {images} JPEGs at 512 x 512, resolution {resolution}, {repeats} alternating repeats; "
               f"Ray start-up {ray_start:.1f} s, not counted")
         for name, values in rates.items():
-            print(f"    {name:<14} {statistics.mean(values):.3f} images/s ({', '.join(f'{v:.3f}' for v in values)})")
+            manifest = pd.concat(stages[name])
+            seconds = ", ".join(f"{s} {manifest[f'seconds_{s}'].mean():.2f}" for s in STAGES)
+            print(f"    {name:<14} {statistics.mean(values):.3f} images/s ({', '.join(f'{v:.3f}' for v in values)}); "
+                  f"mean seconds per stage: {seconds}; points {manifest['points_evaluated'].mean():.0f}")
         ratio = statistics.mean(rates["finder"]) / statistics.mean(rates["sidecar masks"])
         print(f"  finder-on reaches {100 * ratio:.0f} % of the sidecar-mask throughput (target >= 95 %)")
 

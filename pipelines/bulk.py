@@ -8,13 +8,14 @@
 
 Every row carries a JSON `record` (the manifest fields) and a `payload` (pickled arrays for the
 next stage). With `PersonOptions.all_people` the prepare stage turns one input into one row per
-person found (outputs `NAME_p<k>.*`, k = 0 the most prominent). Any failure inside a stage becomes status "failed" with the error class and message
-on that row; later stages pass failed and skipped rows through untouched, so one bad image never
-stops the job. A `.json` marker is written beside each finished mesh; a re-run skips inputs whose
-marker has the same content hash and checkpoint id (resume after a killed driver or worker).
+person found (outputs `NAME_p<k>.*`, k = 0 the most prominent). Any failure inside a stage
+becomes status "failed" with the error class and message on that row; later stages pass failed
+and skipped rows through untouched, so one bad image never stops the job. A `.json` marker is
+written beside each finished mesh; a re-run skips inputs whose marker has the same content hash
+and checkpoint id (resume after a killed driver or worker).
 
 Manifest (Parquet, `OUT/manifest/run-<run_id>-<part>.parquet`, append-only, one row per input
-per run): see `MANIFEST_SCHEMA`.
+per run, or per person with `all_people`): see `MANIFEST_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.person import PersonOptions
+from model.person import PersonInput, PersonOptions
 from model.reconstruct import MESH_FORMATS, ReconstructionConfig
 from pipelines.inputs import InputItem, list_inputs
 from pipelines.metrics import BulkMetrics
@@ -217,7 +218,7 @@ def _finished(record: dict) -> bool:
     return True
 
 
-def _person_files(record: dict, person_input) -> dict[str, bytes]:
+def _person_files(record: dict, person_input: PersonInput) -> dict[str, bytes]:
     """The finder's mask (8-bit PNG, the image's size) and JSON record for one output; {} when it did not run."""
     from model.render import png_bytes
 
