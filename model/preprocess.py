@@ -5,8 +5,10 @@ Pipeline, top to bottom:
 1. **Decode** (`load_image`): any PIL-readable file (path or bytes) -> RGB float32
    (H, W, 3) in [0, 1] plus an optional alpha (H, W), EXIF orientation applied.
 2. **Person box** (`_person_region`): from, in this priority, an explicit mask
-   image, the alpha channel, a rectangle (`NAME_rect.txt`) or OpenPose
-   keypoints (`NAME_keypoints.json`); see `find_sidecars`.
+   image, the alpha channel, a rectangle (`NAME_rect.txt`), OpenPose keypoints
+   (`NAME_keypoints.json`) or a found person's mask (`model.person`); see
+   `find_sidecars`. A found person's mask also replaces the background under a
+   rectangle or keypoints box.
 3. **Crop** (`square_crop`, `_render`): a square around the box (side = margin x
    the box's larger side), background composited to 0.5 grey, resized to each
    input size, scaled to [-1, 1].
@@ -154,11 +156,14 @@ class PreparedImage:
 
     images: input side S -> (3, S, S) float32 RGB in [-1, 1]; background 0.
     mask: (1, S, S) float32 in [0, 1] at S = crop.size: the person mask when
-        box_source is "mask" or "alpha", else the part of the crop inside the image.
+        mask_source is set, else the part of the crop inside the image.
     crop: the square and the frame it defines (see `world_to_pixel`).
     rgb: the original image, (H, W, 3) float32 in [0, 1], for vertex colouring.
     person_box: the person's box in continuous pixel coordinates.
-    box_source: "mask", "alpha", "rect" or "keypoints".
+    box_source: where the box came from: "mask", "alpha", "rect", "keypoints" or "person"
+        (a found person's mask, `model.person`).
+    mask_source: where the mask that replaced the background came from: "mask", "alpha",
+        "person", or None (the photo's background is kept).
     """
 
     name: str
@@ -168,6 +173,7 @@ class PreparedImage:
     rgb: np.ndarray
     person_box: Box
     box_source: str
+    mask_source: str | None
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -176,7 +182,7 @@ class PreparedImage:
 
     @property
     def has_segmentation(self) -> bool:
-        return self.box_source in ("mask", "alpha")
+        return self.mask_source is not None
 
 
 # ------------------------------------------------------------------------ decoding
@@ -522,20 +528,36 @@ def _as_keypoints(keypoints: object, name: str, threshold: float) -> np.ndarray:
     return points
 
 
+def alpha_is_mask(image: DecodedImage) -> bool:
+    """Whether the image's alpha channel marks a person (it exists and is not fully opaque)."""
+    return image.alpha is not None and float(image.alpha.min()) < 1
+
+
+def sidecar_box(rect: object, keypoints: object, name: str, threshold: float = DEFAULT_KEYPOINT_THRESHOLD) -> Box | None:
+    """The person box a rect (first) or keypoints source gives, or None when neither is given."""
+    if rect is not None:
+        return _as_rect(rect, name)
+    if keypoints is not None:
+        return box_from_keypoints(_as_keypoints(keypoints, name, threshold))
+    return None
+
+
 def _person_region(
     image: DecodedImage,
     name: str,
     mask: object,
     rect: object,
     keypoints: object,
+    person_mask: np.ndarray | None,
     threshold: float,
     max_pixels: int,
-) -> tuple[Box, np.ndarray | None, str]:
-    """Pick the person box from the highest-priority source given.
+) -> tuple[Box, np.ndarray | None, str, str | None]:
+    """Pick the person box and mask from the highest-priority source given.
 
-    Returns (box, weight, source): weight is the (H, W) float32 person mask in
-    [0, 1] for "mask" / "alpha" and None for "rect" / "keypoints". Lower
-    priority sources are not read. A fully opaque alpha counts as no alpha.
+    Returns (box, weight, box_source, mask_source): weight is the (H, W) float32 person mask in
+    [0, 1] used to replace the background, or None to keep it. Priority: a mask, the alpha (not
+    when fully opaque), then the box of a rect, keypoints or the found person's mask (in that
+    order) with the found person's mask, if any, as the weight. Lower priority sources are not read.
     """
     height, width = image.rgb.shape[:2]
     if mask is not None:
@@ -552,21 +574,27 @@ def _person_region(
         box = box_from_mask(person)
         if box is None:
             raise InputError(f"{mask_name}: mask for {name} is empty (all zero): no person")
-        return box, person.astype(np.float32), "mask"
+        return box, person.astype(np.float32), "mask", "mask"
 
-    alpha = image.alpha
-    if alpha is not None and alpha.min() < 1:
-        box = box_from_mask(alpha > ALPHA_BOX_THRESHOLD)
+    if alpha_is_mask(image):
+        box = box_from_mask(image.alpha > ALPHA_BOX_THRESHOLD)
         if box is None:
             raise InputError(f"{name}: alpha channel is (almost) fully transparent: no person")
-        return box, alpha, "alpha"
+        return box, image.alpha, "alpha", "alpha"
 
-    if rect is not None:
-        return _as_rect(rect, name), None, "rect"
-    if keypoints is not None:
-        return box_from_keypoints(_as_keypoints(keypoints, name, threshold)), None, "keypoints"
+    if person_mask is not None and person_mask.shape != (height, width):
+        raise ValueError(f"{name}: person_mask is {person_mask.shape}, the image is {(height, width)}")
+    mask_source = None if person_mask is None else "person"
+    box = sidecar_box(rect, keypoints, name, threshold)
+    if box is not None:
+        return box, person_mask, "rect" if rect is not None else "keypoints", mask_source
+    if person_mask is not None:
+        box = box_from_mask(person_mask > 0.5)
+        if box is None:
+            raise InputError(f"{name}: the found person's mask is empty: no person")
+        return box, person_mask, "person", mask_source
 
-    alpha_note = "a fully opaque alpha channel" if alpha is not None else "no alpha channel"
+    alpha_note = "a fully opaque alpha channel" if image.alpha is not None else "no alpha channel"
     raise InputError(
         f"{name}: no person box: the image has {alpha_note} and no mask, rect or keypoints "
         f"was given (e.g. NAME_mask.png, NAME_rect.txt or NAME_keypoints.json beside it)"
@@ -691,12 +719,13 @@ def _check_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
 
 
 def prepare_input(
-    image_source: ImageSource,
+    image_source: ImageSource | DecodedImage,
     *,
     name: str | None = None,
     mask: ImageSource | np.ndarray | None = None,
     rect: Box | Sequence[float] | ImageSource | None = None,
     keypoints: np.ndarray | ImageSource | None = None,
+    person_mask: np.ndarray | None = None,
     sizes: Sequence[int] = DEFAULT_SIZES,
     margin: float = DEFAULT_MARGIN,
     keypoint_threshold: float = DEFAULT_KEYPOINT_THRESHOLD,
@@ -704,27 +733,33 @@ def prepare_input(
 ) -> PreparedImage:
     """Decode an image and turn it into the network's inputs.
 
-    image_source: path or bytes. name: for messages (default: the path).
+    image_source: path, bytes, or an image already decoded by `load_image`.
+    name: for messages (default: the path).
     Person box, first given source wins (the others are not read):
       mask: a mask image (path/bytes, any mode, nonzero = person) or an (H, W) array;
       the image's alpha channel (unless fully opaque);
       rect: a Box, an (x, y, w, h) sequence in pixels, or a rect file (path/bytes);
-      keypoints: a (K, 2) / (K, 3) array in pixel indices, or an OpenPose JSON (path/bytes).
-    The crop side is margin x the box's larger side. With a mask/alpha, the
-    background becomes 0 (grey); with a rect/keypoints the photo's background
-    is kept and only the padding outside the image is 0.
+      keypoints: a (K, 2) / (K, 3) array in pixel indices, or an OpenPose JSON (path/bytes);
+      person_mask: an (H, W) float mask in [0, 1] of a found person (`model.person`): its box.
+    The crop side is margin x the box's larger side. With a mask/alpha, or a
+    person_mask under a rect/keypoints box, the background becomes 0 (grey); with
+    a rect/keypoints alone the photo's background is kept and only the padding
+    outside the image is 0.
 
     Raises InputError (bad file, no usable person box), ValueError (bad sizes/margin).
     """
     sizes = _check_sizes(sizes)
     if not margin > 0:
         raise ValueError(f"margin must be positive, got {margin}")
-    name = _source_name(image_source, name)
-    image = load_image(image_source, name, max_pixels=max_pixels)
+    if isinstance(image_source, DecodedImage):
+        name, image = name or "<image>", image_source
+    else:
+        name = _source_name(image_source, name)
+        image = load_image(image_source, name, max_pixels=max_pixels)
     height, width = image.rgb.shape[:2]
 
-    box, weight, box_source = _person_region(
-        image, name, mask, rect, keypoints, keypoint_threshold, max_pixels
+    box, weight, box_source, mask_source = _person_region(
+        image, name, mask, rect, keypoints, person_mask, keypoint_threshold, max_pixels
     )
     if not box.intersects(width, height):
         raise InputError(f"{name}: the person box ({box_source}) lies outside the {width}x{height} image")
@@ -739,6 +774,7 @@ def prepare_input(
         rgb=image.rgb,
         person_box=box,
         box_source=box_source,
+        mask_source=mask_source,
     )
 
 

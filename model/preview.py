@@ -1,5 +1,8 @@
 """A PNG strip per reconstruction: input | front normals | back normals | mesh front | mesh side.
 
+The input panel carries the outline of the person mask that replaced the background (a mask or
+alpha given with the photo, or the person finder's), so a bad cut-out shows at a glance.
+
 The mesh panels are a CPU point-splat render of the vertices (z-buffer, Lambert
 shading): dense marching-cubes meshes have a vertex every pixel or so at preview
 size, so no rasteriser or GL context is needed on a batch node.
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 PANEL = 256  # pixels per panel side
+OUTLINE = (0, 255, 0)  # colour of the mask outline on the input panel
 
 
 def _to_panel(image: torch.Tensor | None) -> np.ndarray:
@@ -21,6 +25,18 @@ def _to_panel(image: torch.Tensor | None) -> np.ndarray:
         return np.zeros((PANEL, PANEL, 3), np.uint8)
     small = F.interpolate(image[None].float().cpu(), size=(PANEL, PANEL), mode="bilinear", antialias=True, align_corners=False)[0]
     return ((small.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def draw_outline(panel: np.ndarray, mask: torch.Tensor, colour: tuple[int, int, int] = OUTLINE) -> np.ndarray:
+    """Draw the boundary of a (1, S, S) mask in [0, 1] (at 0.5) onto a (PANEL, PANEL, 3) uint8 panel (a copy)."""
+    small = F.interpolate(mask[None].float().cpu(), size=(PANEL, PANEL), mode="bilinear", antialias=True, align_corners=False)
+    inside = (small > 0.5).float()
+    # Boundary: inside pixels with an outside pixel among their 3 x 3 neighbours.
+    eroded = -F.max_pool2d(-inside, 3, stride=1, padding=1)
+    edge = ((inside - eroded)[0, 0] > 0).numpy()
+    out = panel.copy()
+    out[edge] = colour
+    return out
 
 
 def shaded_splat(vertices: np.ndarray, normals: np.ndarray, yaw_degrees: float, size: int = PANEL) -> np.ndarray:
@@ -59,8 +75,9 @@ def preview_image(prepared, result) -> Image.Image:
     biggest = max(prepared.images)
     mesh = result.mesh_world
     vertices, normals = np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals)
+    source = _to_panel(prepared.images[biggest])
     panels = [
-        _to_panel(prepared.images[biggest]),
+        draw_outline(source, prepared.mask) if prepared.has_segmentation else source,
         _to_panel(result.normal_front),
         _to_panel(result.normal_back),
         shaded_splat(vertices, normals, 0.0),

@@ -1,19 +1,21 @@
 """Bulk reconstruction on Ray Data: image collections -> meshes, previews and a Parquet manifest.
 
     list inputs (driver)
-      -> read + hash + preprocess           CPU tasks        (`prepare_rows`)
+      -> read + hash + find the person + preprocess   CPU actors   (`InputPreparer`: one person finder each)
       -> encode + occupancy queries         model actors     (`SurfaceSampler`, GPU when the cluster has one)
       -> marching cubes, colour, export     CPU tasks        (`finish_rows`; a GPU never waits for meshing)
       -> manifest rows streamed back to the driver, which appends them to Parquet and counts metrics
 
 Every row carries a JSON `record` (the manifest fields) and a `payload` (pickled arrays for the
-next stage). Any failure inside a stage becomes status "failed" with the error class and message
-on that row; later stages pass failed and skipped rows through untouched, so one bad image never
-stops the job. A `.json` marker is written beside each finished mesh; a re-run skips inputs whose
-marker has the same content hash and checkpoint id (resume after a killed driver or worker).
+next stage). With `PersonOptions.all_people` the prepare stage turns one input into one row per
+person found (outputs `NAME_p<k>.*`, k = 0 the most prominent). Any failure inside a stage
+becomes status "failed" with the error class and message on that row; later stages pass failed
+and skipped rows through untouched, so one bad image never stops the job. A `.json` marker is
+written beside each finished mesh; a re-run skips inputs whose marker has the same content hash
+and checkpoint id (resume after a killed driver or worker).
 
 Manifest (Parquet, `OUT/manifest/run-<run_id>-<part>.parquet`, append-only, one row per input
-per run): see `MANIFEST_SCHEMA`.
+per run, or per person with `all_people`): see `MANIFEST_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.person import PersonInput, PersonOptions
 from model.reconstruct import MESH_FORMATS, ReconstructionConfig
 from pipelines.inputs import InputItem, list_inputs
 from pipelines.metrics import BulkMetrics
@@ -50,6 +53,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("error_class", pa.string()),
         ("error_message", pa.string()),
         ("mesh_uri", pa.string()),
+        ("person_index", pa.int64()),  # rank of the person among those found (0 = most prominent)
+        ("persons_found", pa.int64()),  # people the finder found (null when it did not run)
+        ("person_score", pa.float64()),  # the reconstructed person's detection score
+        ("person_mask_area", pa.float64()),  # fraction of the image's pixels in its mask
         ("preview_uri", pa.string()),
         ("vertices", pa.int64()),
         ("faces", pa.int64()),
@@ -79,10 +86,12 @@ class BulkConfig:
     output: str
     checkpoint: str
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    person: PersonOptions = field(default_factory=PersonOptions)
     mesh_format: str = "obj"
     overwrite: bool = False
     batch_size: int = 1  # images per model call (normal nets and filters run batched)
     model_actors: int = 1  # size of the model actor pool
+    prepare_actors: int = 1  # size of the CPU prepare actor pool (each holds a person finder)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     max_pixels: int = 100_000_000  # decompression-bomb guard
     manifest_flush_rows: int = 50  # manifest part size: at most this many rows lost if the driver dies
@@ -92,6 +101,8 @@ class BulkConfig:
     def __post_init__(self) -> None:
         if self.mesh_format not in MESH_FORMATS:
             raise ValueError(f"mesh format must be one of {MESH_FORMATS}, not {self.mesh_format!r}")
+        if self.prepare_actors < 1 or self.model_actors < 1:
+            raise ValueError(f"actor pools need at least one actor, got prepare {self.prepare_actors}, model {self.model_actors}")
 
 
 @dataclass
@@ -145,8 +156,21 @@ def _where() -> tuple[str, str]:
     return socket.gethostname(), str(os.getpid())
 
 
+def output_uris(base: str, mesh_format: str) -> dict[str, str]:
+    """Every output of one reconstruction, beside each other: BASE.FORMAT, BASE_preview.png, the
+    finder's BASE_person.png (mask) and BASE_person.json, and the BASE.json marker (written last)."""
+    return {
+        "mesh_uri": f"{base}.{mesh_format}",
+        "preview_uri": f"{base}_preview.png",
+        "person_mask_uri": f"{base}_person.png",
+        "person_json_uri": f"{base}_person.json",
+        "marker_uri": f"{base}.json",
+    }
+
+
 def initial_rows(items: list[InputItem], config: BulkConfig, run_id: str, checkpoint_id: str) -> list[dict]:
-    """One pending record per input, with its output locations fixed up front."""
+    """One pending record per input, with its output locations fixed up front (with
+    `all_people`, each person's are fixed when the people are found)."""
     records = []
     for item in items:
         stem = join(config.output, "meshes", safe_stem(item.name, item.uri))
@@ -155,9 +179,8 @@ def initial_rows(items: list[InputItem], config: BulkConfig, run_id: str, checkp
                 "run_id": run_id,
                 "input_uri": redact(item.uri),
                 "status": "pending",
-                "mesh_uri": f"{stem}.{config.mesh_format}",
-                "preview_uri": f"{stem}_preview.png",
-                "marker_uri": f"{stem}.json",
+                "output_stem": stem,
+                **output_uris(stem, config.mesh_format),
                 "checkpoint_id": checkpoint_id,
                 "item": item.to_dict(),
             }
@@ -181,11 +204,61 @@ def _finished_marker(marker_uri: str) -> dict | None:
         return None
 
 
-def prepare_rows(batch: dict, sizes: tuple[int, ...], overwrite: bool, max_pixels: int) -> dict:
-    from model.preprocess import prepare_input
+MARKER_FIELDS = ("input_uri", "content_hash", "checkpoint_id", "mesh_uri", "preview_uri", "vertices", "faces",
+                 "bbox_min", "bbox_max", "person_index", "persons_found", "person_score", "person_mask_area")
 
-    out = []
-    for record, _ in _rows(batch):
+
+def _finished(record: dict) -> bool:
+    """Whether this record's outputs exist for the same content and checkpoint (then it is
+    marked skipped, with its numbers from the marker)."""
+    marker = _finished_marker(record["marker_uri"])
+    if not (marker and marker.get("content_hash") == record["content_hash"] and marker.get("checkpoint_id") == record["checkpoint_id"]):
+        return False
+    record.update(status="skipped", **{k: marker.get(k) for k in MARKER_FIELDS if k not in record or record[k] is None})
+    return True
+
+
+def _person_files(record: dict, person_input: PersonInput) -> dict[str, bytes]:
+    """The finder's mask (8-bit PNG, the image's size) and JSON record for one output; {} when it did not run."""
+    from model.render import png_bytes
+
+    person = person_input.person
+    if person is None:
+        return {}
+    height, width = person.mask_soft.shape
+    document = {"input_uri": record["input_uri"], "image_size": {"width": width, "height": height},
+                "person_index": person_input.index, "persons_found": person_input.persons_found, **person.to_dict()}
+    return {
+        record["person_mask_uri"]: png_bytes((person.mask_soft * 255 + 0.5).astype(np.uint8)),
+        record["person_json_uri"]: json.dumps(document).encode(),
+    }
+
+
+class InputPreparer:
+    """CPU stage: read, hash, skip check, find the person, preprocess.
+
+    A callable class, so Ray Data builds it once per actor: the person finder (mode "auto")
+    loads once per actor, not per image.
+    """
+
+    def __init__(self, sizes: tuple[int, ...], overwrite: bool, max_pixels: int, person: PersonOptions, mesh_format: str):
+        from model.person import PersonFinder
+
+        self.sizes, self.overwrite, self.max_pixels = sizes, overwrite, max_pixels
+        self.person, self.mesh_format = person, mesh_format
+        self.finder = PersonFinder() if person.mode == "auto" else None
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for record, _ in _rows(batch):
+            out.extend(self.prepare(record))
+        return _batch(out)
+
+    def prepare(self, record: dict) -> list[tuple[dict, bytes]]:
+        """One input's record -> its rows (one, or one per person with `all_people`)."""
+        from model.person import prepare_people
+        from model.preprocess import load_image
+
         item = InputItem(**record["item"])
         try:
             start = time.perf_counter()
@@ -196,20 +269,34 @@ def prepare_rows(batch: dict, sizes: tuple[int, ...], overwrite: bool, max_pixel
                 digest.update(key.encode() + (sidecars[key] or b""))
             record["content_hash"] = digest.hexdigest()
             record["seconds_read"] = time.perf_counter() - start
-            marker = None if overwrite else _finished_marker(record["marker_uri"])
-            if marker and marker.get("content_hash") == record["content_hash"] and marker.get("checkpoint_id") == record["checkpoint_id"]:
-                record.update(status="skipped", **{k: marker.get(k) for k in ("vertices", "faces", "bbox_min", "bbox_max")})
-                out.append((record, b""))
-                continue
+            # One output per input: its marker is known before any work. With all_people the
+            # outputs are known once the people are found, and each is checked then.
+            if not self.person.all_people and not self.overwrite and _finished(record):
+                return [(record, b"")]
             start = time.perf_counter()
-            prepared = prepare_input(image, name=redact(item.uri), max_pixels=max_pixels, sizes=sizes, **sidecars)
-            # The original photo is not needed downstream (colours come from the crop): don't ship it.
-            prepared = dataclasses.replace(prepared, rgb=np.zeros((0, 0, 3), np.float32))
-            record["seconds_prepare"] = time.perf_counter() - start
-            out.append((record, pickle.dumps(prepared, protocol=5)))
+            name = redact(item.uri)
+            decoded = load_image(image, name, max_pixels=self.max_pixels)
+            inputs = prepare_people(decoded, self.finder, self.person, name=name, sizes=self.sizes,
+                                    max_pixels=self.max_pixels, **sidecars)
+            seconds = (time.perf_counter() - start) / len(inputs)
+            rows = []
+            for person_input in inputs:
+                row = dict(record)
+                if self.person.all_people:
+                    row.update(output_uris(f"{record['output_stem']}_p{person_input.index}", self.mesh_format))
+                person = person_input.person
+                row.update(person_index=person_input.index, persons_found=person_input.persons_found,
+                           person_score=None if person is None else person.score,
+                           person_mask_area=None if person is None else person.mask_area, seconds_prepare=seconds)
+                if self.person.all_people and not self.overwrite and _finished(row):
+                    rows.append((row, b""))
+                    continue
+                # The original photo is not needed downstream (colours come from the crop): don't ship it.
+                prepared = dataclasses.replace(person_input.prepared, rgb=np.zeros((0, 0, 3), np.float32))
+                rows.append((row, pickle.dumps((prepared, _person_files(row, person_input)), protocol=5)))
+            return rows
         except Exception as exc:  # noqa: BLE001 - any failure becomes this input's failed row
-            out.append(_fail(record, exc))
-    return _batch(out)
+            return [_fail(record, exc)]
 
 
 # ---- stage 2: model (GPU when available) ---------------------------------------------------
@@ -235,12 +322,13 @@ class SurfaceSampler:
         pending = [i for i, (record, _) in enumerate(rows) if record["status"] == "pending"]
         node, worker = _where()
         if pending:
-            prepared = [pickle.loads(rows[i][1]) for i in pending]
+            unpacked = [pickle.loads(rows[i][1]) for i in pending]  # (prepared, person files)
+            prepared = [p for p, _ in unpacked]
             try:
                 samples = sample_surfaces(self.net, prepared, self.config)
             except Exception as exc:  # noqa: BLE001
                 samples = [exc] * len(pending)
-            for i, (p, sample) in zip(pending, zip(prepared, samples)):
+            for i, ((p, files), sample) in zip(pending, zip(unpacked, samples)):
                 record = rows[i][0]
                 record.update(node=node, worker=worker)
                 if isinstance(sample, Exception):
@@ -248,7 +336,7 @@ class SurfaceSampler:
                     continue
                 record.update(seconds_encode=sample.stats["seconds_encode"], seconds_surface=sample.stats["seconds_surface"],
                               points_evaluated=sample.stats["points_evaluated"])
-                rows[i] = (record, pickle.dumps((p, sample), protocol=5))
+                rows[i] = (record, pickle.dumps((p, files, sample), protocol=5))
         return _batch(rows)
 
 
@@ -264,7 +352,7 @@ def finish_rows(batch: dict, reconstruction: ReconstructionConfig, mesh_format: 
             out.append((record, b""))
             continue
         try:
-            prepared, sample = pickle.loads(payload)
+            prepared, person_files, sample = pickle.loads(payload)
             start = time.perf_counter()
             result = finish(sample, prepared, reconstruction)
             record["seconds_mesh"] = time.perf_counter() - start
@@ -272,6 +360,8 @@ def finish_rows(batch: dict, reconstruction: ReconstructionConfig, mesh_format: 
             files = encode_outputs(result, prepared, mesh_format)
             write_bytes_atomic(record["mesh_uri"], files["mesh"])
             write_bytes_atomic(record["preview_uri"], files["preview"])
+            for uri, data in person_files.items():
+                write_bytes_atomic(uri, data)
             bounds = result.mesh.bounds if len(result.mesh.vertices) else np.full((2, 3), np.nan)
             record.update(
                 status="ok",
@@ -280,8 +370,7 @@ def finish_rows(batch: dict, reconstruction: ReconstructionConfig, mesh_format: 
                 bbox_min=[float(v) for v in bounds[0]],
                 bbox_max=[float(v) for v in bounds[1]],
             )
-            marker = {k: record[k] for k in ("input_uri", "content_hash", "checkpoint_id", "mesh_uri", "preview_uri",
-                                             "vertices", "faces", "bbox_min", "bbox_max")}
+            marker = {k: record.get(k) for k in MARKER_FIELDS}
             # The marker goes last: its presence means every output of this input is complete.
             write_bytes_atomic(record["marker_uri"], json.dumps(marker).encode())
             record["seconds_write"] = time.perf_counter() - start
@@ -362,8 +451,9 @@ def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, .
         override_num_blocks=max(1, min(len(records), 256)),
     )
     dataset = dataset.map_batches(
-        prepare_rows, batch_size=1, num_cpus=0.5,
-        fn_kwargs={"sizes": sizes, "overwrite": config.overwrite, "max_pixels": config.max_pixels},
+        InputPreparer, batch_size=1, num_cpus=0.5,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.prepare_actors),
+        fn_constructor_kwargs=_preparer_kwargs(config, sizes),
     )
     dataset = dataset.map_batches(
         SurfaceSampler,
@@ -381,14 +471,19 @@ def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, .
         yield json.loads(row["record"])
 
 
+def _preparer_kwargs(config: BulkConfig, sizes: tuple[int, ...]) -> dict:
+    return {"sizes": sizes, "overwrite": config.overwrite, "max_pixels": config.max_pixels,
+            "person": config.person, "mesh_format": config.mesh_format}
+
+
 def _results_in_process(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
     """The same stages, one image at a time, in this process (no Ray)."""
+    preparer = InputPreparer(**_preparer_kwargs(config, sizes))
     sampler = SurfaceSampler(config.checkpoint, config.reconstruction, use_gpu=bool(config.use_gpu))
     for record in records:
-        batch = _batch([(record, b"")])
-        batch = prepare_rows(batch, sizes, config.overwrite, config.max_pixels)
-        batch = finish_rows(sampler(batch), config.reconstruction, config.mesh_format)
-        yield _rows(batch)[0][0]
+        for row in preparer.prepare(record):
+            batch = finish_rows(sampler(_batch([row])), config.reconstruction, config.mesh_format)
+            yield _rows(batch)[0][0]
 
 
 def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True) -> Summary:
@@ -418,11 +513,13 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
         for record in results:
             row = manifest.add(record)
             metrics.observe(row)
-            metrics.in_flight.labels(metrics.pipeline).dec()
+            first_of_input = not row["person_index"]  # with all_people, people 1.. are extra rows of one input
+            if first_of_input:
+                metrics.in_flight.labels(metrics.pipeline).dec()
             setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
             if row["status"] == "failed" and len(summary.failures) < 20:
                 summary.failures.append((row["input_uri"], f"{row['error_class']}: {row['error_message']}"))
-            bar.update(1)
+            bar.update(int(first_of_input))
             bar.set_postfix(ok=summary.ok, failed=summary.failed, skipped=summary.skipped)
     manifest.flush()
     summary.seconds = time.perf_counter() - start

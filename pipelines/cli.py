@@ -69,6 +69,7 @@ def _checkpoint_convert(args: argparse.Namespace) -> int:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
+    from model.person import PersonOptions
     from model.reconstruct import ReconstructionConfig
     from pipelines.bulk import BulkConfig, run_bulk
     from pipelines.ray_runtime import connect_ray
@@ -85,10 +86,12 @@ def _reconstruct(args: argparse.Namespace) -> int:
             precision=args.precision,
             largest_component=not args.keep_all_components,
         ),
+        person=PersonOptions(mode=args.person, all_people=args.all_people, min_score=args.min_person_score),
         mesh_format=args.format,
         overwrite=args.overwrite,
         batch_size=args.batch_size,
         model_actors=args.model_actors,
+        prepare_actors=args.prepare_actors,
         use_gpu=True if args.gpus else None,
         metrics_port=args.metrics_port,
         pushgateway=args.pushgateway,
@@ -163,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reconstruct every input image. INPUT: an image, a folder or s3:// prefix (recursive), a glob, "
         "a .txt list of URIs or a .parquet table with a 'uri' column. Beside an image NAME.EXT, optional "
         "NAME_mask.png, NAME_rect.txt ('x y w h') or NAME_keypoints.json (OpenPose) give the person box; "
-        "RGBA images use their alpha.",
+        "RGBA images use their alpha. Without a mask or alpha the shipped person finder cuts the person out "
+        "(--person auto); its mask and landmarks are written beside each mesh (NAME_person.png, NAME_person.json).",
     )
     recon.add_argument("inputs", nargs="+", metavar="INPUT")
     recon.add_argument("-o", "--output", required=True, help="output folder or s3:// prefix")
@@ -171,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--resolution", type=int, default=256, help="grid cells per axis (32 x 2^k; default 256)")
     recon.add_argument("--method", choices=("sparse", "dense"), default="sparse")
     recon.add_argument("--dilation", type=int, help="sparse: also query a ring of K cells around the surface band")
+    recon.add_argument("--person", choices=("auto", "sidecar", "off"), default="auto",
+                       help="auto: a mask or alpha when given, else the person finder (a rect or keypoints still fix the "
+                       "crop); sidecar: only the given mask, alpha, rect or keypoints; off: the whole image, as it is")
+    recon.add_argument("--all-people", action="store_true", help="reconstruct every person found (NAME_p0, NAME_p1, ...)")
+    recon.add_argument("--min-person-score", type=float, default=0.5,
+                       help="people found with a lower detection score do not count (default 0.5)")
     recon.add_argument("--format", choices=("obj", "ply", "glb"), default="obj")
     recon.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network arithmetic (bf16: ~2x faster)")
     recon.add_argument("--color", choices=("image", "normal", "none"), default="image", help="vertex colours")
@@ -179,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--fail-on-error", action="store_true", help="exit 1 if any input failed")
     recon.add_argument("--batch-size", type=int, default=1, help="images per model call")
     recon.add_argument("--model-actors", type=int, default=1, help="model actors (one network each)")
+    recon.add_argument("--prepare-actors", type=int, default=1, help="CPU prepare actors (one person finder each)")
     recon.add_argument("--gpus", action="store_true", help="require GPU model actors")
     recon.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     recon.add_argument("--in-process", action="store_true", help="run the same stages in this process, without Ray")

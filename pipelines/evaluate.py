@@ -586,6 +586,7 @@ def prepared_view(image: np.ndarray, mask: np.ndarray, coarse_size: int, fine_si
         rgb=np.zeros((0, 0, 3), np.float32),
         person_box=Box(0, 0, fine_size, fine_size),
         box_source="mask",
+        mask_source="mask",
     )
 
 
