@@ -10,14 +10,15 @@ Outputs per input, beside each other under OUT/bodies/ (pixel frame of the photo
 input's content hash), written last, so its presence marks a finished input: a re-run skips
 inputs whose json has the same content hash and fitter id.
 
-The person's landmarks come from one function, `find_person`: until the person finder is wired
-in, it reads the `NAME_keypoints.json` sidecar (MediaPipe-33 or OpenPose BODY_25 layout, see
-`model.body.landmarks`) and takes the mask from `NAME_mask.png` or the image's alpha.
+The person's landmarks come from one function, `find_person`: a `NAME_keypoints.json` sidecar
+(MediaPipe-33 or OpenPose BODY_25 layout, see `model.body.landmarks`) when there is one, else the
+person finder (`model.person`); the mask from `NAME_mask.png`, the image's alpha, or the finder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -105,21 +106,26 @@ class PersonInput:
     source: str
 
 
+@functools.lru_cache(maxsize=1)
+def _person_finder():
+    """The person finder, loaded once per worker process."""
+    from model.person import PersonFinder
+
+    return PersonFinder()
+
+
 def find_person(image_bytes: bytes, sidecars: dict[str, bytes | None], name: str, max_pixels: int) -> tuple[PersonInput, tuple[int, int]]:
     """The landmark source of the job: one photo (and its sidecars) -> (PersonInput, (width, height)).
 
-    This is the one place the person finder plugs in. Until then: landmarks from the
-    `NAME_keypoints.json` sidecar, mask from `NAME_mask.*` or the alpha channel (none otherwise).
+    Landmarks from a `NAME_keypoints.json` sidecar when there is one (MediaPipe-33 or OpenPose
+    BODY_25), else from the person finder (`model.person`: the most prominent person's 33 landmarks,
+    world landmarks and mask). The mask: `NAME_mask.*`, else the alpha channel, else the finder's.
     """
     from model.body.landmarks import parse_body_keypoints
     from model.preprocess import ALPHA_BOX_THRESHOLD, load_image, load_mask
 
     image = load_image(image_bytes, name, max_pixels=max_pixels)
     height, width = image.rgb.shape[:2]
-    if sidecars.get("keypoints") is None:
-        raise InputError(f"{name}: no landmarks: the body fit needs a NAME_keypoints.json beside the image "
-                         "(MediaPipe-33 or OpenPose BODY_25)")
-    keypoints = parse_body_keypoints(sidecars["keypoints"], f"keypoints for {name}")
     mask = None
     if sidecars.get("mask") is not None:
         mask = load_mask(sidecars["mask"], f"mask for {name}", max_pixels=max_pixels)
@@ -127,7 +133,14 @@ def find_person(image_bytes: bytes, sidecars: dict[str, bytes | None], name: str
         mask = image.alpha > ALPHA_BOX_THRESHOLD
     if mask is not None and mask.shape != (height, width):
         raise InputError(f"mask for {name}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}")
-    person = PersonInput(keypoints.landmarks, keypoints.world_landmarks, mask, f"sidecar {keypoints.layout}")
+    if sidecars.get("keypoints") is not None:
+        keypoints = parse_body_keypoints(sidecars["keypoints"], f"keypoints for {name}")
+        return PersonInput(keypoints.landmarks, keypoints.world_landmarks, mask, f"sidecar {keypoints.layout}"), (width, height)
+    people = _person_finder().find(image.rgb)
+    if not people:
+        raise InputError(f"{name}: no person found (and no NAME_keypoints.json beside it)")
+    found = people[0]  # the most prominent
+    person = PersonInput(found.landmarks, found.world_landmarks, found.mask if mask is None else mask, "person finder")
     return person, (width, height)
 
 
@@ -256,9 +269,9 @@ def register_cli(commands) -> None:
         "fit",
         help="fit the anny body to every photo: body meshes, parameters and a Parquet manifest (Ray Data)",
         description="Fit the free anny body model (pose, shape, orthographic camera) to every input image. INPUT as for "
-        "`reconstruct`. Each image needs NAME_keypoints.json beside it (MediaPipe-33: {\"landmarks\": [[x, y, "
-        "visibility] x 33], \"world_landmarks\": optional}, or OpenPose BODY_25); NAME_mask.png or an alpha channel "
-        "adds the silhouette. Outputs, in the photo's pixel frame: OUT/bodies/STEM_body.EXT and STEM_body.json.",
+        "`reconstruct`. Landmarks and mask come from the shipped person finder, or from NAME_keypoints.json beside "
+        "the image when there is one (MediaPipe-33: {\"landmarks\": [[x, y, visibility] x 33], \"world_landmarks\": "
+        "optional}, or OpenPose BODY_25); NAME_mask.png or an alpha channel gives the silhouette. Outputs, in the photo's pixel frame: OUT/bodies/STEM_body.EXT and STEM_body.json.",
     )
     fit.add_argument("inputs", nargs="+", metavar="INPUT")
     fit.add_argument("-o", "--output", required=True, help="output folder or s3:// prefix")
