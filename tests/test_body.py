@@ -199,7 +199,10 @@ def test_fit_job_on_ray_with_s3(ray_local, s3_bucket, bodies):
     good = _photo_files(bodies[(101, "stand", 0)])
     fs.pipe_file(f"{s3_bucket}/in/person.png", good["png"])
     fs.pipe_file(f"{s3_bucket}/in/person_keypoints.json", good["json"])
-    fs.pipe_file(f"{s3_bucket}/in/no_landmarks.png", good["png"])
+    fs.pipe_file(f"{s3_bucket}/in/found.png", good["png"])  # no sidecar: the person finder gives the landmarks
+    nobody = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(nobody, format="PNG")
+    fs.pipe_file(f"{s3_bucket}/in/no_landmarks.png", nobody.getvalue())
     fs.pipe_file(f"{s3_bucket}/in/broken.png", good["png"][:100])
     cropped = json.loads(good["json"])
     for row in cropped["landmarks"][23:]:
@@ -210,10 +213,11 @@ def test_fit_job_on_ray_with_s3(ray_local, s3_bucket, bodies):
     out = f"s3://{s3_bucket}/out"
     config = FitJobConfig(inputs=(f"s3://{s3_bucket}/in",), output=out, fit=QUICK, rigged=True)
     summary = run_fit(config, progress=False)
-    assert (summary.ok, summary.failed, summary.skipped) == (1, 3, 0)
+    assert (summary.ok, summary.failed, summary.skipped) == (2, 3, 0)
     manifest = read_manifest(out, FIT_MANIFEST_SCHEMA)
     rows = {uri.rsplit("/", 1)[1]: row for uri, row in zip(manifest["input_uri"], manifest.to_dict("records"))}
-    assert set(rows) == {"person.png", "no_landmarks.png", "broken.png", "cropped.png"}
+    assert set(rows) == {"person.png", "found.png", "no_landmarks.png", "broken.png", "cropped.png"}
+    assert rows["found.png"]["status"] == "ok" and rows["found.png"]["landmark_source"] == "person finder"
     ok = rows["person.png"]
     assert ok["status"] == "ok" and ok["vertices"] > 10000 and ok["mask_iou"] > 0.5 and ok["landmark_source"] == "sidecar mediapipe-33"
     mesh = trimesh.load(io.BytesIO(fs.cat_file(ok["mesh_uri"])), file_type="obj", force="mesh", process=False)
@@ -221,9 +225,9 @@ def test_fit_job_on_ray_with_s3(ray_local, s3_bucket, bodies):
     params = BodyParameters.from_json(fs.cat_file(ok["params_uri"]))
     np.testing.assert_allclose(body_vertices(params), mesh.vertices, atol=1e-3)
     assert fs.cat_file(ok["rigged_uri"])[:4] == b"glTF"
-    assert "no person found" in rows["no_landmarks.png"]["error_message"]  # the finder ran: the image is a render of a bare body
+    assert "no person found" in rows["no_landmarks.png"]["error_message"]
     assert rows["cropped.png"]["error_class"] == "UnusableLandmarks"
     assert rows["broken.png"]["error_class"] == "InputError"
 
     again = run_fit(config, progress=False)  # resumes: the finished input is skipped, failures retried
-    assert (again.ok, again.failed, again.skipped) == (0, 3, 1)
+    assert (again.ok, again.failed, again.skipped) == (0, 3, 2)
