@@ -130,7 +130,7 @@ def _train(args: argparse.Namespace) -> int:
 def _checkpoint_package(args: argparse.Namespace) -> int:
     from pipelines.train import package_model
 
-    print(f"wrote {package_model(args.runs, args.output, recipe=args.recipe, half=not args.float32)}")
+    print(f"wrote {package_model(args.runs, args.output, recipe=args.recipe, half=not args.float32, continued_from=args.continued_from)}")
     return 0
 
 
@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     package.add_argument("-o", "--output", required=True, help="output .safetensors path or URI")
     package.add_argument("--recipe", default="", help="how the model was made (recorded in its metadata)")
     package.add_argument("--float32", action="store_true", help="keep float32 weights (default float16)")
+    package.add_argument("--continued-from", help="the packaged model the runs continued: keeps its untrained stages' records")
     package.set_defaults(handler=_checkpoint_package)
 
     recon = commands.add_parser(

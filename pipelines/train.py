@@ -540,13 +540,15 @@ def describe(result: TrainResult) -> str:
     return f"model: {result.model_uri} after {result.steps} steps; {json.dumps(shown)}"
 
 
-def package_model(run_uris: list[str], output: str, recipe: str = "", half: bool = True) -> str:
+def package_model(run_uris: list[str], output: str, recipe: str = "", half: bool = True, continued_from: str | None = None) -> str:
     """One model from the runs of the stages, with every stage's history in its metadata.
 
     run_uris: run folders (OUT/NAME) in stage order. The last run's model is the base, and each
     run contributes the parts its stage trained (TRAINED_PARTS), so a normal stage trained
     further after the coarse one started still ships its latest weights.
     The metadata lists, per stage, its steps, data, training config and last validation metrics.
+    continued_from: the packaged model these runs continued (their first --init); stages none of
+    the runs trained keep that model's weights, and its stage records and recipe are kept too.
     """
     from pipelines.checkpoints import fetch_checkpoint
     from pipelines.storage import join, write_bytes_atomic
@@ -566,6 +568,12 @@ def package_model(run_uris: list[str], output: str, recipe: str = "", half: bool
                        "history": metrics.to_dict("records")})
     metadata = {"preset": stages[-1]["train_config"]["preset"] if stages[-1]["train_config"] else None,
                 "version": time.strftime("%Y.%m.%d"), "recipe": recipe, "stages": stages}
+    if continued_from:
+        previous = load_checkpoint(fetch_checkpoint(continued_from)).checkpoint_metadata
+        trained = {s["stage"] for s in stages}
+        kept = [dict(s, from_previous_model=True) for s in previous.get("stages", []) if s.get("stage") not in trained]
+        metadata["stages"] = sorted(kept + stages, key=lambda s: STAGES.index(s["stage"]) if s.get("stage") in STAGES else len(STAGES))
+        metadata["continued_from"] = {k: previous.get(k) for k in ("version", "recipe", "stages")}
     with tempfile.TemporaryDirectory() as directory:
         path = save_checkpoint(net, os.path.join(directory, "model.safetensors"), metadata=json.loads(json.dumps(metadata, default=str)),
                                dtype=torch.float16 if half else torch.float32)
