@@ -9,7 +9,11 @@
 Every row carries a JSON `record` (the manifest fields) and a `payload` (pickled arrays for the
 next stage). Any failure inside a stage becomes status "failed" with the error class and message
 on that row; later stages pass failed and skipped rows through untouched, so one bad image never
-stops the job. A `.json` marker is written beside each finished mesh; a re-run skips inputs whose
+stops the job. An input that kills its worker process (a native crash, the OOM killer, a lost
+node) drops its Ray Data block instead of being retried forever: the driver reconciles listed
+inputs with received rows and runs each missing one alone, in a fresh task, up to
+`crash_attempts` times (`_retry_alone`); after that it is a failed row named after the Ray error
+(`WorkerCrashedError`, `OutOfMemoryError`, ...). A `.json` marker is written beside each finished mesh; a re-run skips inputs whose
 marker has the same content hash and checkpoint id (resume after a killed driver or worker).
 
 Manifest (Parquet, `OUT/manifest/run-<run_id>-<part>.parquet`, append-only, one row per input
@@ -88,10 +92,21 @@ class BulkConfig:
     manifest_flush_rows: int = 50  # manifest part size: at most this many rows lost if the driver dies
     metrics_port: int | None = None
     pushgateway: str | None = None
+    crash_attempts: int = 2  # runs alone an input gets after its worker died with it in flight
+    # Ray memory reservations in MiB (scheduling: Ray never packs more onto a node than it has).
+    # prepare: a photo at max_pixels decodes to 4 bytes a pixel, plus float32 crops.
+    prepare_memory_mb: int = 1536
+    model_memory_mb: int = 2048
+    finish_memory_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.mesh_format not in MESH_FORMATS:
             raise ValueError(f"mesh format must be one of {MESH_FORMATS}, not {self.mesh_format!r}")
+        if self.crash_attempts < 1:
+            raise ValueError(f"crash_attempts must be at least 1, not {self.crash_attempts}")
+        for name in ("prepare_memory_mb", "model_memory_mb", "finish_memory_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
 
 
 @dataclass
@@ -127,9 +142,16 @@ def _batch(rows: list[tuple[dict, bytes]]) -> dict:
     }
 
 
+def _failed(record: dict, error_class: str, message: str) -> dict:
+    """Mark a record failed. It names no outputs: none of this run's are complete, and
+    files there may be stale ones of an earlier run."""
+    record.update(status="failed", error_class=error_class, error_message=redact(message)[:2000],
+                  mesh_uri=None, preview_uri=None)
+    return record
+
+
 def _fail(record: dict, exc: BaseException) -> tuple[dict, bytes]:
-    record.update(status="failed", error_class=type(exc).__name__, error_message=str(exc)[:2000])
-    return record, b""
+    return _failed(record, type(exc).__name__, str(exc)), b""
 
 
 def _where() -> tuple[str, str]:
@@ -342,19 +364,21 @@ def read_manifest(output: str):
     return pq.read_table(files, filesystem=fs, schema=MANIFEST_SCHEMA).to_pandas()
 
 
-def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
-    """Yield finished records as the Ray Data pipeline produces them."""
+def _pipeline_results(records: list[dict], config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool):
+    """Yield finished records as the Ray Data pipeline produces them; a block whose worker died is dropped."""
     import ray
 
-    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    mib = 1 << 20
     # Small blocks so the stages overlap early; each stage handles one image per call and Ray
     # Data's streaming backpressure keeps the number of images in flight bounded.
     dataset = ray.data.from_items(
         [{"record": json.dumps(r), "payload": b""} for r in records],
         override_num_blocks=max(1, min(len(records), 256)),
     )
+    # No retries here (Ray Data's default is forever): a dead worker drops its block and
+    # `_retry_alone` finds out which of the block's inputs is to blame.
     dataset = dataset.map_batches(
-        prepare_rows, batch_size=1, num_cpus=0.5,
+        prepare_rows, batch_size=1, num_cpus=0.5, memory=config.prepare_memory_mb * mib, max_retries=0,
         fn_kwargs={"sizes": sizes, "overwrite": config.overwrite, "max_pixels": config.max_pixels},
     )
     dataset = dataset.map_batches(
@@ -363,24 +387,81 @@ def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, .
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.model_actors),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
+        memory=config.model_memory_mb * mib,
+        max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
         fn_constructor_kwargs={"checkpoint": config.checkpoint, "reconstruction": config.reconstruction, "use_gpu": use_gpu},
     )
     dataset = dataset.map_batches(
-        finish_rows, batch_size=1, num_cpus=0.5,
+        finish_rows, batch_size=1, num_cpus=0.5, memory=config.finish_memory_mb * mib, max_retries=0,
         fn_kwargs={"reconstruction": config.reconstruction, "mesh_format": config.mesh_format},
     )
+    dataset.context.max_errored_blocks = -1  # only dead workers raise here: every UDF catches its own errors
     for row in dataset.select_columns(["record"]).iter_rows():
         yield json.loads(row["record"])
+
+
+_SAMPLERS: dict[tuple, SurfaceSampler] = {}  # per worker process: the network of `_reconstruct_alone`
+
+
+def _reconstruct_alone(record: dict, config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool) -> dict:
+    """All three stages for one input in this worker process (a retry after a worker died)."""
+    key = (config.checkpoint, config.reconstruction, use_gpu)
+    if key not in _SAMPLERS:
+        _SAMPLERS[key] = SurfaceSampler(config.checkpoint, config.reconstruction, use_gpu)
+    return _run_stages(_SAMPLERS[key], record, config, sizes)
+
+
+def _retry_alone(records: list[dict], config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool):
+    """Run each record as its own task, `crash_attempts` times at most; yield every one, failed or not."""
+    import ray
+
+    log.warning("%d inputs did not come back (a worker died); running each alone", len(records))
+    task = ray.remote(_reconstruct_alone).options(
+        num_cpus=1, num_gpus=1 if use_gpu else 0, memory=(config.prepare_memory_mb + config.model_memory_mb) << 20,
+        max_retries=config.crash_attempts - 1, retry_exceptions=False,
+    )
+    pending = {task.remote(record, config, sizes, use_gpu): record for record in records}
+    while pending:
+        [ready], _ = ray.wait(list(pending), num_returns=1)
+        record = pending.pop(ready)
+        try:
+            yield ray.get(ready)
+        except ray.exceptions.RayError as exc:
+            cause = (str(exc).strip().splitlines() or [""])[0]
+            yield _failed(record, type(exc).__name__,
+                          f"the worker process died on each of {config.crash_attempts} attempts with this input alone "
+                          f"(a native crash, the out-of-memory killer or a lost node): {cause}")
+
+
+def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
+    """Yield one finished record per input: the pipeline's, then the retries of those that never came back."""
+    import ray
+
+    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    received: set[str] = set()
+    try:
+        for record in _pipeline_results(records, config, sizes, use_gpu):
+            received.add(record["item"]["uri"])
+            yield record
+    except ray.exceptions.RayError as exc:  # the pipeline itself failed: what is missing is retried
+        log.warning("the Ray Data pipeline stopped (%s); retrying the inputs not yet back", redact(str(exc))[:500])
+    missing = [r for r in records if r["item"]["uri"] not in received]
+    if missing:
+        yield from _retry_alone(missing, config, sizes, use_gpu)
+
+
+def _run_stages(sampler: SurfaceSampler, record: dict, config: BulkConfig, sizes: tuple[int, ...]) -> dict:
+    """The three stages for one record in this process."""
+    batch = prepare_rows(_batch([(record, b"")]), sizes, config.overwrite, config.max_pixels)
+    batch = finish_rows(sampler(batch), config.reconstruction, config.mesh_format)
+    return _rows(batch)[0][0]
 
 
 def _results_in_process(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
     """The same stages, one image at a time, in this process (no Ray)."""
     sampler = SurfaceSampler(config.checkpoint, config.reconstruction, use_gpu=bool(config.use_gpu))
     for record in records:
-        batch = _batch([(record, b"")])
-        batch = prepare_rows(batch, sizes, config.overwrite, config.max_pixels)
-        batch = finish_rows(sampler(batch), config.reconstruction, config.mesh_format)
-        yield _rows(batch)[0][0]
+        yield _run_stages(sampler, record, config, sizes)
 
 
 def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True) -> Summary:
