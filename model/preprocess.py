@@ -449,6 +449,8 @@ def parse_keypoints(
         document = json.loads(_read_text(source, name))
     except json.JSONDecodeError as e:
         raise InputError(f"{name}: not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise InputError(f"{name}: JSON nested too deeply") from e
     people = document.get("people") if isinstance(document, dict) else None
     if not isinstance(people, list):
         raise InputError(f"{name}: no \"people\" list")

@@ -36,12 +36,13 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from model.errors import InputError
 from model.reconstruct import MESH_FORMATS, ReconstructionConfig
 from pipelines.inputs import InputItem, list_inputs
 from pipelines.metrics import BulkMetrics
-from pipelines.storage import filesystem, join, redact, safe_stem, write_bytes_atomic
+from pipelines.storage import filesystem, join, read_parquet_parts, safe_stem, write_bytes_atomic, write_parquet_atomic
+from pipelines.uris import check_uri, redact
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,10 @@ class BulkConfig:
     model_actors: int = 1  # size of the model actor pool
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     max_pixels: int = 100_000_000  # decompression-bomb guard
-    manifest_flush_rows: int = 50  # manifest part size: at most this many rows lost if the driver dies
+    # A manifest part is written every `manifest_flush_rows` rows or `manifest_flush_seconds`,
+    # whichever comes first: few parts for a big job, little lost if the driver dies.
+    manifest_flush_rows: int = 10_000
+    manifest_flush_seconds: float = 60.0
     metrics_port: int | None = None
     pushgateway: str | None = None
     crash_attempts: int = 2  # runs alone an input gets after its worker died with it in flight
@@ -102,6 +106,10 @@ class BulkConfig:
     def __post_init__(self) -> None:
         if self.mesh_format not in MESH_FORMATS:
             raise ValueError(f"mesh format must be one of {MESH_FORMATS}, not {self.mesh_format!r}")
+        check_uri(self.output)
+        check_uri(self.checkpoint)
+        if self.manifest_flush_rows < 1 or not self.manifest_flush_seconds > 0:
+            raise ValueError("manifest_flush_rows must be at least 1 and manifest_flush_seconds positive")
         if self.crash_attempts < 1:
             raise ValueError(f"crash_attempts must be at least 1, not {self.crash_attempts}")
         for name in ("prepare_memory_mb", "model_memory_mb", "finish_memory_mb"):
@@ -136,6 +144,9 @@ def _rows(batch: dict) -> list[tuple[dict, bytes]]:
 
 
 def _batch(rows: list[tuple[dict, bytes]]) -> dict:
+    for record, _ in rows:
+        if record["status"] != "pending":  # the row's own finishing time, not its arrival at the driver
+            record.setdefault("finished_at", time.time())
     return {
         "record": np.array([json.dumps(r) for r, _ in rows], dtype=object),
         "payload": np.array([p for _, p in rows], dtype=object),
@@ -190,17 +201,36 @@ def initial_rows(items: list[InputItem], config: BulkConfig, run_id: str, checkp
 # ---- stage 1: read, hash, skip check, preprocess (CPU) -----------------------------------
 
 
-def _read(uri: str) -> bytes:
+MAX_IMAGE_BYTES = 1 << 30  # an image or mask file; its pixels are limited by max_pixels too
+MAX_TEXT_SIDECAR_BYTES = 1 << 20  # a rect or keypoints file
+
+
+def _read(uri: str, limit: int) -> bytes:
+    """The whole file; InputError above `limit` bytes (checked before reading)."""
     fs, path = filesystem(uri)
+    size = fs.size(path)
+    if size is not None and size > limit:
+        raise InputError(f"{redact(uri)}: {size} bytes exceeds the limit of {limit}")
     return fs.cat_file(path)
 
 
+_MARKER_TYPES = {"content_hash": str, "checkpoint_id": str, "vertices": int, "faces": int}
+
+
 def _finished_marker(marker_uri: str) -> dict | None:
+    """The marker of an earlier run, or None when absent or not one this code wrote (the input is redone)."""
     fs, path = filesystem(marker_uri)
     try:
-        return json.loads(fs.cat_file(path))
+        marker = json.loads(fs.cat_file(path))
     except (FileNotFoundError, ValueError):
         return None
+    if not isinstance(marker, dict) or not all(isinstance(marker.get(k), t) for k, t in _MARKER_TYPES.items()):
+        return None
+    for key in ("bbox_min", "bbox_max"):
+        box = marker.get(key)
+        if not (isinstance(box, list) and len(box) == 3 and all(isinstance(v, (int, float)) for v in box)):
+            return None
+    return marker
 
 
 def prepare_rows(batch: dict, sizes: tuple[int, ...], overwrite: bool, max_pixels: int) -> dict:
@@ -211,8 +241,10 @@ def prepare_rows(batch: dict, sizes: tuple[int, ...], overwrite: bool, max_pixel
         item = InputItem(**record["item"])
         try:
             start = time.perf_counter()
-            image = _read(item.uri)
-            sidecars = {k: _read(getattr(item, f"{k}_uri")) if getattr(item, f"{k}_uri") else None for k in ("mask", "rect", "keypoints")}
+            image = _read(item.uri, MAX_IMAGE_BYTES)
+            limits = {"mask": MAX_IMAGE_BYTES, "rect": MAX_TEXT_SIDECAR_BYTES, "keypoints": MAX_TEXT_SIDECAR_BYTES}
+            sidecars = {k: _read(getattr(item, f"{k}_uri"), limit) if getattr(item, f"{k}_uri") else None
+                        for k, limit in limits.items()}
             digest = hashlib.sha256(image)
             for key in ("mask", "rect", "keypoints"):
                 digest.update(key.encode() + (sidecars[key] or b""))
@@ -317,51 +349,61 @@ def finish_rows(batch: dict, reconstruction: ReconstructionConfig, mesh_format: 
 
 
 class ManifestWriter:
-    """Appends manifest rows to Parquet parts of at most `flush_rows` rows each."""
+    """Appends manifest rows to Parquet parts, one every `flush_rows` rows or `flush_seconds`."""
 
-    def __init__(self, output: str, run_id: str, flush_rows: int, checkpoint_version: str):
+    def __init__(self, output: str, run_id: str, flush_rows: int, flush_seconds: float, checkpoint_version: str):
         self.folder = join(output, "manifest")
         self.run_id = run_id
         self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
         self.checkpoint_version = checkpoint_version
         self.pending: list[dict] = []
         self.files: list[str] = []
+        self.last_flush = time.monotonic()
 
     def add(self, record: dict) -> dict:
         row = {name: record.get(name) for name in MANIFEST_SCHEMA.names}
         row["checkpoint_version"] = self.checkpoint_version
-        row["finished_at"] = datetime.now(timezone.utc)
+        row["finished_at"] = datetime.fromtimestamp(record.get("finished_at") or time.time(), timezone.utc)
         for name in ("vertices", "faces", "points_evaluated"):
             row[name] = None if row[name] is None else int(row[name])
         for name in ("bbox_min", "bbox_max"):
             if row[name] is not None and any(v is None or v != v for v in row[name]):
                 row[name] = None
         self.pending.append(row)
-        if len(self.pending) >= self.flush_rows:
+        if len(self.pending) >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
         return row
 
     def flush(self) -> None:
+        self.last_flush = time.monotonic()
         if not self.pending:
             return
         uri = join(self.folder, f"run-{self.run_id}-{len(self.files):05d}.parquet")
-        fs, path = filesystem(uri)
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
-        with fs.open(path, "wb") as handle:
-            pq.write_table(pa.Table.from_pylist(self.pending, schema=MANIFEST_SCHEMA), handle)
+        write_parquet_atomic(uri, pa.Table.from_pylist(self.pending, schema=MANIFEST_SCHEMA))
         self.files.append(uri)
         self.pending = []
 
 
 def read_manifest(output: str):
-    """All manifest rows of an output folder as a pandas DataFrame (every run)."""
+    """All manifest rows of an output folder as a pandas DataFrame (every run; unreadable parts skipped)."""
     import pandas as pd
 
-    fs, path = filesystem(join(output, "manifest"))
-    files = sorted(fs.glob(path + "/*.parquet"))
-    if not files:
+    tables = read_parquet_parts(join(output, "manifest"), schema=MANIFEST_SCHEMA)
+    if not tables:
         return pd.DataFrame(columns=MANIFEST_SCHEMA.names)
-    return pq.read_table(files, filesystem=fs, schema=MANIFEST_SCHEMA).to_pandas()
+    return pa.concat_tables(tables).to_pandas()
+
+
+def check_writable(output: str) -> None:
+    """InputError unless a file can be written and removed under `output` (before any compute)."""
+    probe = join(output, f".write-check-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes_atomic(probe, b"")
+        fs, path = filesystem(probe)
+        fs.rm_file(path)
+    except (OSError, ValueError) as exc:  # permissions, a file in the way, a missing bucket, ...
+        raise InputError(f"{redact(output)}: the output folder is not writable ({redact(str(exc))})") from exc
 
 
 def _pipeline_results(records: list[dict], config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool):
@@ -478,26 +520,30 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     checkpoint_id, checkpoint_version = checkpoint_identity(local_checkpoint, metadata)
     sizes = (net_config.coarse_size, net_config.fine_size)
 
-    items = list_inputs(list(config.inputs))
+    check_writable(config.output)
+    items = list_inputs(list(config.inputs), exclude=config.output)
     records = initial_rows(items, config, run_id, checkpoint_id)
     metrics = BulkMetrics(pipeline="reconstruct")
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
     metrics.in_flight.labels(metrics.pipeline).set(len(records))
-    manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, checkpoint_version)
+    manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, config.manifest_flush_seconds,
+                              checkpoint_version)
     summary = Summary()
     results = (_results_in_process if in_process else _results_on_ray)(records, config, sizes)
-    with tqdm(total=len(records), desc="reconstruct", unit="img", disable=not progress) as bar:
-        for record in results:
-            row = manifest.add(record)
-            metrics.observe(row)
-            metrics.in_flight.labels(metrics.pipeline).dec()
-            setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
-            if row["status"] == "failed" and len(summary.failures) < 20:
-                summary.failures.append((row["input_uri"], f"{row['error_class']}: {row['error_message']}"))
-            bar.update(1)
-            bar.set_postfix(ok=summary.ok, failed=summary.failed, skipped=summary.skipped)
-    manifest.flush()
+    try:
+        with tqdm(total=len(records), desc="reconstruct", unit="img", disable=not progress) as bar:
+            for record in results:
+                row = manifest.add(record)
+                metrics.observe(row)
+                metrics.in_flight.labels(metrics.pipeline).dec()
+                setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
+                if row["status"] == "failed" and len(summary.failures) < 20:
+                    summary.failures.append((row["input_uri"], f"{row['error_class']}: {row['error_message']}"))
+                bar.update(1)
+                bar.set_postfix(ok=summary.ok, failed=summary.failed, skipped=summary.skipped)
+    finally:
+        manifest.flush()  # rows already received are kept, whatever stopped the loop
     summary.seconds = time.perf_counter() - start
     summary.manifest_files = manifest.files
     metrics.throughput.labels(metrics.pipeline).set(summary.total / summary.seconds if summary.seconds else 0)
