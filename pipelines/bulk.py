@@ -479,6 +479,8 @@ def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, .
     """Yield one finished record per input: the pipeline's, then the retries of those that never came back."""
     import ray
 
+    if not records:
+        return
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     received: set[str] = set()
     try:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 def test_large_image_is_cropped_before_float_conversion(tmp_path):
     """Decoding a big photo must not hold it as float32 in full (row 1: the 8000x8000 PNG peaked at 2.5 GB)."""
-    side = 5000
+    side = 4000
     alpha = np.zeros((side, side), np.uint8)
-    alpha[2000:2600, 2300:2500] = 255  # a small person: the crop is small, the image is not
+    alpha[1500:2100, 1800:2000] = 255  # a small person: the crop is small, the image is not
     rgba = np.dstack([np.full((side, side, 3), 120, np.uint8), alpha])
     path = tmp_path / "big.png"
     Image.fromarray(rgba, "RGBA").save(path, compress_level=1)
@@ -165,8 +165,9 @@ def test_only_local_file_and_s3_uris_are_read_and_no_secret_is_shown(tmp_path, c
     from pipelines.uris import redact
     from tests.helpers import person_image
 
-    good = person_image(tmp_path / "in" / "a.png")
-    chained = person_image(tmp_path / "in" / "odd::name.png")  # '::' in a file name is just a name
+    chained = tmp_path / "in" / "odd::name.png"  # '::' in a file name is part of the name, not a URL chain
+    chained.parent.mkdir()
+    chained.write_bytes(b"not an image")
     hostile = [
         "http://user:hunter2pass@127.0.0.1:9/x.png",  # nothing listens on port 9: a fetch would show as another error
         "memory://x.png",
@@ -175,14 +176,15 @@ def test_only_local_file_and_s3_uris_are_read_and_no_secret_is_shown(tmp_path, c
         "s3://AKIAEXAMPLE:wJalrXUtn/FEMI+hunter2pass@bucket/x.png",
     ]
     listing = tmp_path / "list.txt"
-    listing.write_text("\n".join([str(good), str(chained), *hostile]) + "\n")
+    listing.write_text("\n".join([str(chained), *hostile]) + "\n")
     caplog.set_level("DEBUG")
     summary = _run([str(listing)], tmp_path / "out", checkpoint)
-    assert (summary.ok, summary.failed) == (2, 5)
-    manifest = read_manifest(str(tmp_path / "out"))
-    failed = manifest[manifest["status"] == "failed"]
-    assert set(failed["error_class"]) == {"UnsupportedURIError"} and len(failed) == 5
-    assert failed["error_message"].str.contains("not supported|credentials in a URI").all()
+    assert (summary.ok, summary.failed) == (0, 6)
+    manifest = read_manifest(str(tmp_path / "out")).set_index("input_uri")
+    assert manifest.loc[str(chained), "error_class"] == "InputError"  # read as the local file it is
+    refused = manifest.drop(index=str(chained))
+    assert set(refused["error_class"]) == {"UnsupportedURIError"} and len(refused) == 5
+    assert refused["error_message"].str.contains("not supported|credentials in a URI").all()
     captured = capfd.readouterr()
     for secret in ("hunter2pass", "wJalrXUtn"):
         assert secret not in _tree_text(tmp_path / "out")
@@ -212,12 +214,12 @@ def test_file_names_that_are_not_utf8(tmp_path, checkpoint):
     from tests.helpers import person_image
 
     folder = tmp_path / "in"
-    person_image(folder / "plain.png")
-    raw = os.path.join(os.fsencode(folder), b"caf\xe9-\xff.png")  # Latin-1 bytes: not UTF-8
-    with open(raw, "wb") as handle:
-        handle.write((folder / "plain.png").read_bytes())
+    image = person_image(tmp_path / "plain.png").read_bytes()
+    folder.mkdir()
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9-\xff.png"), "wb") as handle:  # Latin-1: not UTF-8
+        handle.write(image)
     summary = _run([str(folder)], tmp_path / "out", checkpoint)
-    assert (summary.ok, summary.failed) == (2, 0)
+    assert (summary.ok, summary.failed) == (1, 0)
     manifest = read_manifest(str(tmp_path / "out"))
     assert any(uri.endswith("caf\\xe9-\\xff.png") for uri in manifest["input_uri"])
     assert all(Path(uri).exists() for uri in manifest["mesh_uri"])
@@ -379,3 +381,55 @@ def test_listing_many_inputs_from_a_list_file_or_glob_is_linear(tmp_path):
         seconds = time.perf_counter() - start
         assert len(items) == 4000 and items[7].rect_uri.endswith("img00007_rect.txt")
         assert seconds < 3, f"{spec}: {seconds:.1f} s"  # was 40 s: the folder was listed once per input
+
+
+# ---- rows 8, 9: checkpoints that lie or attack ---------------------------------------------
+
+
+def test_a_header_config_that_lies_about_its_tensors_is_refused_at_once(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from model.checkpoint import read_checkpoint
+    from model.errors import CheckpointError
+    from tests.helpers import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    with safe_open(path, framework="pt") as handle:
+        header, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    config = json.loads(header["config"])
+    config["coarse_filter"]["num_stacks"] = 100_000
+    save_file(tensors, tmp_path / "lying.safetensors", metadata={**header, "config": json.dumps(config)})
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="num_stacks 100000"):
+        read_checkpoint(tmp_path / "lying.safetensors")
+    assert time.perf_counter() - start < 5
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+class _NamespaceWithPositionalArguments:
+    def __reduce__(self):
+        import argparse
+
+        return (argparse.Namespace, ("positional",))
+
+
+def test_malicious_pickles_are_refused_naming_what_was_refused(tmp_path):
+    import torch
+
+    from model.checkpoint import read_checkpoint
+    from model.errors import CheckpointError
+
+    torch.save({"model_state_dict": {}, "opt": _RunsCode()}, tmp_path / "code.pt")
+    with pytest.raises(CheckpointError) as refused:
+        read_checkpoint(tmp_path / "code.pt")
+    assert "system" in str(refused.value) and "weights_only" not in str(refused.value)
+    torch.save({"model_state_dict": {}, "opt": _NamespaceWithPositionalArguments()}, tmp_path / "namespace.pt")
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        read_checkpoint(tmp_path / "namespace.pt")
