@@ -287,8 +287,8 @@ class SurfaceSampler:
 
         rows = _rows(batch)
         pending = [i for i, (record, _) in enumerate(rows) if record["status"] == "pending"]
-        node, worker = _where()
         if pending:
+            node, worker = _where()
             prepared = [pickle.loads(rows[i][1]) for i in pending]
             try:
                 samples = sample_surfaces(self.net, prepared, self.config)

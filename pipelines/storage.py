@@ -15,11 +15,14 @@ import uuid
 
 import fsspec
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow.parquet as pq
 
 from pipelines.uris import check_uri, redact
 
 log = logging.getLogger(__name__)
+
+_LOCAL = LocalFileSystem()
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -30,8 +33,13 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     UnsupportedURIError for a scheme outside the allow-list. No URL chaining: a `::` in
     a file name is part of the name.
     """
-    fs = fsspec.filesystem("s3" if check_uri(uri) == "s3" else "file")
-    return fs, fs._strip_protocol(uri)
+    scheme = check_uri(uri)
+    if scheme == "s3":
+        fs = fsspec.filesystem("s3")
+        return fs, fs._strip_protocol(uri)
+    # Local paths by hand: fsspec's path handling costs ~100 us a call (a 100,000-line list file).
+    path = uri[len("file://"):] if scheme == "file" else uri
+    return _LOCAL, os.path.abspath(os.path.expanduser(path))
 
 
 def is_remote(uri: str) -> bool:
@@ -45,8 +53,7 @@ def join(uri: str, *parts: str) -> str:
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The URI of a path as listed by `fs` (listings drop the protocol)."""
-    uri = fs.unstrip_protocol(path)
-    return uri if is_remote(uri) else path
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
