@@ -351,7 +351,7 @@ def finish_rows(batch: dict, reconstruction: ReconstructionConfig, mesh_format: 
 class ManifestWriter:
     """Appends manifest rows to Parquet parts, one every `flush_rows` rows or `flush_seconds`."""
 
-    def __init__(self, output: str, run_id: str, flush_rows: int, flush_seconds: float, checkpoint_version: str):
+    def __init__(self, output: str, run_id: str, flush_rows: int, checkpoint_version: str, flush_seconds: float = 60.0):
         self.folder = join(output, "manifest")
         self.run_id = run_id
         self.flush_rows = flush_rows
@@ -529,8 +529,8 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
     metrics.in_flight.labels(metrics.pipeline).set(len(records))
-    manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, config.manifest_flush_seconds,
-                              checkpoint_version)
+    manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, checkpoint_version,
+                              flush_seconds=config.manifest_flush_seconds)
     summary = Summary()
     results = (_results_in_process if in_process else _results_on_ray)(records, config, sizes)
     try:

@@ -339,7 +339,7 @@ def test_finished_at_is_when_the_row_finished_not_when_the_driver_saw_it(tmp_pat
     failed_at = time.time()
     [(record, _)] = _rows(prepare_rows(_batch([(pending, b"")]), (64, 128), False, 10**6))
     time.sleep(0.5)  # the row waits in Ray's queues before the driver gets it
-    writer = ManifestWriter(str(tmp_path / "out"), "r", 10_000, 60.0, "v")
+    writer = ManifestWriter(str(tmp_path / "out"), "r", 10_000, "v")
     row = writer.add(record)
     assert row["status"] == "failed"
     assert abs(row["finished_at"] - datetime.fromtimestamp(failed_at, timezone.utc)).total_seconds() < 0.4
@@ -352,7 +352,7 @@ def test_manifest_parts_are_sized_by_rows_and_time(tmp_path):
     from pipelines.bulk import BulkConfig, ManifestWriter
 
     assert BulkConfig.manifest_flush_rows >= 10_000 and BulkConfig.manifest_flush_seconds <= 60
-    writer = ManifestWriter(str(tmp_path / "out"), "r", 10_000, 0.3, "v")
+    writer = ManifestWriter(str(tmp_path / "out"), "r", 10_000, "v", flush_seconds=0.3)
     for index in range(500):
         writer.add({"run_id": "r", "input_uri": f"/x/{index}.png", "status": "failed"})
     assert writer.files == []  # 500 rows within the time: one part to come, not ten
