@@ -53,8 +53,15 @@ def _read_torch_pickle(path: Path) -> tuple[dict, dict]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             payload = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        # weights_only refuses any class that is not allow-listed; say which one.
-        raise CheckpointError(f"{path}: refused to unpickle (not a plain checkpoint): {str(exc).splitlines()[0]}") from exc
+        # weights_only refuses any class that is not allow-listed; say which one (torch's own
+        # message leads with advice to load it unsafely, which is not ours to give).
+        text = str(exc)
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        plain = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line and "torch.load" not in line]
+        refused = f"the global {named.group(1)} is not allowed" if named else (plain or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: refused to unpickle (not a plain checkpoint): {refused}") from exc
+    except TypeError as exc:  # an allow-listed class called with arguments it does not take
+        raise CheckpointError(f"{path}: refused to unpickle (not a plain checkpoint): {exc}") from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt torch file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     if isinstance(payload, dict) and "model_state_dict" in payload:
@@ -199,6 +206,25 @@ def infer_config(state: dict, options: dict | None = None) -> PIFuHDConfig:
         raise CheckpointError(f"inconsistent PIFuHD layout: {exc}") from exc
 
 
+def _check_header_config(config: PIFuHDConfig, state: dict) -> None:
+    """CheckpointError unless the header's config has the stacks, depths, widths and layers its
+    tensors have: a lying header must not make us build (and allocate) a network it does not hold."""
+    found = {
+        "coarse_filter": _infer_hourglass(state, "netG.image_filter.", stem_pool=True),
+        "fine_filter": _infer_hourglass(state, "image_filter.", stem_pool=False),
+        "coarse_mlp": _infer_mlp(state, "netG.mlp."),
+        "fine_mlp": _infer_mlp(state, "mlp."),
+    }
+    problems = []
+    for name, inferred in found.items():
+        claimed = getattr(config, name)
+        for field_name in ("num_stacks", "depth", "out_channels", "width", "widths", "skip_layers"):
+            if hasattr(inferred, field_name) and getattr(claimed, field_name) != getattr(inferred, field_name):
+                problems.append(f"{name}.{field_name} {getattr(claimed, field_name)} (tensors: {getattr(inferred, field_name)})")
+    if problems:
+        raise CheckpointError("header config does not match the tensors: " + "; ".join(problems[:4]))
+
+
 # ---- building the network -----------------------------------------------------------------
 
 
@@ -266,6 +292,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, PIFuHDConfig, dict]:
             metadata = json.loads(header.get("metadata", "{}"))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: damaged {FORMAT} header ({exc})") from exc
+        try:
+            _check_header_config(config, state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
         return state, config, {"format": FORMAT, "format_version": int(header.get("format_version", 0)), **metadata}
     try:
         config = infer_config(state)

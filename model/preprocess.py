@@ -4,6 +4,8 @@ Pipeline, top to bottom:
 
 1. **Decode** (`load_image`): any PIL-readable file (path or bytes) -> RGB float32
    (H, W, 3) in [0, 1] plus an optional alpha (H, W), EXIF orientation applied.
+   `prepare_input` keeps the decoded integer pixels and converts only the crop,
+   so a large photo costs 4 bytes a pixel, not 16 (`_decode`, `_cut_square`).
 2. **Person box** (`_person_region`): from, in this priority, an explicit mask
    image, the alpha channel, a rectangle (`NAME_rect.txt`), OpenPose keypoints
    (`NAME_keypoints.json`) or a found person's mask (`model.person`); see
@@ -135,7 +137,8 @@ class Crop:
 
 
 class DecodedImage(NamedTuple):
-    """rgb: (H, W, 3) float32 in [0, 1]. alpha: (H, W) float32 in [0, 1], or None."""
+    """rgb: (H, W, 3), alpha: (H, W) or None; from `load_image` float32 in [0, 1],
+    from `_decode` as decoded (uint8 / uint16 scaled by their maximum, see `_unit_scale`)."""
 
     rgb: np.ndarray
     alpha: np.ndarray | None
@@ -158,7 +161,7 @@ class PreparedImage:
     mask: (1, S, S) float32 in [0, 1] at S = crop.size: the person mask when
         mask_source is set, else the part of the crop inside the image.
     crop: the square and the frame it defines (see `world_to_pixel`).
-    rgb: the original image, (H, W, 3) float32 in [0, 1], for vertex colouring.
+    rgb: the original image, (H, W, 3) as decoded (uint8 / uint16, or float32 in [0, 1]).
     person_box: the person's box in continuous pixel coordinates.
     box_source: where the box came from: "mask", "alpha", "rect", "keypoints" or "person"
         (a found person's mask, `model.person`).
@@ -252,7 +255,8 @@ def _open_image(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
 
 def _apply_exif_orientation(image: Image.Image, name: str) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no second copy of a large photo
+        return image
     except MemoryError:
         raise
     except Exception as e:  # unreadable EXIF must not lose an otherwise good photo
@@ -260,18 +264,17 @@ def _apply_exif_orientation(image: Image.Image, name: str) -> Image.Image:
         return image
 
 
-def _to_float(image: Image.Image) -> DecodedImage:
-    """Any PIL mode -> (H, W, 3) float32 RGB in [0, 1] and the alpha, if any.
+def _decode(image: Image.Image) -> DecodedImage:
+    """Any PIL mode -> (H, W, 3) RGB and the alpha, if any, without a float copy of 8- and 16-bit data.
 
-    16-bit modes (I;16*) are divided by 65535; mode I by 65535 when it fits in
-    16 bits, else by its maximum; mode F is clipped to [0, 1]. Other modes are
-    converted to 8-bit L, LA, RGB or RGBA by PIL (palette and colour-key
-    transparency become alpha) and divided by 255.
+    8-bit modes give uint8 (PIL converts palette, colour-key transparency, CMYK, ... to
+    L, LA, RGB or RGBA first), I;16* uint16; mode I float32 divided by 65535 when it fits in
+    16 bits, else by its maximum; mode F float32 clipped to [0, 1]. Channels are views of one
+    array (a large photo is held once, at its own bit depth).
     """
     mode = image.mode
     if mode.startswith("I;16"):
-        grey = np.asarray(image).astype(np.float32) / 65535.0
-        return DecodedImage(_grey_to_rgb(grey), None)
+        return DecodedImage(_grey_to_rgb(np.asarray(image).astype(np.uint16)), None)
     if mode == "I":
         values = np.asarray(image).astype(np.float64)
         scale = max(65535.0, float(values.max()))
@@ -288,18 +291,39 @@ def _to_float(image: Image.Image) -> DecodedImage:
     elif mode not in ("L", "LA", "RGB", "RGBA"):
         image = image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV, ...
 
-    values = np.asarray(image).astype(np.float32) / 255.0
+    values = np.asarray(image)
     if image.mode == "L":
         return DecodedImage(_grey_to_rgb(values), None)
     if image.mode == "LA":
-        return DecodedImage(_grey_to_rgb(values[..., 0]), values[..., 1].copy())
+        return DecodedImage(_grey_to_rgb(values[..., 0]), values[..., 1])
     if image.mode == "RGBA":
-        return DecodedImage(np.ascontiguousarray(values[..., :3]), values[..., 3].copy())
+        return DecodedImage(values[..., :3], values[..., 3])
     return DecodedImage(values, None)
 
 
+def _unit_scale(values: np.ndarray) -> float:
+    """What a decoded array is divided by to lie in [0, 1]: its integer maximum, else 1."""
+    return float(np.iinfo(values.dtype).max) if values.dtype.kind in "ui" else 1.0
+
+
+def _as_float(values: np.ndarray) -> np.ndarray:
+    """A decoded array as float32 in [0, 1] (a contiguous copy)."""
+    out = np.array(values, dtype=np.float32)
+    scale = _unit_scale(values)
+    if scale != 1.0:
+        out /= scale
+    return out
+
+
+def _to_float(image: Image.Image) -> DecodedImage:
+    """Any PIL mode -> (H, W, 3) float32 RGB in [0, 1] and the alpha, if any (see `_decode`)."""
+    rgb, alpha = _decode(image)
+    return DecodedImage(_as_float(rgb), None if alpha is None else _as_float(alpha))
+
+
 def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
-    return np.repeat(grey[..., None], 3, axis=2)
+    """(H, W) -> (H, W, 3), a read-only view (no copy)."""
+    return np.broadcast_to(grey[..., None], (*grey.shape, 3))
 
 
 def load_image(
@@ -329,7 +353,7 @@ def load_mask(
     alpha, the alpha is nonzero too). EXIF orientation is applied.
     """
     name = _source_name(source, name)
-    rgb, alpha = _to_float(_open_image(source, name, max_pixels))
+    rgb, alpha = _decode(_open_image(source, name, max_pixels))
     person = rgb.max(axis=2) > 0
     if alpha is not None:
         person &= alpha > 0
@@ -425,6 +449,8 @@ def parse_openpose_people(source: str | os.PathLike | bytes, name: str | None = 
         document = json.loads(_read_text(source, name))
     except json.JSONDecodeError as e:
         raise InputError(f"{name}: not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise InputError(f"{name}: JSON nested too deeply") from e
     people = document.get("people") if isinstance(document, dict) else None
     if not isinstance(people, list):
         raise InputError(f"{name}: no \"people\" list")
@@ -530,7 +556,7 @@ def _as_keypoints(keypoints: object, name: str, threshold: float) -> np.ndarray:
 
 def alpha_is_mask(image: DecodedImage) -> bool:
     """Whether the image's alpha channel marks a person (it exists and is not fully opaque)."""
-    return image.alpha is not None and float(image.alpha.min()) < 1
+    return image.alpha is not None and float(image.alpha.min()) < _unit_scale(image.alpha)
 
 
 def sidecar_box(rect: object, keypoints: object, name: str, threshold: float = DEFAULT_KEYPOINT_THRESHOLD) -> Box | None:
@@ -554,10 +580,11 @@ def _person_region(
 ) -> tuple[Box, np.ndarray | None, str, str | None]:
     """Pick the person box and mask from the highest-priority source given.
 
-    Returns (box, weight, box_source, mask_source): weight is the (H, W) float32 person mask in
-    [0, 1] used to replace the background, or None to keep it. Priority: a mask, the alpha (not
-    when fully opaque), then the box of a rect, keypoints or the found person's mask (in that
-    order) with the found person's mask, if any, as the weight. Lower priority sources are not read.
+    Returns (box, weight, box_source, mask_source): weight is the (H, W) person mask used to
+    replace the background (bool, float32 in [0, 1], or the decoded alpha, see `_unit_scale`), or
+    None to keep it. Priority: a mask, the alpha (not when fully opaque), then the box of a rect,
+    keypoints or the found person's mask (in that order) with the found person's mask, if any, as
+    the weight. Lower priority sources are not read.
     """
     height, width = image.rgb.shape[:2]
     if mask is not None:
@@ -574,10 +601,10 @@ def _person_region(
         box = box_from_mask(person)
         if box is None:
             raise InputError(f"{mask_name}: mask for {name} is empty (all zero): no person")
-        return box, person.astype(np.float32), "mask", "mask"
+        return box, person, "mask", "mask"
 
     if alpha_is_mask(image):
-        box = box_from_mask(image.alpha > ALPHA_BOX_THRESHOLD)
+        box = box_from_mask(image.alpha > ALPHA_BOX_THRESHOLD * _unit_scale(image.alpha))
         if box is None:
             raise InputError(f"{name}: alpha channel is (almost) fully transparent: no person")
         return box, image.alpha, "alpha", "alpha"
@@ -617,16 +644,23 @@ def square_crop(box: Box, *, margin: float, image_width: int, image_height: int,
 
 
 def _cut_square(plane: np.ndarray | None, crop: Crop, fill: float) -> np.ndarray:
-    """(H, W) -> (side, side) float32 copy of the square, `fill` outside the image.
+    """(H, W) decoded plane -> (side, side) float32 copy of the square in [0, 1], `fill` outside the image.
 
-    plane None stands for an all-ones image (the "inside the image" mask).
+    Only the square is converted to float (see `_unit_scale`). plane None stands for an
+    all-ones image (the "inside the image" mask).
     """
     canvas = np.full((crop.side, crop.side), fill, dtype=np.float32)
     x_lo, x_hi = max(crop.x0, 0), min(crop.x0 + crop.side, crop.image_width)
     y_lo, y_hi = max(crop.y0, 0), min(crop.y0 + crop.side, crop.image_height)
     if x_lo < x_hi and y_lo < y_hi:
         inside = canvas[y_lo - crop.y0 : y_hi - crop.y0, x_lo - crop.x0 : x_hi - crop.x0]
-        inside[...] = 1.0 if plane is None else plane[y_lo:y_hi, x_lo:x_hi]
+        if plane is None:
+            inside[...] = 1.0
+        else:
+            inside[...] = plane[y_lo:y_hi, x_lo:x_hi]
+            scale = _unit_scale(plane)
+            if scale != 1.0:
+                inside /= scale
     return canvas
 
 
@@ -755,7 +789,7 @@ def prepare_input(
         name, image = name or "<image>", image_source
     else:
         name = _source_name(image_source, name)
-        image = load_image(image_source, name, max_pixels=max_pixels)
+        image = _decode(_open_image(image_source, name, max_pixels))
     height, width = image.rgb.shape[:2]
 
     box, weight, box_source, mask_source = _person_region(

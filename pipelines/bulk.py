@@ -10,9 +10,14 @@ Every row carries a JSON `record` (the manifest fields) and a `payload` (pickled
 next stage). With `PersonOptions.all_people` the prepare stage turns one input into one row per
 person found (outputs `NAME_p<k>.*`, k = 0 the most prominent). Any failure inside a stage
 becomes status "failed" with the error class and message on that row; later stages pass failed
-and skipped rows through untouched, so one bad image never stops the job. A `.json` marker is
-written beside each finished mesh; a re-run skips inputs whose marker has the same content hash
-and checkpoint id (resume after a killed driver or worker).
+and skipped rows through untouched, so one bad image never stops the job. An input that kills
+its worker process (a native crash, the OOM killer, a lost node) drops its Ray Data block
+instead of being retried forever: the driver reconciles listed inputs (and, with `all_people`,
+each input's people) with received rows and runs each missing input alone, in a fresh task, up
+to `crash_attempts` times (`_retry_alone`); after that it is a failed row named after the Ray
+error (`WorkerCrashedError`, `OutOfMemoryError`, ...). A `.json` marker is written beside each
+finished mesh; a re-run skips inputs whose marker has the same content hash and checkpoint id
+(resume after a killed driver or worker).
 
 Manifest (Parquet, `OUT/manifest/run-<run_id>-<part>.parquet`, append-only, one row per input
 per run, or per person with `all_people`): see `MANIFEST_SCHEMA`.
@@ -34,13 +39,14 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from model.errors import InputError
 from model.person import PersonInput, PersonOptions
 from model.reconstruct import MESH_FORMATS, ReconstructionConfig
 from pipelines.inputs import InputItem, list_inputs
 from pipelines.metrics import BulkMetrics
-from pipelines.storage import filesystem, join, redact, safe_stem, write_bytes_atomic
+from pipelines.storage import filesystem, join, read_parquet_parts, safe_stem, write_bytes_atomic, write_parquet_atomic
+from pipelines.uris import check_uri, redact
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +100,33 @@ class BulkConfig:
     prepare_actors: int = 1  # size of the CPU prepare actor pool (each holds a person finder)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     max_pixels: int = 100_000_000  # decompression-bomb guard
-    manifest_flush_rows: int = 50  # manifest part size: at most this many rows lost if the driver dies
+    # A manifest part is written every `manifest_flush_rows` rows or `manifest_flush_seconds`,
+    # whichever comes first: few parts for a big job, little lost if the driver dies.
+    manifest_flush_rows: int = 10_000
+    manifest_flush_seconds: float = 60.0
     metrics_port: int | None = None
     pushgateway: str | None = None
+    crash_attempts: int = 2  # runs alone an input gets after its worker died with it in flight
+    # Ray memory reservations in MiB (scheduling: Ray never packs more onto a node than it has).
+    # prepare: a photo at max_pixels decodes to 4 bytes a pixel, plus float32 crops.
+    prepare_memory_mb: int = 1536
+    model_memory_mb: int = 2048
+    finish_memory_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.mesh_format not in MESH_FORMATS:
             raise ValueError(f"mesh format must be one of {MESH_FORMATS}, not {self.mesh_format!r}")
         if self.prepare_actors < 1 or self.model_actors < 1:
             raise ValueError(f"actor pools need at least one actor, got prepare {self.prepare_actors}, model {self.model_actors}")
+        check_uri(self.output)
+        check_uri(self.checkpoint)
+        if self.manifest_flush_rows < 1 or not self.manifest_flush_seconds > 0:
+            raise ValueError("manifest_flush_rows must be at least 1 and manifest_flush_seconds positive")
+        if self.crash_attempts < 1:
+            raise ValueError(f"crash_attempts must be at least 1, not {self.crash_attempts}")
+        for name in ("prepare_memory_mb", "model_memory_mb", "finish_memory_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
 
 
 @dataclass
@@ -132,15 +156,25 @@ def _rows(batch: dict) -> list[tuple[dict, bytes]]:
 
 
 def _batch(rows: list[tuple[dict, bytes]]) -> dict:
+    for record, _ in rows:
+        if record["status"] != "pending":  # the row's own finishing time, not its arrival at the driver
+            record.setdefault("finished_at", time.time())
     return {
         "record": np.array([json.dumps(r) for r, _ in rows], dtype=object),
         "payload": np.array([p for _, p in rows], dtype=object),
     }
 
 
+def _failed(record: dict, error_class: str, message: str) -> dict:
+    """Mark a record failed. It names no outputs: none of this run's are complete, and
+    files there may be stale ones of an earlier run."""
+    record.update(status="failed", error_class=error_class, error_message=redact(message)[:2000],
+                  mesh_uri=None, preview_uri=None)
+    return record
+
+
 def _fail(record: dict, exc: BaseException) -> tuple[dict, bytes]:
-    record.update(status="failed", error_class=type(exc).__name__, error_message=str(exc)[:2000])
-    return record, b""
+    return _failed(record, type(exc).__name__, str(exc)), b""
 
 
 def _where() -> tuple[str, str]:
@@ -191,17 +225,36 @@ def initial_rows(items: list[InputItem], config: BulkConfig, run_id: str, checkp
 # ---- stage 1: read, hash, skip check, preprocess (CPU) -----------------------------------
 
 
-def _read(uri: str) -> bytes:
+MAX_IMAGE_BYTES = 1 << 30  # an image or mask file; its pixels are limited by max_pixels too
+MAX_TEXT_SIDECAR_BYTES = 1 << 20  # a rect or keypoints file
+
+
+def _read(uri: str, limit: int) -> bytes:
+    """The whole file; InputError above `limit` bytes (checked before reading)."""
     fs, path = filesystem(uri)
+    size = fs.size(path)
+    if size is not None and size > limit:
+        raise InputError(f"{redact(uri)}: {size} bytes exceeds the limit of {limit}")
     return fs.cat_file(path)
 
 
+_MARKER_TYPES = {"content_hash": str, "checkpoint_id": str, "vertices": int, "faces": int}
+
+
 def _finished_marker(marker_uri: str) -> dict | None:
+    """The marker of an earlier run, or None when absent or not one this code wrote (the input is redone)."""
     fs, path = filesystem(marker_uri)
     try:
-        return json.loads(fs.cat_file(path))
+        marker = json.loads(fs.cat_file(path))
     except (FileNotFoundError, ValueError):
         return None
+    if not isinstance(marker, dict) or not all(isinstance(marker.get(k), t) for k, t in _MARKER_TYPES.items()):
+        return None
+    for key in ("bbox_min", "bbox_max"):
+        box = marker.get(key)
+        if not (isinstance(box, list) and len(box) == 3 and all(isinstance(v, (int, float)) for v in box)):
+            return None
+    return marker
 
 
 MARKER_FIELDS = ("input_uri", "content_hash", "checkpoint_id", "mesh_uri", "preview_uri", "vertices", "faces",
@@ -257,13 +310,15 @@ class InputPreparer:
     def prepare(self, record: dict) -> list[tuple[dict, bytes]]:
         """One input's record -> its rows (one, or one per person with `all_people`)."""
         from model.person import prepare_people
-        from model.preprocess import load_image
+        from model.preprocess import DecodedImage, _as_float, _decode, _open_image
 
         item = InputItem(**record["item"])
         try:
             start = time.perf_counter()
-            image = _read(item.uri)
-            sidecars = {k: _read(getattr(item, f"{k}_uri")) if getattr(item, f"{k}_uri") else None for k in ("mask", "rect", "keypoints")}
+            image = _read(item.uri, MAX_IMAGE_BYTES)
+            limits = {"mask": MAX_IMAGE_BYTES, "rect": MAX_TEXT_SIDECAR_BYTES, "keypoints": MAX_TEXT_SIDECAR_BYTES}
+            sidecars = {k: _read(getattr(item, f"{k}_uri"), limit) if getattr(item, f"{k}_uri") else None
+                        for k, limit in limits.items()}
             digest = hashlib.sha256(image)
             for key in ("mask", "rect", "keypoints"):
                 digest.update(key.encode() + (sidecars[key] or b""))
@@ -275,13 +330,18 @@ class InputPreparer:
                 return [(record, b"")]
             start = time.perf_counter()
             name = redact(item.uri)
-            decoded = load_image(image, name, max_pixels=self.max_pixels)
+            # 8-bit photos stay uint8 (a big photo is never held as float32 in full); other depths
+            # become float32 in [0, 1], which the person finder reads as it reads 8 bits.
+            decoded = _decode(_open_image(image, name, self.max_pixels))
+            if decoded.rgb.dtype != np.uint8:
+                decoded = DecodedImage(_as_float(decoded.rgb), None if decoded.alpha is None else _as_float(decoded.alpha))
             inputs = prepare_people(decoded, self.finder, self.person, name=name, sizes=self.sizes,
                                     max_pixels=self.max_pixels, **sidecars)
             seconds = (time.perf_counter() - start) / len(inputs)
             rows = []
+            indices = [person_input.index for person_input in inputs]  # the driver checks each came back
             for person_input in inputs:
-                row = dict(record)
+                row = dict(record, person_indices=indices, first_of_input=person_input.index == indices[0])
                 if self.person.all_people:
                     row.update(output_uris(f"{record['output_stem']}_p{person_input.index}", self.mesh_format))
                 person = person_input.person
@@ -320,8 +380,8 @@ class SurfaceSampler:
 
         rows = _rows(batch)
         pending = [i for i, (record, _) in enumerate(rows) if record["status"] == "pending"]
-        node, worker = _where()
         if pending:
+            node, worker = _where()
             unpacked = [pickle.loads(rows[i][1]) for i in pending]  # (prepared, person files)
             prepared = [p for p, _ in unpacked]
             try:
@@ -384,25 +444,33 @@ def finish_rows(batch: dict, reconstruction: ReconstructionConfig, mesh_format: 
 
 
 class ManifestWriter:
-    """Appends manifest rows to Parquet parts of at most `flush_rows` rows each.
+    """Appends manifest rows to Parquet parts, one every `flush_rows` rows or `flush_seconds`.
 
-    `constants` are set on every row (e.g. the checkpoint version); `schema` defaults to the
-    reconstruction manifest's (`pipelines.fit` has its own).
+    `constants` are set on every row (e.g. {"checkpoint_version": ...}; a plain string is the
+    checkpoint version); `schema` defaults to the reconstruction manifest's (`pipelines.fit`
+    has its own).
     """
 
-    def __init__(self, output: str, run_id: str, flush_rows: int, constants: dict, schema: pa.Schema = MANIFEST_SCHEMA):
+    def __init__(self, output: str, run_id: str, flush_rows: int, constants: dict | str,
+                 schema: pa.Schema = MANIFEST_SCHEMA, flush_seconds: float = 60.0):
         self.folder = join(output, "manifest")
         self.run_id = run_id
         self.flush_rows = flush_rows
-        self.constants = constants
+        self.flush_seconds = flush_seconds
+        self.constants = {"checkpoint_version": constants} if isinstance(constants, str) else dict(constants)
         self.schema = schema
         self.pending: list[dict] = []
         self.files: list[str] = []
+        self.last_flush = time.monotonic()
 
     def add(self, record: dict) -> dict:
         row = {name: record.get(name) for name in self.schema.names}
         row.update(self.constants)
-        row["finished_at"] = datetime.now(timezone.utc)
+        finished_at = record.get("finished_at")  # the row's own finishing time (`_batch`)
+        if isinstance(finished_at, datetime):
+            row["finished_at"] = finished_at
+        else:
+            row["finished_at"] = datetime.fromtimestamp(finished_at or time.time(), timezone.utc)
         for column in self.schema:
             value = row[column.name]
             if value is None:
@@ -412,47 +480,58 @@ class ManifestWriter:
             elif pa.types.is_list(column.type) and any(v is None or v != v for v in value):
                 row[column.name] = None  # a NaN bounding box (empty mesh) is stored as missing
         self.pending.append(row)
-        if len(self.pending) >= self.flush_rows:
+        if len(self.pending) >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
         return row
 
     def flush(self) -> None:
+        self.last_flush = time.monotonic()
         if not self.pending:
             return
         uri = join(self.folder, f"run-{self.run_id}-{len(self.files):05d}.parquet")
-        fs, path = filesystem(uri)
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
-        with fs.open(path, "wb") as handle:
-            pq.write_table(pa.Table.from_pylist(self.pending, schema=self.schema), handle)
+        write_parquet_atomic(uri, pa.Table.from_pylist(self.pending, schema=self.schema))
         self.files.append(uri)
         self.pending = []
 
 
 def read_manifest(output: str, schema: pa.Schema = MANIFEST_SCHEMA):
-    """All manifest rows of an output folder as a pandas DataFrame (every run)."""
+    """All manifest rows of an output folder as a pandas DataFrame (every run; unreadable parts skipped)."""
     import pandas as pd
 
-    fs, path = filesystem(join(output, "manifest"))
-    files = sorted(fs.glob(path + "/*.parquet"))
-    if not files:
+    tables = read_parquet_parts(join(output, "manifest"), schema=schema)
+    if not tables:
         return pd.DataFrame(columns=schema.names)
-    return pq.read_table(files, filesystem=fs, schema=schema).to_pandas()
+    return pa.concat_tables(tables).to_pandas()
 
 
-def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
-    """Yield finished records as the Ray Data pipeline produces them."""
+def check_writable(output: str) -> None:
+    """InputError unless a file can be written and removed under `output` (before any compute)."""
+    probe = join(output, f".write-check-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes_atomic(probe, b"")
+        fs, path = filesystem(probe)
+        fs.rm_file(path)
+    except (OSError, ValueError) as exc:  # permissions, a file in the way, a missing bucket, ...
+        raise InputError(f"{redact(output)}: the output folder is not writable ({redact(str(exc))})") from exc
+
+
+def _pipeline_results(records: list[dict], config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool):
+    """Yield finished records as the Ray Data pipeline produces them; a block whose worker died is dropped."""
     import ray
 
-    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    mib = 1 << 20
     # Small blocks so the stages overlap early; each stage handles one image per call and Ray
     # Data's streaming backpressure keeps the number of images in flight bounded.
     dataset = ray.data.from_items(
         [{"record": json.dumps(r), "payload": b""} for r in records],
         override_num_blocks=max(1, min(len(records), 256)),
     )
+    # No retries here (Ray Data's default is forever): a dead worker drops its block and
+    # `_retry_alone` finds out which of the block's inputs is to blame.
     dataset = dataset.map_batches(
-        InputPreparer, batch_size=1, num_cpus=0.5,
+        InputPreparer, batch_size=1, num_cpus=0.5, memory=config.prepare_memory_mb * mib,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.prepare_actors),
+        max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
         fn_constructor_kwargs=_preparer_kwargs(config, sizes),
     )
     dataset = dataset.map_batches(
@@ -461,12 +540,15 @@ def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, .
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.model_actors),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
+        memory=config.model_memory_mb * mib,
+        max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
         fn_constructor_kwargs={"checkpoint": config.checkpoint, "reconstruction": config.reconstruction, "use_gpu": use_gpu},
     )
     dataset = dataset.map_batches(
-        finish_rows, batch_size=1, num_cpus=0.5,
+        finish_rows, batch_size=1, num_cpus=0.5, memory=config.finish_memory_mb * mib, max_retries=0,
         fn_kwargs={"reconstruction": config.reconstruction, "mesh_format": config.mesh_format},
     )
+    dataset.context.max_errored_blocks = -1  # only dead workers raise here: every UDF catches its own errors
     for row in dataset.select_columns(["record"]).iter_rows():
         yield json.loads(row["record"])
 
@@ -476,14 +558,135 @@ def _preparer_kwargs(config: BulkConfig, sizes: tuple[int, ...]) -> dict:
             "person": config.person, "mesh_format": config.mesh_format}
 
 
+_PREPARERS: dict[tuple, InputPreparer] = {}  # per worker process: the person finder of `prepare_rows` / `_reconstruct_alone`
+_SAMPLERS: dict[tuple, SurfaceSampler] = {}  # per worker process: the network of `_reconstruct_alone`
+
+
+def _preparer(kwargs: dict) -> InputPreparer:
+    key = tuple(sorted(kwargs.items()))
+    if key not in _PREPARERS:
+        _PREPARERS[key] = InputPreparer(**kwargs)
+    return _PREPARERS[key]
+
+
+def prepare_rows(batch: dict, sizes: tuple[int, ...], overwrite: bool, max_pixels: int,
+                 person: PersonOptions | None = None, mesh_format: str = "obj") -> dict:
+    """The prepare stage as a plain function (one `InputPreparer` per process, reused)."""
+    preparer = _preparer({"sizes": tuple(sizes), "overwrite": overwrite, "max_pixels": max_pixels,
+                          "person": person or PersonOptions(), "mesh_format": mesh_format})
+    return preparer(batch)
+
+
+def _reconstruct_alone(record: dict, config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool) -> list[dict]:
+    """All three stages for one input in this worker process (a retry after a worker died): its rows."""
+    key = (config.checkpoint, config.reconstruction, use_gpu)
+    if key not in _SAMPLERS:
+        _SAMPLERS[key] = SurfaceSampler(config.checkpoint, config.reconstruction, use_gpu)
+    return list(_run_stages(_preparer(_preparer_kwargs(config, sizes)), _SAMPLERS[key], record, config))
+
+
+def _crashed_rows(record: dict, people: dict | None, error_class: str, message: str) -> list[dict]:
+    """Failed rows for an input whose retries all died: one for the input, or, when some of its
+    people already came back, one for each person still missing."""
+    if not people:
+        return [_failed(dict(record), error_class, message)]
+    rows = []
+    for index in people["missing"]:
+        row = dict(record, **output_uris(f"{record['output_stem']}_p{index}", people["mesh_format"]),
+                   person_index=index, persons_found=people["persons_found"],
+                   first_of_input=index == people["indices"][0])
+        rows.append(_failed(row, error_class, message))
+    return rows
+
+
+def _retry_alone(records: list[dict], config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool,
+                 partial: dict[str, dict] | None = None):
+    """Run each record as its own task, `crash_attempts` times at most; yield every row, failed or not.
+
+    `partial` maps an input uri to what came back of its people (`all_people`): only the rows of
+    the people still missing are yielded."""
+    import ray
+
+    partial = partial or {}
+    log.warning("%d inputs did not come back (a worker died); running each alone", len(records))
+    task = ray.remote(_reconstruct_alone).options(
+        num_cpus=1, num_gpus=1 if use_gpu else 0, memory=(config.prepare_memory_mb + config.model_memory_mb) << 20,
+        max_retries=config.crash_attempts - 1, retry_exceptions=False,
+    )
+    pending = {task.remote(record, config, sizes, use_gpu): record for record in records}
+    while pending:
+        [ready], _ = ray.wait(list(pending), num_returns=1)
+        record = pending.pop(ready)
+        people = partial.get(record["item"]["uri"])
+        try:
+            rows = ray.get(ready)
+        except ray.exceptions.RayError as exc:
+            cause = (str(exc).strip().splitlines() or [""])[0]
+            yield from _crashed_rows(
+                record, people, type(exc).__name__,
+                f"the worker process died on each of {config.crash_attempts} attempts with this input alone "
+                f"(a native crash, the out-of-memory killer or a lost node): {cause}")
+            continue
+        if not people:
+            yield from rows
+            continue
+        wanted = [r for r in rows if r.get("person_index") in people["missing"]]
+        if wanted:
+            yield from wanted
+        else:  # the input failed as a whole this time: its missing people fail with it
+            reason = next((r for r in rows if r["status"] == "failed"), None)
+            yield from _crashed_rows(record, people, reason["error_class"] if reason else "WorkerCrashedError",
+                                     reason["error_message"] if reason else "the person's row did not come back")
+
+
+def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
+    """Yield every finished row: the pipeline's, then the retries of the inputs (or people) that never came back."""
+    import ray
+
+    if not records:
+        return
+    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    received: dict[str, set] = {}  # input uri -> person indices received (None: the input's single row)
+    expected: dict[str, list] = {}  # input uri -> the person indices its prepare stage produced
+    found: dict[str, int | None] = {}
+    try:
+        for record in _pipeline_results(records, config, sizes, use_gpu):
+            uri = record["item"]["uri"]
+            received.setdefault(uri, set()).add(record.get("person_index"))
+            if "person_indices" in record:
+                expected[uri] = record["person_indices"]
+                found[uri] = record.get("persons_found")
+            yield record
+    except ray.exceptions.RayError as exc:  # the pipeline itself failed: what is missing is retried
+        log.warning("the Ray Data pipeline stopped (%s); retrying the inputs not yet back", redact(str(exc))[:500])
+    missing, partial = [], {}
+    for record in records:
+        uri = record["item"]["uri"]
+        if uri not in received:
+            missing.append(record)
+            continue
+        lost = [k for k in expected.get(uri, []) if k not in received[uri]]
+        if lost:
+            missing.append(record)
+            partial[uri] = {"missing": lost, "indices": expected[uri], "persons_found": found.get(uri),
+                            "mesh_format": config.mesh_format}
+    if missing:
+        yield from _retry_alone(missing, config, sizes, use_gpu, partial)
+
+
+def _run_stages(preparer: InputPreparer, sampler: SurfaceSampler, record: dict, config: BulkConfig):
+    """The three stages for one input in this process: yield its rows (one, or one per person)."""
+    for row in preparer.prepare(record):
+        batch = finish_rows(sampler(_batch([row])), config.reconstruction, config.mesh_format)
+        yield _rows(batch)[0][0]
+
+
 def _results_in_process(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
     """The same stages, one image at a time, in this process (no Ray)."""
     preparer = InputPreparer(**_preparer_kwargs(config, sizes))
     sampler = SurfaceSampler(config.checkpoint, config.reconstruction, use_gpu=bool(config.use_gpu))
     for record in records:
-        for row in preparer.prepare(record):
-            batch = finish_rows(sampler(_batch([row])), config.reconstruction, config.mesh_format)
-            yield _rows(batch)[0][0]
+        yield from _run_stages(preparer, sampler, record, config)
 
 
 def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True) -> Summary:
@@ -500,28 +703,32 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     checkpoint_id, checkpoint_version = checkpoint_identity(local_checkpoint, metadata)
     sizes = (net_config.coarse_size, net_config.fine_size)
 
-    items = list_inputs(list(config.inputs))
+    check_writable(config.output)
+    items = list_inputs(list(config.inputs), exclude=config.output)
     records = initial_rows(items, config, run_id, checkpoint_id)
     metrics = BulkMetrics(pipeline="reconstruct")
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
     metrics.in_flight.labels(metrics.pipeline).set(len(records))
-    manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, {"checkpoint_version": checkpoint_version})
+    manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, {"checkpoint_version": checkpoint_version},
+                              flush_seconds=config.manifest_flush_seconds)
     summary = Summary()
     results = (_results_in_process if in_process else _results_on_ray)(records, config, sizes)
-    with tqdm(total=len(records), desc="reconstruct", unit="img", disable=not progress) as bar:
-        for record in results:
-            row = manifest.add(record)
-            metrics.observe(row)
-            first_of_input = not row["person_index"]  # with all_people, people 1.. are extra rows of one input
-            if first_of_input:
-                metrics.in_flight.labels(metrics.pipeline).dec()
-            setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
-            if row["status"] == "failed" and len(summary.failures) < 20:
-                summary.failures.append((row["input_uri"], f"{row['error_class']}: {row['error_message']}"))
-            bar.update(int(first_of_input))
-            bar.set_postfix(ok=summary.ok, failed=summary.failed, skipped=summary.skipped)
-    manifest.flush()
+    try:
+        with tqdm(total=len(records), desc="reconstruct", unit="img", disable=not progress) as bar:
+            for record in results:
+                row = manifest.add(record)
+                metrics.observe(row)
+                first_of_input = record.get("first_of_input", True)  # with all_people, the other people are extra rows of one input
+                if first_of_input:
+                    metrics.in_flight.labels(metrics.pipeline).dec()
+                setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
+                if row["status"] == "failed" and len(summary.failures) < 20:
+                    summary.failures.append((row["input_uri"], f"{row['error_class']}: {row['error_message']}"))
+                bar.update(int(first_of_input))
+                bar.set_postfix(ok=summary.ok, failed=summary.failed, skipped=summary.skipped)
+    finally:
+        manifest.flush()  # rows already received are kept, whatever stopped the loop
     summary.seconds = time.perf_counter() - start
     summary.manifest_files = manifest.files
     metrics.throughput.labels(metrics.pipeline).set(summary.total / summary.seconds if summary.seconds else 0)

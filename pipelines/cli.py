@@ -10,6 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
+
+
+def _allowed_uri(uri: str) -> str:
+    """argparse type of -o, --checkpoint, --data, --out: a usage error for a scheme outside the allow-list."""
+    from pipelines.uris import UnsupportedURIError, check_uri
+
+    try:
+        check_uri(uri)
+    except UnsupportedURIError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return uri
 
 EXIT_USAGE = 2  # bad arguments: nothing was done
 PRESET_NAMES = ("full", "small", "tiny")  # model.config.PRESETS (not imported: it loads torch)
@@ -53,12 +65,13 @@ def _checkpoint_inspect(args: argparse.Namespace) -> int:
 
 def _checkpoint_convert(args: argparse.Namespace) -> int:
     from model.checkpoint import load_checkpoint, preset_name, save_checkpoint
+    from pipelines.uris import redact
 
     net = load_checkpoint(args.input)
     source = net.checkpoint_metadata
     metadata = {
         "preset": preset_name(net.config),
-        "converted_from": {"file": str(args.input), "format": source.get("format")},
+        "converted_from": {"file": redact(str(args.input)), "format": source.get("format")},
         "source_options": source.get("options", {}),
     }
     import torch
@@ -171,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(--person auto); its mask and landmarks are written beside each mesh (NAME_person.png, NAME_person.json).",
     )
     recon.add_argument("inputs", nargs="+", metavar="INPUT")
-    recon.add_argument("-o", "--output", required=True, help="output folder or s3:// prefix")
-    recon.add_argument("--checkpoint", help="pifuhd.pt or project checkpoint, local or s3:// (default: the shipped model)")
+    recon.add_argument("-o", "--output", required=True, type=_allowed_uri, help="output folder or s3:// prefix")
+    recon.add_argument("--checkpoint", type=_allowed_uri, help="pifuhd.pt or project checkpoint, local or s3:// (default: the shipped model)")
     recon.add_argument("--resolution", type=int, default=256, help="grid cells per axis (32 x 2^k; default 256)")
     recon.add_argument("--method", choices=("sparse", "dense"), default="sparse")
     recon.add_argument("--dilation", type=int, help="sparse: also query a ring of K cells around the surface band")
@@ -201,11 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train one stage (normal, coarse, fine) with Ray Train")
     train.add_argument("--stage", required=True, choices=("normal", "coarse", "fine"))
-    train.add_argument("--data", required=True, help="dataset URI (pifuhd data synth/scans output)")
-    train.add_argument("--out", required=True, help="storage root, local or s3://; the run lives in OUT/NAME")
+    train.add_argument("--data", required=True, type=_allowed_uri, help="dataset URI (pifuhd data synth/scans output)")
+    train.add_argument("--out", required=True, type=_allowed_uri, help="storage root, local or s3://; the run lives in OUT/NAME")
     train.add_argument("--name", help="run name (default PRESET-STAGE); the same name again resumes")
     train.add_argument("--preset", default="small", choices=PRESET_NAMES, help="model size")
-    train.add_argument("--init", help="checkpoint to start from (the previous stage's model.safetensors)")
+    train.add_argument("--init", type=_allowed_uri, help="checkpoint to start from (the previous stage's model.safetensors)")
     train.add_argument("--workers", type=int, default=1, help="DDP workers")
     train.add_argument("--threads", type=int, help="torch threads per worker (default: one per CPU Ray reserves)")
     train.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
@@ -271,6 +284,7 @@ def configure_console(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from model.errors import PifuhdError
+    from pipelines.uris import redact
 
     args = build_parser().parse_args(argv)
     configure_console(args.verbose)
@@ -280,8 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pifuhd {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except PifuhdError as exc:
-        print(f"pifuhd: error: {exc}", file=sys.stderr)
+        print(f"pifuhd: error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - an unexpected failure still shows no secret
+        print(redact(traceback.format_exc()), end="", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from model.errors import InputError
 from model.preprocess import is_sidecar
 from pipelines.storage import IMAGE_EXTENSIONS, filesystem, full_uri
+from pipelines.uris import UnsupportedURIError
 
 URI_COLUMNS = ("uri", "input_uri", "path", "image")
 _MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -58,35 +59,48 @@ def _list_folder(spec: str) -> list[InputItem]:
     ]
 
 
+class _Siblings:
+    """Full URIs of the files in a folder, each folder listed once (a list of N inputs in one
+    folder costs one listing, not N)."""
+
+    def __init__(self):
+        self.folders: dict[tuple[int, str], set[str]] = {}
+
+    def of(self, fs, path: str) -> set[str]:
+        folder = posixpath.dirname(path)
+        key = (id(fs), folder)
+        if key not in self.folders:
+            try:
+                self.folders[key] = {full_uri(fs, p) for p in fs.ls(folder, detail=False)} if folder else set()
+            except OSError:  # FileNotFoundError, NotADirectoryError, permissions: no sidecars
+                self.folders[key] = set()
+        return self.folders[key]
+
+
 def _list_glob(spec: str) -> list[InputItem]:
     fs, pattern = filesystem(spec)
+    siblings = _Siblings()
     paths = sorted(p for p in fs.glob(pattern) if fs.isfile(p))
-    items = []
-    for path in paths:
-        folder = posixpath.dirname(path)
-        siblings = {full_uri(fs, p) for p in fs.ls(folder, detail=False)}
-        items.append(_with_sidecars(full_uri(fs, path), posixpath.basename(path), siblings))
-    return items
+    return [_with_sidecars(full_uri(fs, path), posixpath.basename(path), siblings.of(fs, path)) for path in paths]
 
 
 def _list_single(spec: str) -> list[InputItem]:
     fs, path = filesystem(spec)
-    folder = posixpath.dirname(path)
-    siblings = {full_uri(fs, p) for p in fs.ls(folder, detail=False)} if folder else set()
     # The canonical URI (absolute for local paths), so it matches the listed siblings.
-    return [_with_sidecars(full_uri(fs, path), posixpath.basename(path), siblings)]
+    return [_with_sidecars(full_uri(fs, path), posixpath.basename(path), _Siblings().of(fs, path))]
 
 
 def _list_uris(uris: list[str], source: str) -> list[InputItem]:
     """Explicit URIs (from a list file or table): every one is an input, even a bad one."""
     items = []
+    siblings = _Siblings()
     for uri in uris:
-        fs, path = filesystem(uri)
         try:
-            siblings = {full_uri(fs, p) for p in fs.ls(posixpath.dirname(path), detail=False)}
-        except (FileNotFoundError, OSError):
-            siblings = set()
-        items.append(_with_sidecars(full_uri(fs, path), posixpath.basename(path) or uri, siblings))
+            fs, path = filesystem(uri)
+        except UnsupportedURIError:  # listed as it is: its read fails, so it is a failed row
+            items.append(InputItem(uri=uri, name=posixpath.basename(uri.split("?", 1)[0]) or "input"))
+            continue
+        items.append(_with_sidecars(full_uri(fs, path), posixpath.basename(path) or uri, siblings.of(fs, path)))
     if not items:
         raise InputError(f"{source}: lists no inputs")
     return items
@@ -107,11 +121,12 @@ def _read_table(spec: str) -> list[str]:
     return [u for u in table.column(column).to_pylist() if u]
 
 
-def list_inputs(specs: list[str]) -> list[InputItem]:
-    """Every input image named by `specs`, in order, without duplicates.
+def list_inputs(specs: list[str], exclude: str | None = None) -> list[InputItem]:
+    """Every input image named by `specs`, in order, without duplicates, none under `exclude`.
 
     A spec is an image file, a folder or prefix (recursive), a glob (`*`, `?`, `[`), a `.txt`
-    list of URIs (one per line), or a `.parquet` table with a `uri` column.
+    list of URIs (one per line), or a `.parquet` table with a `uri` column. `exclude` is the
+    job's output root: an output inside an input folder is never read back as input.
     """
     items: list[InputItem] = []
     for spec in specs:
@@ -130,6 +145,10 @@ def list_inputs(specs: list[str]) -> list[InputItem]:
         else:
             raise InputError(f"{spec}: no such file, folder or prefix")
         items.extend(found)
+    if exclude is not None:
+        fs, root = filesystem(exclude)
+        prefix = full_uri(fs, root.rstrip("/")) + "/"
+        items = [item for item in items if not item.uri.startswith(prefix)]
     unique = {}
     for item in items:
         unique.setdefault(item.uri, item)

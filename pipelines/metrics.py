@@ -11,6 +11,8 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
 
+from pipelines.uris import redact
+
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "prepare", "encode", "surface", "mesh", "write")
@@ -51,7 +53,7 @@ class BulkMetrics:
         try:
             push_to_gateway(gateway, job=f"pifuhd_{self.pipeline}", registry=self.registry)
         except OSError as exc:
-            log.warning("could not push metrics to %s: %s", gateway, exc)
+            log.warning("could not push metrics to %s: %s", redact(gateway), redact(str(exc)))
 
 
 class TrainMetrics:
@@ -76,4 +78,4 @@ class TrainMetrics:
             try:
                 push_to_gateway(pushgateway, job=f"pifuhd_train_{self.run}", registry=self.registry)
             except OSError as exc:
-                log.warning("could not push metrics to %s: %s", pushgateway, exc)
+                log.warning("could not push metrics to %s: %s", redact(pushgateway), redact(str(exc)))

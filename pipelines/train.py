@@ -36,6 +36,7 @@ from model.augment import MaskNoise, grey_composite
 from model.losses import VGG19Features, normal_map_loss, weighted_occupancy_bce
 from model.pifuhd import PIFuHD
 from model.preprocess import resize_square
+from pipelines.uris import redact
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +344,8 @@ def _save(directory: str, net: PIFuHD, optimizer: torch.optim.Optimizer, step: i
         "preset": config.preset,
         "stage": config.stage,
         "steps": step,
-        "training_data": config.data,
-        "train_config": {k: v for k, v in dataclasses.asdict(config).items() if k != "pushgateway"},
+        "training_data": redact(config.data),
+        "train_config": {k: redact(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(config).items() if k != "pushgateway"},
         "metrics": metrics,
     }
     save_checkpoint(net, os.path.join(directory, "model.safetensors"), metadata=metadata)
@@ -364,28 +365,23 @@ def _maybe_inject_failure(config: TrainConfig, step: int, rank: int) -> None:
 
 def _append_metrics(config: TrainConfig, row: dict) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from pipelines.storage import filesystem, join
+    from pipelines.storage import join, write_parquet_atomic
 
-    fs, path = filesystem(join(config.out, config.run_name, "metrics", f"step-{row['step']:09d}.parquet"))
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as handle:
-        pq.write_table(pa.Table.from_pylist([row]), handle)
+    write_parquet_atomic(join(config.out, config.run_name, "metrics", f"step-{row['step']:09d}.parquet"), pa.Table.from_pylist([row]))
 
 
 def read_metrics(run_uri: str):
     """The metrics table of a run folder (OUT/NAME) as a pandas DataFrame, one row per report.
 
-    Parts differ in columns (validation rows carry more), so they are read one by one.
+    Parts differ in columns (validation rows carry more), so they are read one by one;
+    an unreadable part is skipped with a warning.
     """
     import pandas as pd
-    import pyarrow.parquet as pq
 
-    from pipelines.storage import filesystem, join
+    from pipelines.storage import join, read_parquet_parts
 
-    fs, path = filesystem(join(run_uri, "metrics"))
-    parts = [pq.read_table(p, filesystem=fs).to_pandas() for p in sorted(fs.glob(path + "/*.parquet"))]
+    parts = [table.to_pandas() for table in read_parquet_parts(join(run_uri, "metrics"))]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["step", "loss", "stage"])
 
 
@@ -537,7 +533,7 @@ def run_training(config: TrainConfig) -> TrainResult:
 
 def describe(result: TrainResult) -> str:
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items() if k.startswith(("val_", "loss"))}
-    return f"model: {result.model_uri} after {result.steps} steps; {json.dumps(shown)}"
+    return f"model: {redact(result.model_uri)} after {result.steps} steps; {json.dumps(shown)}"
 
 
 def package_model(run_uris: list[str], output: str, recipe: str = "", half: bool = True, continued_from: str | None = None) -> str:

@@ -129,7 +129,7 @@ def test_output_names_stay_under_the_root_and_never_collide():
 
 
 def test_credentials_never_reach_the_manifest(tmp_path, checkpoint):
-    from pipelines.storage import redact
+    from pipelines.uris import redact
 
     assert redact("s3://AKIAXXXX:secret@bucket/key.png") == "s3://bucket/key.png"
     person_image(tmp_path / "in" / "a.png")
