@@ -167,7 +167,9 @@ def test_metrics_reach_a_real_prometheus(tmp_path, checkpoint):
         assert (summary.ok, summary.failed) == (2, 1)
         prometheus = f"http://{stack.prometheus_address}"
         # Scraped from the job's own endpoint ...
-        scraped = wait_for(prometheus, f'pifuhd_images_total{{instance="127.0.0.1:{app_port}",status="ok"}}')
+        # A scrape may have caught the job between its two images: wait for one after the second.
+        scraped = wait_for(prometheus, f'pifuhd_images_total{{instance="127.0.0.1:{app_port}",status="ok"}}',
+                           until=lambda result: float(result[0]["value"][1]) >= 2)
         assert float(scraped[0]["value"][1]) == 2
         # ... and pushed to the Pushgateway at the end, as batch jobs do.
         pushed = wait_for(prometheus, 'pifuhd_images_total{exported_job="pifuhd_reconstruct",status="failed"}'

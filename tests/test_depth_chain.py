@@ -99,6 +99,7 @@ def test_small_preset_overfits_one_view_with_the_right_depth(body_model):
     """Training sample -> loss -> network -> mesh: one view learnt by heart comes back in cm."""
     from pipelines import dataset as fmt
     from pipelines.data_jobs import SampleSettings, subject_rows
+    from pipelines.evaluate import depth_extent
     from pipelines.train import TrainConfig, build_stage, stage_inputs, to_tensors
     from model.sampling import SamplingConfig
     import model
@@ -127,5 +128,7 @@ def test_small_preset_overfits_one_view_with_the_right_depth(body_model):
     truth.apply_transform(batch["view_from_canonical"][0].numpy().astype(np.float64))
     metrics = surface_metrics(mesh, truth, num_samples=10_000, scale=100.0)
     assert metrics["chamfer"] < 1.5, metrics
-    depth = lambda m: np.ptp(np.asarray(m.vertices)[:, 2])  # noqa: E731
-    assert abs(depth(mesh) / depth(truth) - 1) < 0.2, (depth(mesh), depth(truth))
+    # Depth extent of the surface (2nd-98th percentile, as `pifuhd evaluate` reports it): a
+    # silhouette-only blob would be far deeper, a slab far thinner.
+    ratio = depth_extent(mesh) / depth_extent(truth)
+    assert 0.75 < ratio < 1.25, ratio

@@ -168,14 +168,16 @@ def query(prometheus: str, expr: str) -> dict:
         return json.load(exc)
 
 
-def wait_for(prometheus: str, expr: str, timeout_s: float = 20.0) -> list[dict]:
+def wait_for(prometheus: str, expr: str, timeout_s: float = 20.0, until=None) -> list[dict]:
+    """The first non-empty result of `expr` (for which `until(result)` holds, when given)."""
     deadline = time.monotonic() + timeout_s
+    result = []
     while time.monotonic() < deadline:
         result = query(prometheus, expr)["data"]["result"]
-        if result:
+        if result and (until is None or until(result)):
             return result
         time.sleep(0.25)
-    raise AssertionError(f"{expr!r} returned nothing within {timeout_s} s")
+    raise AssertionError(f"{expr!r} returned {result or 'nothing'} within {timeout_s} s")
 
 
 # A batch job as the project runs them: its own process, pushing its registry at the end.
