@@ -104,11 +104,12 @@ def _sniff(path: Path) -> str:
         head = handle.read(16)
     if len(head) < 8:
         raise CheckpointError(f"{path}: empty or truncated file ({len(head)} bytes)")
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch >= 1.6) or legacy pickle
-        return "torch"
+    # safetensors first: its 8-byte header length may well start with 0x80, a pickle's first byte.
     header_len = int.from_bytes(head[:8], "little")
     if head[8:9] == b"{" and header_len < path.stat().st_size:
         return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch >= 1.6) or legacy pickle
+        return "torch"
     raise CheckpointError(f"{path}: not a checkpoint (neither a torch file nor safetensors)")
 
 

@@ -32,7 +32,9 @@ import pyarrow as pa
 from model.body.export import MESH_FORMATS
 from model.body.fit import FitConfig
 from model.errors import InputError
-from pipelines.bulk import ManifestWriter, Summary, _batch, _fail, _finished_marker, _read, _rows, _where
+from pipelines.bulk import (
+    MAX_IMAGE_BYTES, MAX_TEXT_SIDECAR_BYTES, ManifestWriter, Summary, _batch, _fail, _finished_marker, _read, _rows, _where,
+)
 from pipelines.inputs import InputItem, list_inputs
 from pipelines.storage import join, redact, safe_stem, write_bytes_atomic
 
@@ -168,8 +170,9 @@ def _fit_one(record: dict, config: FitJobConfig) -> dict:
 
     item = InputItem(**record["item"])
     start = time.perf_counter()
-    image = _read(item.uri)
-    sidecars = {k: _read(getattr(item, f"{k}_uri")) if getattr(item, f"{k}_uri") else None for k in ("mask", "rect", "keypoints")}
+    image = _read(item.uri, MAX_IMAGE_BYTES)
+    limits = {"mask": MAX_IMAGE_BYTES, "rect": MAX_TEXT_SIDECAR_BYTES, "keypoints": MAX_TEXT_SIDECAR_BYTES}
+    sidecars = {k: _read(getattr(item, f"{k}_uri"), limit) if getattr(item, f"{k}_uri") else None for k, limit in limits.items()}
     digest = hashlib.sha256(image)
     for key in ("mask", "rect", "keypoints"):
         digest.update(key.encode() + (sidecars[key] or b""))

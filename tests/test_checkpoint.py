@@ -151,3 +151,19 @@ def test_fixture_safetensors_loads_in_float32():
     assert not net.training
     stored = load_file(reference_file("small_state_dict.safetensors"))
     assert torch.equal(net.state_dict()["netG.mlp.filters.0.weight"], stored["netG.mlp.filters.0.weight"].float())
+
+
+def test_a_safetensors_header_length_starting_like_a_pickle_is_still_safetensors(tmp_path):
+    """A header length whose low byte is 0x80 (a pickle's first byte) must not be read as torch."""
+    import model
+    from model.checkpoint import read_checkpoint, save_checkpoint
+
+    net = model.PIFuHD.from_config(model.preset("tiny"))
+    for pad in range(256):
+        path = save_checkpoint(net, tmp_path / "net.safetensors", metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length with low byte 0x80")
+    _, config, metadata = read_checkpoint(path)
+    assert metadata["format"] == "pifuhd-ray" and config == net.config

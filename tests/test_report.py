@@ -95,7 +95,7 @@ def test_report_renders_in_headless_chromium(report_inputs, tmp_path):
     result = make_report(ReportConfig(inputs=(report_inputs["bulk"], report_inputs["eval"], report_inputs["run_root"]),
                                       output=str(out), worst=3))
     # 3 manifest plots + 7 metric histograms + loss + 2 validation curves; 3 worst cases x 1 comparison image.
-    assert result["svg"] == 13 and result["img"] == 3
+    assert result["svg"] == 14 and result["img"] == 3
 
     def chromium(*extra: str) -> subprocess.CompletedProcess:
         command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
