@@ -241,14 +241,15 @@ def _read(uri: str, limit: int) -> bytes:
 _MARKER_TYPES = {"content_hash": str, "checkpoint_id": str, "vertices": int, "faces": int}
 
 
-def _finished_marker(marker_uri: str) -> dict | None:
-    """The marker of an earlier run, or None when absent or not one this code wrote (the input is redone)."""
+def _finished_marker(marker_uri: str, required: dict = _MARKER_TYPES) -> dict | None:
+    """The marker of an earlier run, or None when absent or not one this code wrote (the input is
+    redone). required: {field: type} the marker must have (the jobs' identities differ)."""
     fs, path = filesystem(marker_uri)
     try:
         marker = json.loads(fs.cat_file(path))
     except (FileNotFoundError, ValueError):
         return None
-    if not isinstance(marker, dict) or not all(isinstance(marker.get(k), t) for k, t in _MARKER_TYPES.items()):
+    if not isinstance(marker, dict) or not all(isinstance(marker.get(k), t) for k, t in required.items()):
         return None
     for key in ("bbox_min", "bbox_max"):
         box = marker.get(key)

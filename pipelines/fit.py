@@ -164,6 +164,9 @@ def initial_rows(items: list[InputItem], config: FitJobConfig, run_id: str, fitt
     return records
 
 
+FIT_MARKER_TYPES = {"content_hash": str, "fitter_id": str, "vertices": int, "faces": int}
+
+
 def _fit_one(record: dict, config: FitJobConfig) -> dict:
     from model.body.export import body_json, mesh_bytes, rigged_glb
     from model.body.fit import fit_body
@@ -178,7 +181,7 @@ def _fit_one(record: dict, config: FitJobConfig) -> dict:
         digest.update(key.encode() + (sidecars[key] or b""))
     record["content_hash"] = digest.hexdigest()
     record["seconds_read"] = time.perf_counter() - start
-    marker = None if config.overwrite else _finished_marker(record["params_uri"])
+    marker = None if config.overwrite else _finished_marker(record["params_uri"], FIT_MARKER_TYPES)
     if marker and marker.get("content_hash") == record["content_hash"] and marker.get("fitter_id") == record["fitter_id"]:
         record.update(status="skipped", **{k: marker.get(k) for k in ("vertices", "faces", "bbox_min", "bbox_max")})
         return record

@@ -107,7 +107,7 @@ def test_report_renders_in_headless_chromium(report_inputs, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     # Console messages (script errors, blocked requests) are logged as CONSOLE lines.
     assert not [line for line in dom.stderr.splitlines() if "CONSOLE" in line], dom.stderr
-    assert dom.stdout.count("<svg") == 13
+    assert dom.stdout.count("<svg") == 14
     assert dom.stdout.count("<img") == 3
     assert dom.stdout.count("<polyline") >= 4  # throughput (2 runs), loss, validation curves drawn
     assert dom.stdout.count("<rect") > 30  # histogram and stage bars drawn
