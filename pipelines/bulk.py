@@ -147,6 +147,15 @@ class Summary:
         return (f"{self.total} inputs: {self.ok} ok, {self.failed} failed, {self.skipped} skipped "
                 f"in {self.seconds:.1f} s ({rate:.2f} images/s)")
 
+    def print_report(self, fail_on_error: bool) -> int:
+        """The summary, the first failures and the manifest on stdout; the command's exit code."""
+        print(self.line())
+        for uri, reason in self.failures:
+            print(f"  failed: {uri}: {reason}")
+        if self.manifest_files:
+            print(f"manifest: {self.manifest_files[0].rsplit('/', 1)[0]}/ ({len(self.manifest_files)} parts)")
+        return 1 if fail_on_error and self.failed else 0
+
 
 # ---- rows --------------------------------------------------------------------------------
 

@@ -307,9 +307,4 @@ def _fit_command(args) -> int:
     if not args.in_process:
         connect_ray(args.address)
     summary = run_fit(config, in_process=args.in_process, progress=not args.quiet)
-    print(summary.line())
-    for uri, reason in summary.failures:
-        print(f"  failed: {uri}: {reason}")
-    if summary.manifest_files:
-        print(f"manifest: {summary.manifest_files[0].rsplit('/', 1)[0]}/ ({len(summary.manifest_files)} parts)")
-    return 1 if args.fail_on_error and summary.failed else 0
+    return summary.print_report(args.fail_on_error)
