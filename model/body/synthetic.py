@@ -54,10 +54,36 @@ def true_body(seed: int, family: str):
     return out["vertices"][0].double().numpy(), points[0].double().numpy(), phenotype
 
 
+def _studio_lighting() -> np.ndarray:
+    """(9, 3) SH radiance: one soft key light from the upper front plus ambient, for every test render."""
+    from model.render import sh_basis
+
+    lighting = np.zeros((9, 3), np.float32)
+    lighting += sh_basis(np.array([[0.3, 0.5, 0.8]]))[0][:, None] * np.pi * 0.8
+    lighting[0] += 0.4 * np.sqrt(4 * np.pi)
+    return lighting
+
+
+def _view_landmarks(points_view: np.ndarray, crop: Crop, hidden: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Anny's 33 landmark points in the view frame -> ((33, 3) image pixels + visibility, (33, 3) world pose).
+
+    Image y runs down (pixel frame y up); `hidden` landmarks get visibility 0. World pose: metres
+    (view units are 0.01 per cm), MediaPipe's axes (y down, z away), centred between the hips.
+    """
+    points_px = world_to_pixel(points_view, crop)
+    landmarks = np.zeros((lm.COUNT, 3), np.float32)
+    landmarks[:, 0], landmarks[:, 1] = points_px[:, 0], crop.image_height - points_px[:, 1]
+    landmarks[:, 2] = lm.anny_landmarks().defined
+    landmarks[[lm.INDEX[n] for n in hidden], 2] = 0.0
+    world = points_view * np.array([1.0, -1.0, -1.0])
+    world -= world[list(lm.HIPS)].mean(0)
+    return landmarks, world.astype(np.float32)
+
+
 def rendered_body(seed: int, family: str = "stand", yaw_deg: float = 0.0, size: int = 512) -> RenderedBody:
     """Render seed's bare body seen from `yaw_deg` at size x size pixels (see the module docstring)."""
     from model.humans import ANNY_TO_CANONICAL, Part, load_body_model
-    from model.render import View, get_renderer, sh_basis
+    from model.render import View, get_renderer
 
     body = load_body_model()
     vertices_m, points_m, phenotype = true_body(seed, family)
@@ -67,28 +93,18 @@ def rendered_body(seed: int, family: str = "stand", yaw_deg: float = 0.0, size: 
     to_view = lambda m: view.apply(m * 100 @ ANNY_TO_CANONICAL.T - centre)  # noqa: E731
     skin = np.full((len(canonical), 3), 0.8, np.float32)
     part = Part("body", (canonical - centre).astype(np.float32), body.faces.astype(np.int32), skin)
-    lighting = np.zeros((9, 3), np.float32)
-    lighting += sh_basis(np.array([[0.3, 0.5, 0.8]]))[0][:, None] * np.pi * 0.8
-    lighting[0] += 0.4 * np.sqrt(4 * np.pi)
+    lighting = _studio_lighting()
     render = get_renderer(size).render([part], view, lighting)
 
     crop = Crop(0, 0, size, size, size, size)
     vertices_px = world_to_pixel(to_view(vertices_m), crop)
-    points_view = to_view(points_m)
-    points_px = world_to_pixel(points_view, crop)
-    landmarks = np.zeros((lm.COUNT, 3), np.float32)
-    landmarks[:, 0] = points_px[:, 0]
-    landmarks[:, 1] = size - points_px[:, 1]  # pixel frame y up -> image rows down
-    landmarks[:, 2] = lm.anny_landmarks().defined
-    if abs(((yaw_deg + 180) % 360) - 180) > 120:  # seen from behind: a detector finds no face
-        landmarks[[lm.INDEX[n] for n in ("nose", "left_eye", "right_eye")], 2] = 0.0
-    world = points_view * np.array([1.0, -1.0, -1.0])  # view units are metres (0.01 per cm)
-    world -= world[list(lm.HIPS)].mean(0)
+    hidden = ("nose", "left_eye", "right_eye") if abs(((yaw_deg + 180) % 360) - 180) > 120 else ()  # seen from behind
+    landmarks, world = _view_landmarks(to_view(points_m), crop, hidden)
     return RenderedBody(
         image=render.rgb,
         mask=render.mask > 127,
         landmarks=landmarks,
-        world_landmarks=world.astype(np.float32),
+        world_landmarks=world,
         vertices=vertices_px,
         faces=body.faces,
         pixels_per_cm=crop.pixels_per_unit * view.units_per_cm,
@@ -107,13 +123,11 @@ def rendered_subject(seed: int, yaw_deg: float = 0.0, size: int = 512) -> Render
     import torch
 
     from model.humans import make_subject
-    from model.render import View, get_renderer, sh_basis
+    from model.render import View, get_renderer
 
     subject = make_subject(f"subject-{seed}", seed)
     view = View(yaw_deg=yaw_deg)
-    lighting = np.zeros((9, 3), np.float32)
-    lighting += sh_basis(np.array([[0.3, 0.5, 0.8]]))[0][:, None] * np.pi * 0.8
-    lighting[0] += 0.4 * np.sqrt(4 * np.pi)
+    lighting = _studio_lighting()
     render = get_renderer(size).render(subject.parts, view, lighting)
     crop = Crop(0, 0, size, size, size, size)
     merged = subject.merged()
@@ -121,19 +135,12 @@ def rendered_subject(seed: int, yaw_deg: float = 0.0, size: int = 512) -> Render
     dressed = torch.tensor(subject.parts[0].vertices, dtype=torch.float32)[None]
     with torch.no_grad():
         points_cm = regress.on_mesh(dressed, torch.zeros(1, int(regress.bones.max()) + 1, 3))[0].double().numpy()
-    points_view = view.apply(points_cm)
-    points_px = world_to_pixel(points_view, crop)
-    landmarks = np.zeros((lm.COUNT, 3), np.float32)
-    landmarks[:, 0], landmarks[:, 1] = points_px[:, 0], size - points_px[:, 1]
-    landmarks[:, 2] = regress.defined
-    landmarks[[lm.INDEX["left_eye"], lm.INDEX["right_eye"]], 2] = 0.0
-    world = points_view * np.array([1.0, -1.0, -1.0])
-    world -= world[list(lm.HIPS)].mean(0)
+    landmarks, world = _view_landmarks(view.apply(points_cm), crop, ("left_eye", "right_eye"))
     return RenderedBody(
         image=render.rgb,
         mask=render.mask > 127,
         landmarks=landmarks,
-        world_landmarks=world.astype(np.float32),
+        world_landmarks=world,
         vertices=world_to_pixel(view.apply(merged.vertices.astype(np.float64)), crop),
         faces=merged.faces.astype(np.int64),
         pixels_per_cm=crop.pixels_per_unit * view.units_per_cm,
