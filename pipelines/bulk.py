@@ -50,8 +50,8 @@ from pipelines.uris import check_uri, redact
 
 log = logging.getLogger(__name__)
 
-MANIFEST_SCHEMA = pa.schema(
-    [
+# The columns every job's manifest starts with (reconstruct's here, fit's in pipelines/fit.py).
+INPUT_RESULT_FIELDS = [
         ("run_id", pa.string()),
         ("input_uri", pa.string()),
         ("content_hash", pa.string()),  # sha256 of the image and its sidecars
@@ -59,6 +59,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("error_class", pa.string()),
         ("error_message", pa.string()),
         ("mesh_uri", pa.string()),
+]
+MANIFEST_SCHEMA = pa.schema(
+    [
+        *INPUT_RESULT_FIELDS,
         ("person_index", pa.int64()),  # rank of the person among those found (0 = most prominent)
         ("persons_found", pa.int64()),  # people the finder found (null when it did not run)
         ("person_score", pa.float64()),  # the reconstructed person's detection score

@@ -33,20 +33,15 @@ from model.body.export import MESH_FORMATS
 from model.body.fit import FitConfig
 from model.errors import InputError
 from pipelines.bulk import (
-    MAX_IMAGE_BYTES, MAX_TEXT_SIDECAR_BYTES, ManifestWriter, Summary, _batch, _fail, _finished_marker, _read, _rows, _where,
+    INPUT_RESULT_FIELDS, MAX_IMAGE_BYTES, MAX_TEXT_SIDECAR_BYTES, ManifestWriter, Summary, _batch, _fail, _finished_marker,
+    _read, _rows, _where,
 )
 from pipelines.inputs import InputItem, list_inputs
 from pipelines.storage import join, redact, safe_stem, write_bytes_atomic
 
 FIT_MANIFEST_SCHEMA = pa.schema(
     [
-        ("run_id", pa.string()),
-        ("input_uri", pa.string()),
-        ("content_hash", pa.string()),  # sha256 of the image and its sidecars
-        ("status", pa.string()),  # ok | failed | skipped
-        ("error_class", pa.string()),
-        ("error_message", pa.string()),
-        ("mesh_uri", pa.string()),
+        *INPUT_RESULT_FIELDS,
         ("params_uri", pa.string()),  # STEM_body.json
         ("rigged_uri", pa.string()),
         ("vertices", pa.int64()),
