@@ -12,6 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+# Per-point body inputs of a body-guided model: signed distance, then the normal's x, y, z.
+BODY_CHANNELS = 4
+
+
 @dataclass(frozen=True)
 class NormalNetConfig:
     """pix2pixHD global generator predicting a 3-channel normal map from RGB."""
@@ -90,6 +94,10 @@ class PIFuHDConfig:
     fine_size: int = 1024  # input side of the fine level (pixels)
     # The depth feature is z * (coarse_size // 2) / z_size: z in the same units as x, y.
     z_size: float = 200.0
+    # 0: the released architecture. BODY_CHANNELS: body-guided (ICON's idea on the anny body): the
+    # coarse MLP also reads, per point, the signed distance to a body fitted to the photo (at the
+    # depth feature's scale) and the body's outward normal there, between the image feature and depth.
+    body_channels: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,16 +115,31 @@ class PIFuHDConfig:
         return self.coarse_mlp.widths[self.phi_layer + 1]
 
     @property
+    def body_guided(self) -> bool:
+        return self.body_channels > 0
+
+    def with_body_channels(self) -> "PIFuHDConfig":
+        """The same sizes with the body-guided coarse MLP (BODY_CHANNELS more inputs)."""
+        if self.body_guided:
+            return self
+        widths = (self.coarse_mlp.widths[0] + BODY_CHANNELS,) + self.coarse_mlp.widths[1:]
+        return dataclasses.replace(
+            self, body_channels=BODY_CHANNELS, coarse_mlp=dataclasses.replace(self.coarse_mlp, widths=widths)
+        )
+
+    @property
     def depth_scale(self) -> float:
         """Multiplier turning z into the coarse MLP's depth feature (1.28 for the release)."""
         return (self.coarse_size // 2) / self.z_size
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistency."""
-        if self.coarse_mlp.widths[0] != self.coarse_filter.out_channels + 1:
+        if self.body_channels not in (0, BODY_CHANNELS):
+            raise ValueError(f"body_channels must be 0 or {BODY_CHANNELS}, not {self.body_channels}")
+        if self.coarse_mlp.widths[0] != self.coarse_filter.out_channels + self.body_channels + 1:
             raise ValueError(
                 f"coarse MLP input {self.coarse_mlp.widths[0]} != coarse features "
-                f"{self.coarse_filter.out_channels} + 1 depth feature"
+                f"{self.coarse_filter.out_channels} + {self.body_channels} body + 1 depth feature"
             )
         if not 0 <= self.phi_layer < len(self.coarse_mlp.widths) - 2:
             raise ValueError(f"phi_layer {self.phi_layer} is not a hidden layer of the coarse MLP")

@@ -3,11 +3,13 @@
     image 512 --normal nets--> front / back normal maps
     [image 512, normals]           --coarse hourglass--> coarse features (per stack)
     [image 1024, normals upsampled] --fine hourglass--> fine features
-    point -> coarse MLP(coarse feature, depth) -> coarse occupancy, phi (hidden layer)
+    point -> coarse MLP(coarse feature, [body], depth) -> coarse occupancy, phi (hidden layer)
     point -> fine MLP(fine feature, phi)       -> fine occupancy
 
 Coordinate conventions are in `model.geometry`. Sizes below are those of the
-released model (coarse 512, fine 1024); other presets scale them.
+released model (coarse 512, fine 1024); other presets scale them. A body-guided model
+(`PIFuHDConfig.body_channels`) also takes, per point, the signed distance to a body fitted to the
+photo and the body's normal there (`model.sampling.BodyField`); the released one does not.
 """
 
 from __future__ import annotations
@@ -111,6 +113,24 @@ class PIFuHD(nn.Module):
                     layer.weight[:, -1] *= factor
         return net.train(self.training)
 
+    def with_body_guidance(self) -> "PIFuHD":
+        """The same occupancy function as a body-guided model: zero weights on the new body inputs.
+
+        The body columns enter the coarse MLP's input just before the depth column (its last), in
+        the first layer and in each skip layer; from zero, training decides how much they count.
+        """
+        if self.config.body_guided:
+            return self
+        net = PIFuHD(self.config.with_body_channels())
+        state = self.state_dict()
+        for key, target in net.state_dict().items():
+            weight = state[key]
+            if weight.shape != target.shape:  # (out, in, 1) coarse MLP weight reading the MLP input
+                zeros = weight.new_zeros(weight.shape[0], target.shape[1] - weight.shape[1], 1)
+                state[key] = torch.cat((weight[:, :-1], zeros, weight[:, -1:]), dim=1)
+        net.load_state_dict(state)
+        return net.train(self.training)
+
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part, in the released naming (tied tensors counted once)."""
         parts = {
@@ -178,23 +198,33 @@ class PIFuHD(nn.Module):
         calib: torch.Tensor | None = None,
         fine_calib: torch.Tensor | None = None,
         levels: str = "both",
+        body: torch.Tensor | None = None,
     ) -> Occupancy:
         """Occupancies of world points (B, 3, N).
 
         calib (B, 4, 4) projects into the coarse image, fine_calib (default: calib) into the
         fine image. levels: "coarse", "fine" (skips the coarse MLP past phi) or "both".
+        body (B, 4, N): a body-guided model's per-point body input, signed distance (world units,
+        negative inside) and outward normal; required by such a model, refused by the others.
         """
         if levels not in ("coarse", "fine", "both"):
             raise ValueError(f"levels must be 'coarse', 'fine' or 'both', not {levels!r}")
+        if (body is None) == self.config.body_guided:
+            raise ValueError("a body-guided model needs the body input (a fitted body)" if body is None
+                             else "this model takes no body input (it is not body-guided)")
         batch = points.shape[0]
         if calib is None:
             calib = default_calib(batch, points.device, points.dtype)
         xyz = project(points, calib)
-        depth = (xyz[:, 2:3] * (self.config.coarse_size // 2) / self.config.z_size).transpose(1, 2)
+        # Per-point inputs after the image feature: [body distance, body normal,] depth; the distance
+        # at the depth's scale (both are lengths).
+        scale = self.config.depth_scale
+        per_point = [xyz[:, 2:3] * scale] if body is None else [body[:, :1] * scale, body[:, 1:], xyz[:, 2:3] * scale]
+        point_inputs = torch.cat(per_point, dim=1).transpose(1, 2)
         coarse_in_box = in_box(xyz, 3)
         coarse_probs, coarse_logits, phi = [], [], None
         for feature_map in features.coarse:
-            mlp_input = torch.cat((sample_features(feature_map, xyz[:, :2]), depth.to(feature_map.dtype)), dim=-1)
+            mlp_input = torch.cat((sample_features(feature_map, xyz[:, :2]), point_inputs.to(feature_map.dtype)), dim=-1)
             logits, phi = self.netG.mlp(mlp_input, keep_layer=self.config.phi_layer, stop_after_keep=levels == "fine")
             if logits is not None:
                 coarse_logits.append(logits)
@@ -212,10 +242,12 @@ class PIFuHD(nn.Module):
         return result
 
     def query(
-        self, features: Features, points: torch.Tensor, calib: torch.Tensor | None = None, level: str = "fine"
+        self, features: Features, points: torch.Tensor, calib: torch.Tensor | None = None, level: str = "fine",
+        body: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, N) occupancy in [0, 1] of world points (B, 3, N) at the "fine" or "coarse" level."""
+        """(B, N) occupancy in [0, 1] of world points (B, 3, N) at the "fine" or "coarse" level;
+        body (B, 4, N) as in `query_levels`."""
         if level not in ("coarse", "fine"):
             raise ValueError(f"level must be 'coarse' or 'fine', not {level!r}")
-        result = self.query_levels(features, points, calib, levels=level)
+        result = self.query_levels(features, points, calib, levels=level, body=body)
         return result.fine if level == "fine" else result.coarse[-1]

@@ -110,27 +110,44 @@ BODY_DISTANCE_SAMPLES = 60_000  # body surface samples: about 0.5 cm apart on an
 BODY_DISTANCE_CLIP_CM = 20.0  # farther from the body than this, only the side matters
 
 
-def body_distance(body, queries: np.ndarray, clip: float, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+class BodyField:
     """Signed distance to a body mesh, clipped to +-`clip`, and the outward unit normal of the body
-    surface nearest to each query (zero beyond `clip`).
+    surface nearest to each query (zero beyond `clip`): what a body-guided model reads per point.
 
-    body: (vertices (V, 3), faces (F, 3)); queries (N, 3) and `clip` in the same frame and unit.
-    Returns distance (N,) float64, negative inside, and normals (N, 3). The magnitude is the
-    distance to the nearest of BODY_DISTANCE_SAMPLES area-uniform surface samples (on a body
-    within 0.04 cm of the exact distance on average, 0.17 cm at the 99th percentile, and several
-    times faster than exact point-triangle distances); the sign is the winding number's, so the
-    body's separate closed parts are handled.
+    body: (vertices (V, 3), faces (F, 3)); queries and `clip` in the same frame and unit.
+    The magnitude is the distance to the nearest of BODY_DISTANCE_SAMPLES area-uniform surface
+    samples (on a body within 0.04 cm of the exact distance on average, 0.17 cm at the 99th
+    percentile, and several times faster than exact point-triangle distances); the sign is the
+    winding number's, so the body's separate closed parts are handled. Built once per body, then
+    called per batch of queries (training labels, or every occupancy batch at inference).
     """
-    from scipy.spatial import cKDTree
 
-    rng = rng or np.random.default_rng(0)
-    samples, normals = surface_samples(np.asarray(body[0], np.float64), np.asarray(body[1]), BODY_DISTANCE_SAMPLES, rng)
-    distance, nearest = cKDTree(samples).query(queries, distance_upper_bound=clip)
-    near = np.isfinite(distance)
-    distance = np.where(near, distance, clip)
-    normals = np.where(near[:, None], normals[np.minimum(nearest, len(samples) - 1)], 0.0)
-    inside = winding_inside([body], queries)
-    return np.where(inside, -distance, distance), normals
+    def __init__(self, body, clip: float, rng: np.random.Generator | None = None):
+        from scipy.spatial import cKDTree
+
+        self.vertices = np.ascontiguousarray(body[0], dtype=np.float64)
+        self.faces = np.ascontiguousarray(body[1], dtype=np.int64)
+        self.clip = float(clip)
+        samples, self.normals = surface_samples(self.vertices, self.faces, BODY_DISTANCE_SAMPLES, rng or np.random.default_rng(0))
+        self.tree = cKDTree(samples)
+
+    def __call__(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """queries (N, 3) -> signed distance (N,) float64, negative inside, and normals (N, 3)."""
+        distance, nearest = self.tree.query(queries, distance_upper_bound=self.clip)
+        near = np.isfinite(distance)
+        distance = np.where(near, distance, self.clip)
+        normals = np.where(near[:, None], self.normals[np.minimum(nearest, len(self.normals) - 1)], 0.0)
+        inside = winding_inside([(self.vertices, self.faces)], queries)
+        return np.where(inside, -distance, distance), normals
+
+    def network_input(self, points):
+        """(N, 3) torch points -> (1, 4, N) float32 torch on their device: distance, then normal
+        (the body input of `model.pifuhd.PIFuHD.query_levels`)."""
+        import torch
+
+        distance, normals = self(points.detach().cpu().double().numpy())
+        rows = np.concatenate((distance[:, None], normals), axis=1).T[None].astype(np.float32)
+        return torch.from_numpy(rows).to(points.device)
 
 
 @dataclass
@@ -170,7 +187,7 @@ def label_views(
         canonical_queries.append(np.linalg.solve(lin, (q - t).T).T)
     all_queries = np.concatenate(canonical_queries)
     inside = winding_inside(canonical_parts, all_queries)
-    distance, normals = body_distance(body, all_queries, BODY_DISTANCE_CLIP_CM, rng) if body is not None else (None, None)
+    distance, normals = BodyField(body, BODY_DISTANCE_CLIP_CM, rng)(all_queries) if body is not None else (None, None)
     out, start = [], 0
     for (q, surf, nrm), m in zip(per_view, transforms):
         part = slice(start, start + len(q))

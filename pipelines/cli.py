@@ -127,7 +127,7 @@ def _train(args: argparse.Namespace) -> int:
         lr_decay_steps=tuple(args.lr_decay_steps or ()), checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every, val_resolution=args.val_resolution,
         use_predicted_normals=args.predicted_normals, vgg_weights=args.vgg_weights, seed=args.seed,
-        grey_composite=args.grey_composite, z_size=args.z_size,
+        grey_composite=args.grey_composite, z_size=args.z_size, body_guided=args.body_guided,
         max_failures=args.max_failures, pushgateway=args.pushgateway,
     )
     connect_ray(args.address, log_to_driver=True)
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--z-size", type=float, default=None,
                        help="depth-feature scale z_size of the model (default: the preset's or --init's; "
                        "on --init the network's function is kept)")
+    train.add_argument("--body-guided", action="store_true",
+                       help="coarse and fine stages: the body-guided variant (the MLP also reads the distance to "
+                       "and normal of a body fitted to the photo; trained on the data's true bodies, disturbed)")
     train.add_argument("--vgg-weights", help="normal stage: VGG19 weights file enabling the perceptual loss")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint")

@@ -32,9 +32,10 @@ from torch import nn
 
 import model
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.augment import MaskNoise, grey_composite
+from model.augment import BodyNoise, MaskNoise, body_input, grey_composite
 from model.losses import VGG19Features, normal_map_loss, weighted_occupancy_bce
 from model.pifuhd import PIFuHD
+from model.sampling import BODY_DISTANCE_CLIP_CM, BodyField
 from model.preprocess import resize_square
 from pipelines.uris import redact
 
@@ -81,6 +82,11 @@ class TrainConfig:
     # The model's depth-feature scale (model.config.PIFuHDConfig.z_size); None keeps the preset's or
     # the --init checkpoint's. Changing it on an --init checkpoint keeps the network's function.
     z_size: float | None = None
+    # Coarse and fine stages: train the body-guided variant (model.config body_channels), on the
+    # synthetic data's true bodies disturbed like fitted ones (model.augment.BodyNoise). An --init
+    # model without body inputs gains them with zero weights, so it starts as that model.
+    body_guided: bool = False
+    body_noise: BodyNoise = field(default_factory=BodyNoise)
     vgg_weights: str | None = None  # normal stage: torchvision-layout VGG19 weights enable the perceptual term
     seed: int = 0
     max_failures: int = 1
@@ -99,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"grey_composite must lie in [0, 1], not {self.grey_composite}")
         if self.z_size is not None and not self.z_size > 0:
             raise ValueError(f"z_size must be positive, not {self.z_size}")
+        if self.body_guided and self.stage == "normal":
+            raise ValueError("body_guided applies to the coarse and fine stages, not the normal stage")
 
     @property
     def run_name(self) -> str:
@@ -108,6 +116,8 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> "TrainConfig":
         data = dict(data)
         data["lr_decay_steps"] = tuple(data.get("lr_decay_steps", ()))
+        if isinstance(data.get("body_noise"), dict):
+            data["body_noise"] = BodyNoise(**data["body_noise"])
         return cls(**data)
 
 
@@ -129,13 +139,25 @@ def stage_inputs(batch: dict, config: model.PIFuHDConfig, noise: MaskNoise | Non
     }
 
 
-def subsample_points(batch: dict, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random subset of `count` stored points per sample: (B, 3, count), (B, count)."""
-    points, labels = batch["points"], batch["labels"]
-    if points.shape[-1] <= count:
-        return points, labels
-    index = torch.randperm(points.shape[-1], generator=generator)[:count].to(points.device)
-    return points[..., index], labels[..., index]
+def subsample_points(batch: dict, count: int, generator: torch.Generator) -> dict:
+    """The same random `count` of the stored points per sample from every per-point field:
+    points (B, 3, count), labels (B, count), and body_sdf / body_normals where stored."""
+    fields = {k: batch[k] for k in ("points", "labels", "body_sdf", "body_normals") if k in batch}
+    stored = fields["points"].shape[-1]
+    if stored <= count:
+        return fields
+    index = torch.randperm(stored, generator=generator)[:count].to(fields["points"].device)
+    return {k: v[..., index] for k, v in fields.items()}
+
+
+def body_inputs(points: dict, batch: dict, net: PIFuHD, noise: BodyNoise | None, generator) -> torch.Tensor | None:
+    """A body-guided model's (B, 4, N) body input at subsampled points, None for the other models."""
+    if not net.config.body_guided:
+        return None
+    if "body_sdf" not in points:
+        raise ValueError("a body-guided model trains on data with bodies (synthetic subjects); this batch has none")
+    clip = BODY_DISTANCE_CLIP_CM * float(batch["units_per_cm"][0])
+    return body_input(points["body_sdf"], points["body_normals"], clip, batch["units_per_cm"], noise, generator)
 
 
 def window_calib(calib: torch.Tensor, image_size: int, window: int, offset_x: int, offset_y: int) -> torch.Tensor:
@@ -174,11 +196,11 @@ class NormalStage(nn.Module):
 class CoarseStage(nn.Module):
     """Coarse hourglass and MLP; every stack's prediction is supervised."""
 
-    def __init__(self, net: PIFuHD, points: int, use_predicted_normals: bool, noise: MaskNoise):
+    def __init__(self, net: PIFuHD, points: int, use_predicted_normals: bool, noise: MaskNoise, body_noise: BodyNoise):
         super().__init__()
         self.net = net
         self.image_filter, self.mlp = net.netG.image_filter, net.netG.mlp
-        self.points, self.use_predicted_normals, self.noise = points, use_predicted_normals, noise
+        self.points, self.use_predicted_normals, self.noise, self.body_noise = points, use_predicted_normals, noise, body_noise
 
     def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         inputs = stage_inputs(batch, self.net.config, self.noise, generator)
@@ -187,20 +209,21 @@ class CoarseStage(nn.Module):
             with torch.no_grad():
                 normals = self.net.predict_normals(inputs["coarse"])
         stacks = self.image_filter(self.net._with_normals(inputs["coarse"], normals))
-        points, labels = subsample_points(batch, self.points, generator)
-        result = self.net.query_levels(model.Features(None, None, stacks), points, batch["calib"], levels="coarse")
-        loss = sum(weighted_occupancy_bce(logits, labels, result.coarse_in_box) for logits in result.coarse_logits)
-        return loss / len(stacks), {"probabilities": result.coarse[-1].detach(), "labels": labels}
+        points = subsample_points(batch, self.points, generator)
+        body = body_inputs(points, batch, self.net, self.body_noise, generator)
+        result = self.net.query_levels(model.Features(None, None, stacks), points["points"], batch["calib"], levels="coarse", body=body)
+        loss = sum(weighted_occupancy_bce(logits, points["labels"], result.coarse_in_box) for logits in result.coarse_logits)
+        return loss / len(stacks), {"probabilities": result.coarse[-1].detach(), "labels": points["labels"]}
 
 
 class FineStage(nn.Module):
     """Fine hourglass and MLP on a random window of the fine image; the coarse level is frozen."""
 
-    def __init__(self, net: PIFuHD, points: int, use_predicted_normals: bool, noise: MaskNoise):
+    def __init__(self, net: PIFuHD, points: int, use_predicted_normals: bool, noise: MaskNoise, body_noise: BodyNoise):
         super().__init__()
         self.net = net
         self.image_filter, self.mlp = net.image_filter, net.mlp
-        self.points, self.use_predicted_normals, self.noise = points, use_predicted_normals, noise
+        self.points, self.use_predicted_normals, self.noise, self.body_noise = points, use_predicted_normals, noise, body_noise
 
     def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         config = self.net.config
@@ -213,13 +236,14 @@ class FineStage(nn.Module):
         ox, oy = (int(v) for v in torch.randint(0, size - window + 1, (2,), generator=generator))
         fine_input = self.net._with_normals(inputs["fine"], inputs["normals"])[..., oy : oy + window, ox : ox + window]
         fine = self.image_filter(fine_input, last_only=True)[-1]
-        points, labels = subsample_points(batch, self.points, generator)
+        points = subsample_points(batch, self.points, generator)
         calib = batch["calib"]
         result = self.net.query_levels(
-            model.Features(None, None, coarse, fine), points, calib, window_calib(calib, size, window, ox, oy), levels="fine"
+            model.Features(None, None, coarse, fine), points["points"], calib, window_calib(calib, size, window, ox, oy),
+            levels="fine", body=body_inputs(points, batch, self.net, self.body_noise, generator),
         )
-        loss = weighted_occupancy_bce(result.fine_logits, labels, result.fine_in_box)
-        return loss, {"probabilities": result.fine.detach(), "labels": labels, "valid": result.fine_in_box}
+        loss = weighted_occupancy_bce(result.fine_logits, points["labels"], result.fine_in_box)
+        return loss, {"probabilities": result.fine.detach(), "labels": points["labels"], "valid": result.fine_in_box}
 
 
 def build_stage(net: PIFuHD, config: TrainConfig) -> nn.Module:
@@ -230,9 +254,9 @@ def build_stage(net: PIFuHD, config: TrainConfig) -> nn.Module:
         vgg = VGG19Features.from_file(config.vgg_weights) if config.vgg_weights else None
         stage = NormalStage(net, vgg, noise)
     elif config.stage == "coarse":
-        stage = CoarseStage(net, config.points_per_sample, config.use_predicted_normals, noise)
+        stage = CoarseStage(net, config.points_per_sample, config.use_predicted_normals, noise, config.body_noise)
     else:
-        stage = FineStage(net, config.points_per_sample, config.use_predicted_normals, noise)
+        stage = FineStage(net, config.points_per_sample, config.use_predicted_normals, noise, config.body_noise)
     for name in TRAINED_PARTS[config.stage]:
         net.get_submodule(name).requires_grad_(True).train()
     # Unused conv-block norms stay frozen (see model.hourglass.ConvBlock).
@@ -249,19 +273,23 @@ def initial_network(config: TrainConfig) -> PIFuHD:
         net = load_checkpoint(fetch_checkpoint(config.init))
         if net.config != model.preset(config.preset):
             log.info("init checkpoint config differs from preset %s: using the checkpoint's", config.preset)
-        return net if config.z_size is None else net.with_z_size(config.z_size)
+        net = net if config.z_size is None else net.with_z_size(config.z_size)
+        return net.with_body_guidance() if config.body_guided else net
     torch.manual_seed(config.seed)
     net_config = model.preset(config.preset)
     if config.z_size is not None:
         net_config = dataclasses.replace(net_config, z_size=config.z_size)
+    if config.body_guided:
+        net_config = net_config.with_body_channels()
     return PIFuHD.from_config(net_config)
 
 
 # ---- validation ----------------------------------------------------------------------------
 
 
-def validate(net: PIFuHD, config: TrainConfig, samples: list[dict], meshes: dict) -> dict:
-    """Validation metrics on held-out samples: point IoU, and mesh metrics in cm for occupancy stages."""
+def validate(net: PIFuHD, config: TrainConfig, samples: list[dict], meshes: dict, bodies: dict) -> dict:
+    """Validation metrics on held-out samples: point IoU, and mesh metrics in cm for occupancy stages.
+    A body-guided model reads the subjects' true bodies (`bodies`: canonical meshes), undisturbed."""
     from model.metrics import point_iou, surface_metrics
     from model.surface import extract_surface
 
@@ -281,49 +309,60 @@ def validate(net: PIFuHD, config: TrainConfig, samples: list[dict], meshes: dict
             normals = net.predict_normals(inputs["coarse"]) if config.use_predicted_normals else inputs["normals"]
             features = net.encode(inputs["coarse"], inputs["fine"], normals=normals)
             level = "coarse" if config.stage == "coarse" else "fine"
-            probabilities = net.query(features, batch["points"], batch["calib"], level=level)
+            units_per_cm = float(sample["units_per_cm"])
+            view_from_canonical = sample["view_from_canonical"].numpy().astype(np.float64)
+            body = body_inputs(batch, batch, net, None, None)
+            probabilities = net.query(features, batch["points"], batch["calib"], level=level, body=body)
             results.setdefault("point_iou", []).append(point_iou(probabilities, batch["labels"]))
-            mesh_gt = meshes.get(sample["subject_id"])
+            mesh_gt, field = meshes.get(sample["subject_id"]), None
+            if net.config.body_guided:
+                canonical_body = bodies.get(sample["subject_id"])
+                if canonical_body is None:
+                    continue
+                view_body = canonical_body.copy().apply_transform(view_from_canonical)
+                field = BodyField((view_body.vertices, view_body.faces), BODY_DISTANCE_CLIP_CM * units_per_cm)
             if mesh_gt is None:
                 continue
             predicted, _ = extract_surface(
-                lambda p: net.query(features, p.to(device).T[None], batch["calib"], level=level)[0].float().cpu(),
+                lambda p: net.query(features, p.to(device).T[None], batch["calib"], level=level,
+                                    body=None if field is None else field.network_input(p.to(device)))[0].float().cpu(),
                 resolution=config.val_resolution,
                 largest_component=True,
             )
             truth = mesh_gt.copy()
-            truth.apply_transform(sample["view_from_canonical"].numpy().astype(np.float64))
-            units_per_cm = float(sample["units_per_cm"])
+            truth.apply_transform(view_from_canonical)
             for key, value in surface_metrics(predicted, truth, num_samples=10_000, scale=1 / units_per_cm).items():
                 results.setdefault(f"{key}_cm" if key in ("chamfer", "p2s", "s2p") else key, []).append(value)
     net.train()
     return {f"val_{k}": float(np.mean(v)) for k, v in results.items()}
 
 
-def _load_validation(config: TrainConfig) -> tuple[list[dict], dict]:
-    """A few decoded val samples (as tensors) and their subjects' ground-truth meshes."""
+def _load_validation(config: TrainConfig) -> tuple[list[dict], dict, dict]:
+    """A few decoded val samples (as tensors), their subjects' ground-truth meshes and, where
+    stored, their bodies (canonical frame)."""
     import trimesh
 
     from pipelines.dataset import iter_batches
     from pipelines.storage import filesystem, join
 
     if config.val_samples <= 0:
-        return [], {}
+        return [], {}, {}
     decoded = next(iter_batches(config.data, "val", config.val_samples), None)
     if decoded is None:
-        return [], {}
+        return [], {}, {}
     batch = to_tensors(decoded, torch.device("cpu"))
     samples = [{k: v[i] for k, v in batch.items()} | {"subject_id": str(subject)}
                for i, subject in enumerate(decoded["subject_id"])]
-    meshes = {}
+    meshes, bodies = {}, {}
     for subject in {s["subject_id"] for s in samples}:
-        fs, path = filesystem(join(config.data, "meshes", f"{subject}.ply"))
-        try:
-            with fs.open(path, "rb") as handle:
-                meshes[subject] = trimesh.load(handle, file_type="ply", force="mesh", process=False)
-        except FileNotFoundError:
-            pass
-    return samples, meshes
+        for found, name in ((meshes, subject), (bodies, f"{subject}_body")):
+            fs, path = filesystem(join(config.data, "meshes", f"{name}.ply"))
+            try:
+                with fs.open(path, "rb") as handle:
+                    found[subject] = trimesh.load(handle, file_type="ply", force="mesh", process=False)
+            except FileNotFoundError:
+                pass
+    return samples, meshes, bodies
 
 
 # ---- the worker loop -------------------------------------------------------------------------
@@ -423,7 +462,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
             step = int(training_state["step"])
     stage_ddp = ray.train.torch.prepare_model(stage_module, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": False})
 
-    validation = _load_validation(config) if rank == 0 else ([], {})
+    validation = _load_validation(config) if rank == 0 else ([], {}, {})
     metrics = TrainMetrics(config.run_name) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     shard = ray.train.get_dataset_shard("train")

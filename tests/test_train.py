@@ -39,10 +39,10 @@ def _fixed_batch(uri: str, size: int = 2) -> dict:
     return to_tensors(next(iter_batches(uri, "train", size)), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("stage", ["normal", "coarse", "fine"])
-def test_loss_falls_on_a_fixed_batch(tiny_dataset, stage):
+@pytest.mark.parametrize("stage, body_guided", [("normal", False), ("coarse", False), ("fine", False), ("coarse", True), ("fine", True)])
+def test_loss_falls_on_a_fixed_batch(tiny_dataset, stage, body_guided):
     config = TrainConfig(stage=stage, data=tiny_dataset, out="unused", preset="tiny", optimizer="adam", lr=3e-3,
-                         points_per_sample=4096)
+                         points_per_sample=4096, body_guided=body_guided)
     net = initial_network(config)
     stage_module = build_stage(net, config)
     trainable = [p for p in stage_module.parameters() if p.requires_grad]
@@ -63,6 +63,9 @@ def test_loss_falls_on_a_fixed_batch(tiny_dataset, stage):
         changed = not torch.equal(value, frozen_before[key])
         if not key.startswith(prefixes):
             assert not changed, f"{stage} stage changed frozen {key}"
+    if body_guided and stage == "coarse":  # the body inputs' weights (before the depth column) learned
+        features = net.config.coarse_filter.out_channels
+        assert net.netG.mlp.filters[0].weight[:, features : features + 4].abs().sum() > 0
 
 
 def test_window_calib_maps_window_pixels_to_its_corners():

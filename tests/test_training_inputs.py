@@ -8,8 +8,9 @@ import torch
 import trimesh
 
 import model
-from model.augment import MaskNoise, grey_composite
-from model.sampling import body_distance
+from model.pifuhd import PIFuHD
+from model.augment import BodyNoise, MaskNoise, body_input, grey_composite
+from model.sampling import BodyField
 
 
 def test_grey_composite_cuts_out_through_a_disturbed_mask():
@@ -47,8 +48,41 @@ def test_with_z_size_keeps_the_function_and_changes_the_depth_scale():
 def test_body_distance_is_signed_and_clipped():
     sphere = trimesh.creation.icosphere(subdivisions=4, radius=10.0)
     queries = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 5.0], [0.0, 12.0, 0.0], [50.0, 0.0, 0.0]])
-    distance, normals = body_distance((sphere.vertices, sphere.faces), queries, clip=20.0)
+    distance, normals = BodyField((sphere.vertices, sphere.faces), clip=20.0)(queries)
     np.testing.assert_allclose(distance, [-10.0, -5.0, 2.0, 20.0], atol=0.15)
     np.testing.assert_allclose(normals[1], [0, 0, 1], atol=0.1)
     np.testing.assert_allclose(normals[2], [0, 1, 0], atol=0.1)
     np.testing.assert_array_equal(normals[3], [0, 0, 0])  # beyond the clip only the side is known
+
+
+def test_body_guidance_keeps_the_function_and_requires_a_body():
+    torch.manual_seed(0)
+    net = PIFuHD(model.preset("tiny")).eval()
+    guided = net.with_body_guidance().eval()
+    assert guided.config.body_guided and guided.config.coarse_mlp.widths[0] == net.config.coarse_mlp.widths[0] + 4
+    images = torch.rand(1, 3, 128, 128) * 2 - 1, torch.rand(1, 3, 256, 256) * 2 - 1
+    points = torch.rand(1, 3, 300) * 2 - 1
+    with torch.no_grad():
+        plain = net.query(net.encode(*images), points)
+        features = guided.encode(*images)
+        torch.testing.assert_close(guided.query(features, points, body=torch.randn(1, 4, 300)), plain)
+        with pytest.raises(ValueError, match="needs the body input"):
+            guided.query(features, points)
+        with pytest.raises(ValueError, match="not body-guided"):
+            net.query(net.encode(*images), points, body=torch.zeros(1, 4, 300))
+
+
+def test_body_input_moves_the_distance_like_a_moved_body():
+    # A unit sphere's distance field (1 unit = 100 cm): moving the body by t changes the distance by
+    # about -n.t, which is what the noise applies; the moved sphere's exact distance checks it.
+    directions = torch.nn.functional.normalize(torch.randn(1, 3, 500, generator=torch.Generator().manual_seed(1)), dim=1)
+    points = directions * torch.linspace(0.8, 1.2, 500)
+    sdf = points.norm(dim=1) - 1
+    noise = BodyNoise(shift_xy_cm=0, shift_z_cm=10, offset_cm=0, point_cm=0)
+    disturbed = body_input(sdf, directions, 5.0, torch.tensor([0.01]), noise, torch.Generator().manual_seed(0))
+    shift = float(torch.randn(1, 3, generator=torch.Generator().manual_seed(0))[0, 2]) * 0.1
+    moved = (points - torch.tensor([0.0, 0.0, shift]).reshape(1, 3, 1)).norm(dim=1) - 1
+    assert disturbed.shape == (1, 4, 500) and abs(shift) > 0.01
+    torch.testing.assert_close(disturbed[0, 0], moved[0], atol=shift**2 + 1e-4, rtol=0)
+    assert (disturbed[0, 0] - sdf[0]).abs().max() > 0.5 * abs(shift)
+    torch.testing.assert_close(disturbed[:, 1:], directions)
