@@ -201,6 +201,7 @@ def infer_config(state: dict, options: dict | None = None) -> PIFuHDConfig:
             phi_layer=_infer_phi_layer(coarse_mlp, fine_mlp.widths[0] - fine_filter.out_channels, options),
             fine_filter=fine_filter,
             fine_mlp=fine_mlp,
+            body_channels=coarse_mlp.widths[0] - coarse_filter.out_channels - 1,
             **sizes,
         )
     except (KeyError, ValueError) as exc:

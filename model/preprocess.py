@@ -167,6 +167,8 @@ class PreparedImage:
         (a found person's mask, `model.person`).
     mask_source: where the mask that replaced the background came from: "mask", "alpha",
         "person", or None (the photo's background is kept).
+    body: the body fitted to the photo, (vertices (V, 3) in the network frame, faces (F, 3)), for
+        body-guided models (`model.body.guidance`); None when none was fitted.
     """
 
     name: str
@@ -177,6 +179,7 @@ class PreparedImage:
     person_box: Box
     box_source: str
     mask_source: str | None
+    body: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def original_size(self) -> tuple[int, int]:

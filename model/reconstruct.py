@@ -99,12 +99,15 @@ def _device_of(net: PIFuHD) -> torch.device:
     return next(net.parameters()).device
 
 
-def occupancy_function(net: PIFuHD, features):
-    """(N, 3) world points -> (N,) fine occupancy of one image's features, for `model.surface`."""
+def occupancy_function(net: PIFuHD, features, body=None):
+    """(N, 3) world points -> (N,) fine occupancy of one image's features, for `model.surface`.
+    body: a body-guided model's `model.sampling.BodyField` of the image's fitted body."""
     device = _device_of(net)
 
     def occupancy(points: torch.Tensor) -> torch.Tensor:
-        return net.query(features, points.to(device).T[None])[0].float().cpu()
+        points = points.to(device)
+        body_input = None if body is None else body.network_input(points)
+        return net.query(features, points.T[None], body=body_input)[0].float().cpu()
 
     return occupancy
 
@@ -112,9 +115,15 @@ def occupancy_function(net: PIFuHD, features):
 def sample_surfaces(net: PIFuHD, prepared: list[PreparedImage], config: ReconstructionConfig) -> list[SurfaceSamples]:
     """Encode a batch of prepared images in one pass, then evaluate each one's occupancy grid.
 
-    This is all the work that needs the network (the GPU, when there is one).
+    This is all the work that needs the network (the GPU, when there is one). A body-guided model
+    reads each image's fitted body (`PreparedImage.body`, required).
     """
     device = _device_of(net)
+    bodies = [None] * len(prepared)
+    if net.config.body_guided:
+        from model.body.guidance import body_field
+
+        bodies = [body_field(p) for p in prepared]
     start = time.perf_counter()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     with torch.inference_mode(), autocast:
@@ -127,7 +136,7 @@ def sample_surfaces(net: PIFuHD, prepared: list[PreparedImage], config: Reconstr
             one = features.select(index)
             start = time.perf_counter()
             grid = evaluate_grid(
-                occupancy_function(net, one),
+                occupancy_function(net, one, bodies[index]),
                 resolution=config.resolution,
                 method=config.method,
                 threshold=config.threshold,

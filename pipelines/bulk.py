@@ -40,6 +40,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
+from model.body.fit import FitConfig
 from model.errors import InputError
 from model.person import PersonInput, PersonOptions
 from model.reconstruct import MESH_FORMATS, ReconstructionConfig
@@ -67,6 +68,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("persons_found", pa.int64()),  # people the finder found (null when it did not run)
         ("person_score", pa.float64()),  # the reconstructed person's detection score
         ("person_mask_area", pa.float64()),  # fraction of the image's pixels in its mask
+        ("body_uri", pa.string()),  # the fitted anny body (--body, body-guided models), else null
+        ("body_mask_iou", pa.float64()),  # its projection's IoU with the person mask
         ("preview_uri", pa.string()),
         ("vertices", pa.int64()),
         ("faces", pa.int64()),
@@ -98,6 +101,10 @@ class BulkConfig:
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     person: PersonOptions = field(default_factory=PersonOptions)
     mesh_format: str = "obj"
+    # Fit the anny body to each person (model.body) and write it as BASE_body.FORMAT beside the
+    # mesh; a body-guided checkpoint reads it, so for one this is always on.
+    body: bool = False
+    fit: FitConfig = field(default_factory=FitConfig)  # the body fitter's settings
     overwrite: bool = False
     batch_size: int = 1  # images per model call (normal nets and filters run batched)
     model_actors: int = 1  # size of the model actor pool
@@ -211,6 +218,7 @@ def output_uris(base: str, mesh_format: str) -> dict[str, str]:
         "preview_uri": f"{base}_preview.png",
         "person_mask_uri": f"{base}_person.png",
         "person_json_uri": f"{base}_person.json",
+        "body_mesh_uri": f"{base}_body.{mesh_format}",
         "marker_uri": f"{base}.json",
     }
 
@@ -308,11 +316,12 @@ class InputPreparer:
     loads once per actor, not per image.
     """
 
-    def __init__(self, sizes: tuple[int, ...], overwrite: bool, max_pixels: int, person: PersonOptions, mesh_format: str):
+    def __init__(self, sizes: tuple[int, ...], overwrite: bool, max_pixels: int, person: PersonOptions, mesh_format: str,
+                 body: bool = False, fit: FitConfig = FitConfig()):
         from model.person import PersonFinder
 
         self.sizes, self.overwrite, self.max_pixels = sizes, overwrite, max_pixels
-        self.person, self.mesh_format = person, mesh_format
+        self.person, self.mesh_format, self.body, self.fit = person, mesh_format, body, fit
         self.finder = PersonFinder() if person.mode == "auto" else None
 
     def __call__(self, batch: dict) -> dict:
@@ -365,12 +374,41 @@ class InputPreparer:
                 if self.person.all_people and not self.overwrite and _finished(row):
                     rows.append((row, b""))
                     continue
+                files = _person_files(row, person_input)
+                prepared = person_input.prepared
+                if self.body:
+                    prepared = self._fit_body(row, prepared, person_input, image, sidecars, files)
                 # The original photo is not needed downstream (colours come from the crop): don't ship it.
-                prepared = dataclasses.replace(person_input.prepared, rgb=np.zeros((0, 0, 3), np.float32))
-                rows.append((row, pickle.dumps((prepared, _person_files(row, person_input)), protocol=5)))
+                prepared = dataclasses.replace(prepared, rgb=np.zeros((0, 0, 3), np.float32))
+                rows.append((row, pickle.dumps((prepared, files), protocol=5)))
             return rows
         except Exception as exc:  # noqa: BLE001 - any failure becomes this input's failed row
             return [_fail(record, exc)]
+
+
+    def _fit_body(self, row: dict, prepared, person_input: PersonInput, image: bytes, sidecars: dict, files: dict):
+        """Fit anny to the person (the finder's landmarks, else a keypoints sidecar or a finder run
+        as `pifuhd fit` does); its mesh joins the files to write, and the prepared input carries it
+        in the network frame for a body-guided model."""
+        from model.body.export import mesh_bytes
+        from model.body.fit import fit_body
+        from model.body.guidance import body_in_network_frame
+        from pipelines.fit import find_person
+
+        start = time.perf_counter()
+        name = redact(row["input_uri"])
+        found = person_input.person
+        if found is not None:
+            landmarks, world, mask = found.landmarks, found.world_landmarks, found.mask
+            size = (prepared.crop.image_width, prepared.crop.image_height)
+        else:
+            person, size = find_person(image, sidecars, name, self.max_pixels)
+            landmarks, world, mask = person.landmarks, person.world_landmarks, person.mask
+        fit = fit_body(landmarks, size, mask=mask, world_landmarks=world, config=self.fit, name=name)
+        files[row["body_mesh_uri"]] = mesh_bytes(fit.vertices, fit.faces, self.mesh_format)
+        row.update(body_uri=row["body_mesh_uri"], body_mask_iou=fit.mask_iou,
+                   seconds_prepare=row["seconds_prepare"] + time.perf_counter() - start)
+        return dataclasses.replace(prepared, body=(body_in_network_frame(fit.vertices, prepared.crop), np.asarray(fit.faces)))
 
 
 # ---- stage 2: model (GPU when available) ---------------------------------------------------
@@ -569,7 +607,7 @@ def _pipeline_results(records: list[dict], config: BulkConfig, sizes: tuple[int,
 
 def _preparer_kwargs(config: BulkConfig, sizes: tuple[int, ...]) -> dict:
     return {"sizes": sizes, "overwrite": config.overwrite, "max_pixels": config.max_pixels,
-            "person": config.person, "mesh_format": config.mesh_format}
+            "person": config.person, "mesh_format": config.mesh_format, "body": config.body, "fit": config.fit}
 
 
 _PREPARERS: dict[tuple, InputPreparer] = {}  # per worker process: the person finder of `prepare_rows` / `_reconstruct_alone`
@@ -715,6 +753,8 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     local_checkpoint = fetch_checkpoint(config.checkpoint)
     _, net_config, metadata = read_checkpoint(local_checkpoint)  # fail fast on a bad checkpoint
     checkpoint_id, checkpoint_version = checkpoint_identity(local_checkpoint, metadata)
+    if net_config.body_guided and not config.body:
+        config = dataclasses.replace(config, body=True)  # the model reads the fitted body
     sizes = (net_config.coarse_size, net_config.fine_size)
 
     check_writable(config.output)

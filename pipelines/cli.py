@@ -101,6 +101,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
         ),
         person=PersonOptions(mode=args.person, all_people=args.all_people, min_score=args.min_person_score),
         mesh_format=args.format,
+        body=args.body,
         overwrite=args.overwrite,
         batch_size=args.batch_size,
         model_actors=args.model_actors,
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--all-people", action="store_true", help="reconstruct every person found (NAME_p0, NAME_p1, ...)")
     recon.add_argument("--min-person-score", type=float, default=0.5,
                        help="people found with a lower detection score do not count (default 0.5)")
+    recon.add_argument("--body", action="store_true",
+                       help="also fit the anny body to each person and write NAME_body.FORMAT (always on for a "
+                       "body-guided model, which reads it)")
     recon.add_argument("--format", choices=("obj", "ply", "glb"), default="obj")
     recon.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network arithmetic (bf16: ~2x faster)")
     recon.add_argument("--color", choices=("image", "normal", "none"), default="image", help="vertex colours")

@@ -52,6 +52,7 @@ only within one protocol.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -76,6 +77,9 @@ MODES = ("checkpoint", "folder", "manifest")
 METRICS = ("chamfer_cm", "p2s_cm", "s2p_cm", "normal_consistency", "normal_image_error", "fscore_1cm", "fscore_2cm",
            "depth_ratio")
 BASELINES = ("silhouette",)
+# Where a body-guided checkpoint's per-view body comes from: "fitted" to the view's image (person
+# finder landmarks, stored mask: what the product does), or the subject's "true" body (the bound).
+BODY_SOURCES = ("fitted", "true")
 HIGHER_IS_BETTER = ("normal_consistency", "fscore_1cm", "fscore_2cm")
 # depth_ratio: the prediction's extent along z (toward the camera) over the truth's, 2nd to 98th
 # percentile of surface samples; 1 is right, a blob from the silhouette alone is well above 1.
@@ -125,6 +129,7 @@ class EvalConfig:
     # Also score a baseline on the same views (checkpoint mode): "silhouette", the slab inflated
     # from the mask (model/baselines.py), the floor a model must beat.
     baseline: str | None = None
+    bodies: str = "fitted"  # body-guided checkpoints: BODY_SOURCES
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -136,6 +141,8 @@ class EvalConfig:
             raise ValueError(f"resolution must be 32 x 2^k (32, 64, 128, 256, 512, ...), got {self.resolution}")
         if self.baseline not in (None, *BASELINES):
             raise ValueError(f"baseline must be one of {BASELINES}, not {self.baseline!r}")
+        if self.bodies not in BODY_SOURCES:
+            raise ValueError(f"bodies must be one of {BODY_SOURCES}, not {self.bodies!r}")
 
 
 @dataclass
@@ -181,6 +188,8 @@ def result_schema():
             ("gt_faces", pa.int64()),
             ("num_samples", pa.int64()),
             ("checkpoint_id", pa.string()),
+            ("body_source", pa.string()),  # body-guided checkpoints: "fitted" or "true", else null
+            ("body_mask_iou", pa.float64()),  # a fitted body's IoU with the view's mask
             ("seconds", pa.float64()),
             ("finished_at", pa.timestamp("ms", tz="UTC")),
         ]
@@ -516,6 +525,8 @@ class PairWorker:
         prepared = prepared_view(view["image"], view["mask"], self.net.config.coarse_size, self.net.config.fine_size, item["key"])
         reconstruction = ReconstructionConfig(resolution=self.config.resolution, color="none")
         if item.get("method", "model") == "model":
+            if self.net.config.body_guided:
+                prepared = dataclasses.replace(prepared, body=self._view_body(view, item, row))
             result = reconstruct(self.net, prepared, reconstruction)
         else:
             result = baseline_reconstruction(prepared, reconstruction)
@@ -529,6 +540,30 @@ class PairWorker:
         storage.write_bytes_atomic(f"{stem}.ply", predicted.export(file_type="ply"))
         row.update(pred_uri=f"{stem}.ply", preview_uri=f"{stem}_preview.png")
         return predicted, truth
+
+
+    def _view_body(self, view: dict, item: dict, row: dict):
+        """The body a body-guided model reads for a stored view, (vertices, faces) in its frame."""
+        row["body_source"] = self.config.bodies
+        if self.config.bodies == "true":
+            body = load_mesh(item["gt_uri"].removesuffix(".ply") + "_body.ply")
+            body.apply_transform(view["view_from_canonical"])
+            return np.asarray(body.vertices), np.asarray(body.faces)
+        from model.body.fit import fit_body
+        from model.body.guidance import body_in_network_frame
+        from model.preprocess import Crop
+        from pipelines.fit import person_finder
+
+        size = view["image"].shape[-1]
+        rgb = np.clip((view["image"].transpose(1, 2, 0) + 1) * 127.5, 0, 255).astype(np.uint8)
+        people = person_finder().find(rgb)
+        if not people:
+            raise ValueError(f"{item['key']}: no person found to fit a body to")
+        mask = view["mask"][0] > 0.5
+        fit = fit_body(people[0].landmarks, (size, size), mask=mask, world_landmarks=people[0].world_landmarks, name=item["key"])
+        row["body_mask_iou"] = fit.mask_iou
+        # The stored view is the network's square: the crop of the whole S x S image.
+        return body_in_network_frame(fit.vertices, Crop(0, 0, size, size, size, size)), np.asarray(fit.faces)
 
 
 def baseline_reconstruction(prepared, reconstruction):
@@ -821,7 +856,7 @@ def _run(args: argparse.Namespace) -> int:
         config = EvalConfig(
             pred=args.pred, gt=args.gt, out=args.output, split=args.split, icp=args.icp, num_samples=args.num_samples,
             resolution=args.resolution, scale=args.scale, normal_image_size=args.normal_image_size, seed=args.seed,
-            limit=args.limit, workers=args.workers, address=args.address, baseline=args.baseline,
+            limit=args.limit, workers=args.workers, address=args.address, baseline=args.baseline, bodies=args.bodies,
         )
         if not args.in_process:
             connect_ray(args.address)
@@ -860,6 +895,9 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
     parser.add_argument("--baseline", choices=BASELINES, help="checkpoint mode: also score this baseline on the same "
                         "views and print it beside the model (silhouette: a slab inflated from the mask)")
+    parser.add_argument("--bodies", choices=BODY_SOURCES, default="fitted",
+                        help="body-guided checkpoints: fit a body to each view's image (default), or read the "
+                        "subject's true body (an upper bound)")
     parser.add_argument("--workers", type=int, help="evaluation actors (default: one per CPU)")
     parser.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     parser.add_argument("--in-process", action="store_true", help="evaluate in this process, without Ray")

@@ -104,7 +104,7 @@ class PersonInput:
 
 
 @functools.lru_cache(maxsize=1)
-def _person_finder():
+def person_finder():
     """The person finder, loaded once per worker process."""
     from model.person import PersonFinder
 
@@ -133,7 +133,7 @@ def find_person(image_bytes: bytes, sidecars: dict[str, bytes | None], name: str
     if sidecars.get("keypoints") is not None:
         keypoints = parse_body_keypoints(sidecars["keypoints"], f"keypoints for {name}")
         return PersonInput(keypoints.landmarks, keypoints.world_landmarks, mask, f"sidecar {keypoints.layout}"), (width, height)
-    people = _person_finder().find(image.rgb)
+    people = person_finder().find(image.rgb)
     if not people:
         raise InputError(f"{name}: no person found (and no NAME_keypoints.json beside it)")
     found = people[0]  # the most prominent

@@ -231,3 +231,35 @@ def test_fit_job_on_ray_with_s3(ray_local, s3_bucket, bodies):
 
     again = run_fit(config, progress=False)  # resumes: the finished input is skipped, failures retried
     assert (again.ok, again.failed, again.skipped) == (0, 3, 2)
+
+
+def test_reconstruct_with_a_body_guided_model_fits_and_reads_the_body(tmp_path, bodies):
+    """A body-guided checkpoint turns the body fit on: each photo's body is fitted, written beside
+    the mesh and read by the network; without a body the network refuses to run."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.preprocess import prepare_image_file
+    from model.reconstruct import ReconstructionConfig, reconstruct
+    from pipelines.bulk import BulkConfig, read_manifest, run_bulk
+    from tests.helpers import tiny_network
+
+    guided = tiny_network().with_body_guidance()
+    checkpoint = save_checkpoint(guided, tmp_path / "guided.safetensors", metadata={"preset": "tiny"})
+    assert load_checkpoint(checkpoint).config.body_guided
+    files = _photo_files(bodies[(101, "stand", 0)])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "person.png").write_bytes(files["png"])
+    (tmp_path / "in" / "person_keypoints.json").write_bytes(files["json"])
+    config = BulkConfig(inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), checkpoint=str(checkpoint),
+                        reconstruction=ReconstructionConfig(resolution=64), mesh_format="ply", fit=QUICK)
+    summary = run_bulk(config, in_process=True, progress=False)
+    assert (summary.ok, summary.failed) == (1, 0), summary.failures
+    row = read_manifest(str(tmp_path / "out")).iloc[0]
+    assert row["body_mask_iou"] > 0.5 and row["body_uri"] == row["mesh_uri"].removesuffix(".ply") + "_body.ply"
+    body = trimesh.load(row["body_uri"], process=False)
+    assert len(body.vertices) > 10000
+    # The body lies on the person: in the pixel frame (y up), its box is the mask's.
+    rows, cols = np.nonzero(bodies[(101, "stand", 0)].mask)
+    mask_box = np.array([[cols.min(), SIZE - rows.max()], [cols.max() + 1, SIZE - rows.min()]])
+    np.testing.assert_allclose(body.bounds[:, :2], mask_box, atol=0.06 * SIZE)
+    with pytest.raises(ValueError, match="needs a body fitted"):
+        reconstruct(guided, prepare_image_file(tmp_path / "in" / "person.png", sizes=(128, 256)), ReconstructionConfig(resolution=32))
