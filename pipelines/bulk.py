@@ -212,13 +212,15 @@ def _where() -> tuple[str, str]:
 
 def output_uris(base: str, mesh_format: str) -> dict[str, str]:
     """Every output of one reconstruction, beside each other: BASE.FORMAT, BASE_preview.png, the
-    finder's BASE_person.png (mask) and BASE_person.json, and the BASE.json marker (written last)."""
+    finder's BASE_person.png (mask) and BASE_person.json, with a body fit BASE_body.FORMAT and its
+    anny parameters BASE_body.json, and the BASE.json marker (written last)."""
     return {
         "mesh_uri": f"{base}.{mesh_format}",
         "preview_uri": f"{base}_preview.png",
         "person_mask_uri": f"{base}_person.png",
         "person_json_uri": f"{base}_person.json",
         "body_mesh_uri": f"{base}_body.{mesh_format}",
+        "body_params_uri": f"{base}_body.json",
         "marker_uri": f"{base}.json",
     }
 
@@ -390,7 +392,7 @@ class InputPreparer:
         """Fit anny to the person (the finder's landmarks, else a keypoints sidecar or a finder run
         as `pifuhd fit` does); its mesh joins the files to write, and the prepared input carries it
         in the network frame for a body-guided model."""
-        from model.body.export import mesh_bytes
+        from model.body.export import body_json, mesh_bytes
         from model.body.fit import fit_body
         from model.body.guidance import body_in_network_frame
         from pipelines.fit import find_person
@@ -406,6 +408,7 @@ class InputPreparer:
             landmarks, world, mask = person.landmarks, person.world_landmarks, person.mask
         fit = fit_body(landmarks, size, mask=mask, world_landmarks=world, config=self.fit, name=name)
         files[row["body_mesh_uri"]] = mesh_bytes(fit.vertices, fit.faces, self.mesh_format)
+        files[row["body_params_uri"]] = body_json(fit, {"input_uri": row["input_uri"], "content_hash": row["content_hash"]}).encode()
         row.update(body_uri=row["body_mesh_uri"], body_mask_iou=fit.mask_iou,
                    seconds_prepare=row["seconds_prepare"] + time.perf_counter() - start)
         return dataclasses.replace(prepared, body=(body_in_network_frame(fit.vertices, prepared.crop), np.asarray(fit.faces)))

@@ -257,6 +257,8 @@ def test_reconstruct_with_a_body_guided_model_fits_and_reads_the_body(tmp_path, 
     assert row["body_mask_iou"] > 0.5 and row["body_uri"] == row["mesh_uri"].removesuffix(".ply") + "_body.ply"
     body = trimesh.load(row["body_uri"], process=False)
     assert len(body.vertices) > 10000
+    params = BodyParameters.from_json((tmp_path / "out" / "meshes" / row["body_uri"].rsplit("/", 1)[1].replace(".ply", ".json")).read_bytes())
+    np.testing.assert_allclose(body_vertices(params), body.vertices, atol=1e-3)
     # The body lies on the person: in the pixel frame (y up), its box is the mask's.
     rows, cols = np.nonzero(bodies[(101, "stand", 0)].mask)
     mask_box = np.array([[cols.min(), SIZE - rows.max()], [cols.max() + 1, SIZE - rows.min()]])
