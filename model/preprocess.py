@@ -39,6 +39,7 @@ therefore (i + 0.5, H - j - 0.5), and an orthographic projection of a mesh's
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
@@ -366,31 +367,30 @@ def load_mask(
 # ---------------------------------------------------------------------- person box
 
 
-def find_sidecars(image_path: str | os.PathLike) -> Sidecars:
-    """Find the person-box files beside `DIR/NAME.EXT`.
+def match_sidecars(image: str, siblings) -> dict[str, str | None]:
+    """The sidecars of an image among the files beside it: {"mask", "rect", "keypoints"} -> name or None.
 
-    - mask: `DIR/NAME_mask.E`, E one of .png .jpg .jpeg .bmp .gif .tif .tiff
-      .webp (lower or upper case, first found in that order);
-    - rect: `DIR/NAME_rect.txt`;
-    - keypoints: `DIR/NAME_keypoints.json` (OpenPose output naming).
+    image and siblings: paths or URIs in one folder, spelt alike. NAME is the image's name without
+    its extension, matched exactly; the suffix in any case:
+    - mask: `NAME_mask.E`, E one of MASK_EXTENSIONS (the first found in that order);
+    - rect: `NAME_rect.txt`;
+    - keypoints: `NAME_keypoints.json` (OpenPose output naming).
     """
+    stem = os.path.splitext(image)[0]
+    by_suffix: dict[str, str] = {}
+    for sibling in sorted(siblings):
+        if sibling.startswith(stem) and sibling != image:
+            by_suffix.setdefault(sibling[len(stem):].lower(), sibling)
+    mask = next((by_suffix[f"_mask{ext}"] for ext in MASK_EXTENSIONS if f"_mask{ext}" in by_suffix), None)
+    return {"mask": mask, "rect": by_suffix.get("_rect.txt"), "keypoints": by_suffix.get("_keypoints.json")}
+
+
+def find_sidecars(image_path: str | os.PathLike) -> Sidecars:
+    """The person-box files beside a local image (`match_sidecars`)."""
     path = Path(image_path)
-    stem, folder = path.stem, path.parent
-    mask = None
-    for ext in MASK_EXTENSIONS:
-        for candidate in (folder / f"{stem}_mask{ext}", folder / f"{stem}_mask{ext.upper()}"):
-            if candidate.is_file():
-                mask = candidate
-                break
-        if mask is not None:
-            break
-    rect = folder / f"{stem}_rect.txt"
-    keypoints = folder / f"{stem}_keypoints.json"
-    return Sidecars(
-        mask=mask,
-        rect=rect if rect.is_file() else None,
-        keypoints=keypoints if keypoints.is_file() else None,
-    )
+    siblings = [str(p) for p in path.parent.glob(f"{glob.escape(path.stem)}_*") if p.is_file()]
+    found = {k: None if v is None else Path(v) for k, v in match_sidecars(str(path), siblings).items()}
+    return Sidecars(**found)
 
 
 def is_sidecar(path: str | os.PathLike) -> bool:

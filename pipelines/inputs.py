@@ -13,12 +13,11 @@ from dataclasses import asdict, dataclass
 import pyarrow.parquet as pq
 
 from model.errors import InputError
-from model.preprocess import is_sidecar
+from model.preprocess import is_sidecar, match_sidecars
 from pipelines.storage import IMAGE_EXTENSIONS, filesystem, full_uri
 from pipelines.uris import UnsupportedURIError
 
 URI_COLUMNS = ("uri", "input_uri", "path", "image")
-_MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 @dataclass(frozen=True)
@@ -41,11 +40,8 @@ def _is_image(path: str) -> bool:
 
 def _with_sidecars(uri: str, name: str, siblings: set[str]) -> InputItem:
     """Attach the sidecars found among `siblings` (full URIs of files in the same folder)."""
-    stem = posixpath.splitext(uri)[0]
-    mask = next((stem + "_mask" + ext for ext in _MASK_EXTENSIONS if stem + "_mask" + ext in siblings), "")
-    rect = stem + "_rect.txt" if stem + "_rect.txt" in siblings else ""
-    keypoints = stem + "_keypoints.json" if stem + "_keypoints.json" in siblings else ""
-    return InputItem(uri=uri, name=name, mask_uri=mask, rect_uri=rect, keypoints_uri=keypoints)
+    found = match_sidecars(uri, siblings)
+    return InputItem(uri=uri, name=name, **{f"{kind}_uri": found[kind] or "" for kind in ("mask", "rect", "keypoints")})
 
 
 def _list_folder(spec: str) -> list[InputItem]:

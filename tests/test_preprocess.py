@@ -461,3 +461,16 @@ def test_pixel_centres_sample_their_own_colour():
     sampled = (sample_world(prepared.images[512], world[:, :2]) + 1) / 2
     expected = blocks[centres_ij[:, 1], centres_ij[:, 0]]
     np.testing.assert_allclose(sampled, expected, atol=0.02)
+
+
+def test_one_sidecar_rule_for_local_files_and_uris(tmp_path):
+    from model.preprocess import match_sidecars
+    from pipelines.inputs import list_inputs
+
+    siblings = ["s3://b/in/photo.jpg", "s3://b/in/photo_mask.PNG", "s3://b/in/photo_Rect.TXT", "s3://b/in/photo2_keypoints.json"]
+    assert match_sidecars("s3://b/in/photo.jpg", siblings) == {"mask": "s3://b/in/photo_mask.PNG", "rect": "s3://b/in/photo_Rect.TXT", "keypoints": None}
+    for name in ("photo.jpg", "photo_mask.PNG", "photo_KEYPOINTS.json"):
+        (tmp_path / name).write_bytes(b"x")
+    (item,) = list_inputs([str(tmp_path)])  # the sidecars are no inputs of their own
+    assert item.mask_uri.endswith("photo_mask.PNG") and item.keypoints_uri.endswith("photo_KEYPOINTS.json") and not item.rect_uri
+    assert find_sidecars(tmp_path / "photo.jpg").keypoints == tmp_path / "photo_KEYPOINTS.json"
