@@ -46,7 +46,8 @@ from model.person import PersonInput, PersonOptions
 from model.reconstruct import MESH_FORMATS, ReconstructionConfig
 from pipelines.inputs import InputItem, list_inputs
 from pipelines.metrics import BulkMetrics
-from pipelines.storage import filesystem, join, read_parquet_parts, safe_stem, write_bytes_atomic, write_parquet_atomic
+from pipelines.storage import (filesystem, join, read_parquet_parts, remove_stale_temporaries, safe_stem, write_bytes_atomic,
+                               write_parquet_atomic)
 from pipelines.uris import check_uri, redact
 
 log = logging.getLogger(__name__)
@@ -761,6 +762,8 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     sizes = (net_config.coarse_size, net_config.fine_size)
 
     check_writable(config.output)
+    if removed := remove_stale_temporaries(config.output):
+        log.warning("removed %d temporary files an interrupted job left in %s", removed, redact(config.output))
     items = list_inputs(list(config.inputs), exclude=config.output)
     records = initial_rows(items, config, run_id, checkpoint_id)
     metrics = BulkMetrics(pipeline="reconstruct")

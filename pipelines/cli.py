@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import traceback
 
@@ -24,6 +25,7 @@ def _allowed_uri(uri: str) -> str:
     return uri
 
 EXIT_USAGE = 2  # bad arguments: nothing was done
+EXIT_TERMINATED = 128 + 15  # stopped by SIGTERM (the shell's convention)
 PRESET_NAMES = ("full", "small", "tiny")  # model.config.PRESETS (not imported: it loads torch)
 
 
@@ -284,12 +286,19 @@ def configure_console(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+def _terminate(signum, frame) -> None:
+    raise SystemExit(EXIT_TERMINATED)
+
+
 def main(argv: list[str] | None = None) -> int:
     from model.errors import PifuhdError
     from pipelines.uris import redact
 
     args = build_parser().parse_args(argv)
     configure_console(args.verbose)
+    # A scheduler stops a job with SIGTERM: unwind as Ctrl-C does, so the rows received so far are
+    # written (the jobs' `finally`) and the private Ray instance and its agents are shut down (atexit).
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.handler(args)
     except UsageError as exc:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 VERBOSE_ENV = "PIFUHD_VERBOSE"
 # Ray loggers that speak at WARNING about things that are as intended here.
@@ -45,10 +47,15 @@ def connect_ray(address: str | None = None, log_to_driver: bool = False):
     if not verbose():
         for name in _EXPECTED_NOTICES:
             logging.getLogger(name).setLevel(logging.ERROR)
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, logging_level=level)
     else:
         # address="local": never attach to some other cluster found through RAY_ADDRESS.
         ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver, _node_ip_address="127.0.0.1",
                  logging_level=level)
+    # Ray's core worker installs a SIGTERM handler that aborts the process; a command's own handler
+    # (pipelines/cli.py: unwind, write the rows received, shut Ray down) comes back in its place.
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
     return ray

@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import re
+import time
 import uuid
 
 import fsspec
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _LOCAL = LocalFileSystem()
 
+TEMPORARY_MARK = ".tmp-"  # write_bytes_atomic's temporaries: FINAL_NAME.tmp-<8 hex>
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -64,10 +66,36 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-    os.replace(temporary, path)
+    temporary = f"{path}{TEMPORARY_MARK}{uuid.uuid4().hex[:8]}"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    except BaseException:  # a full disk, a signal: leave no temporary behind
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def remove_stale_temporaries(root: str, max_age_s: float = 3600.0) -> int:
+    """Delete the temporaries of `write_bytes_atomic` older than `max_age_s` under a local root
+    (a process killed mid-write leaves them; younger ones may belong to a running job).
+    Object stores have none. Returns how many were removed."""
+    if is_remote(root):
+        return 0
+    _, path = filesystem(root)
+    removed, deadline = 0, time.time() - max_age_s
+    for folder, _, names in os.walk(path):
+        for name in names:
+            if TEMPORARY_MARK in name:
+                temporary = os.path.join(folder, name)
+                try:
+                    if os.stat(temporary).st_mtime < deadline:
+                        os.remove(temporary)
+                        removed += 1
+                except FileNotFoundError:  # another job renamed or removed it meanwhile
+                    pass
+    return removed
 
 
 def write_parquet_atomic(uri: str, table: pa.Table) -> None:

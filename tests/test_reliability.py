@@ -433,3 +433,61 @@ def test_malicious_pickles_are_refused_naming_what_was_refused(tmp_path):
     torch.save({"model_state_dict": {}, "opt": _NamespaceWithPositionalArguments()}, tmp_path / "namespace.pt")
     with pytest.raises(CheckpointError, match="refused to unpickle"):
         read_checkpoint(tmp_path / "namespace.pt")
+
+
+# ---- row 16: a stopped driver -------------------------------------------------------------
+
+
+def _descendants_of(root: int) -> set[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_terminated_driver_keeps_its_rows_and_leaves_no_process_or_temporary(tmp_path, checkpoint):
+    from pipelines.bulk import read_manifest
+    from tests.helpers import person_image
+
+    for index in range(8):
+        person_image(tmp_path / "in" / f"p{index}.png")
+    out = tmp_path / "out"
+    (out / "meshes").mkdir(parents=True)
+    stale, fresh = out / "meshes" / "old.obj.tmp-0123abcd", out / "meshes" / "new.obj.tmp-89abcdef"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"in flight")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    command = [sys.executable, "-m", "pipelines.cli", "reconstruct", str(tmp_path / "in"), "-o", str(out),
+               "--checkpoint", checkpoint, "--resolution", "64", "--quiet"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while len(list((out / "meshes").glob("p*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # the finished rows reach the driver
+    started = _descendants_of(driver.pid)  # the private Ray instance: GCS, raylet, agents, workers
+    assert started, "the job started no Ray processes"
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=120) == 128 + 15
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in started if _alive(pid)], "Ray processes outlived the stopped driver"
+    rows = read_manifest(str(out))  # what came back before the signal is kept
+    assert 1 <= len(rows) <= 8 and (rows["status"] == "ok").all()
+    assert not stale.exists() and fresh.exists()  # a young temporary may be another job's
