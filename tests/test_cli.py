@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +33,13 @@ def test_preset_names_match_the_model_presets():
     from model.config import PRESETS
 
     assert tuple(PRESETS) == PRESET_NAMES
+
+
+def test_reading_results_loads_neither_torch_nor_ray():
+    """The storage layer, URI checks and report reader import without the heavy stacks."""
+    code = ("import sys, pipelines.storage, pipelines.uris, pipelines.report, model.errors; "
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
