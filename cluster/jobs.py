@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from pipelines import exit_codes
+
 if TYPE_CHECKING:  # Ray is imported lazily: `pifuhd --help` must stay instant.
     from ray.job_submission import JobSubmissionClient
 
@@ -63,10 +65,11 @@ WORKING_DIR_EXCLUDES: tuple[str, ...] = (
 # Commands that act on the local machine and make no sense as a cluster job.
 LOCAL_ONLY_COMMANDS = frozenset({"submit", "jobs", "metrics"})
 
-EXIT_SUCCEEDED = 0
-EXIT_FAILED = 1
-EXIT_UNREACHABLE = 2
-EXIT_STOPPED = 3
+# `pifuhd jobs status/logs --wait` end with the job's own exit code, or these (pipelines.exit_codes).
+EXIT_SUCCEEDED = exit_codes.OK
+EXIT_FAILED = exit_codes.CLUSTER  # the job failed without an exit code of its own
+EXIT_UNREACHABLE = exit_codes.CLUSTER
+EXIT_STOPPED = exit_codes.TERMINATED
 
 
 class ClusterError(Exception):

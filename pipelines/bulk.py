@@ -166,7 +166,9 @@ class Summary:
             print(f"  failed: {uri}: {reason}")
         if self.manifest_files:
             print(f"manifest: {self.manifest_files[0].rsplit('/', 1)[0]}/ ({len(self.manifest_files)} parts)")
-        return 1 if fail_on_error and self.failed else 0
+        from pipelines import exit_codes
+
+        return exit_codes.INPUTS_FAILED if fail_on_error and self.failed else exit_codes.OK
 
 
 # ---- rows --------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import signal
 import sys
 import traceback
 
+from pipelines import exit_codes
+
 
 def _allowed_uri(uri: str) -> str:
     """argparse type of -o, --checkpoint, --data, --out: a usage error for a scheme outside the allow-list."""
@@ -24,8 +26,7 @@ def _allowed_uri(uri: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return uri
 
-EXIT_USAGE = 2  # bad arguments: nothing was done
-EXIT_TERMINATED = 128 + 15  # stopped by SIGTERM (the shell's convention)
+
 PRESET_NAMES = ("full", "small", "tiny")  # model.config.PRESETS (not imported: it loads torch)
 
 
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--color", choices=("image", "normal", "none"), default="image", help="vertex colours")
     recon.add_argument("--keep-all-components", action="store_true", help="keep every connected component")
     recon.add_argument("--overwrite", action="store_true", help="redo inputs already reconstructed with this checkpoint")
-    recon.add_argument("--fail-on-error", action="store_true", help="exit 1 if any input failed")
+    recon.add_argument("--fail-on-error", action="store_true", help="exit 3 if any input failed")
     recon.add_argument("--batch-size", type=int, default=1, help="images per model call")
     recon.add_argument("--model-actors", type=int, default=1, help="model actors (one network each)")
     recon.add_argument("--prepare-actors", type=int, default=1, help="CPU prepare actors (one person finder each)")
@@ -287,7 +288,7 @@ def configure_console(verbose: bool) -> None:
 
 
 def _terminate(signum, frame) -> None:
-    raise SystemExit(EXIT_TERMINATED)
+    raise SystemExit(exit_codes.TERMINATED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,13 +304,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except UsageError as exc:
         print(f"pifuhd {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_codes.USAGE
     except PifuhdError as exc:
         print(f"pifuhd: error: {redact(str(exc))}", file=sys.stderr)
-        return 2
+        return exit_codes.UNUSABLE
+    except ConnectionError as exc:  # ray.init could not reach --address
+        print(f"pifuhd: cluster unreachable: {redact(str(exc))}", file=sys.stderr)
+        return exit_codes.CLUSTER
     except Exception:  # noqa: BLE001 - an unexpected failure still shows no secret
         print(redact(traceback.format_exc()), end="", file=sys.stderr)
-        return 1
+        return exit_codes.INTERNAL
 
 
 if __name__ == "__main__":

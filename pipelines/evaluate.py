@@ -66,7 +66,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from pipelines import storage
+from pipelines import exit_codes, storage
 
 log = logging.getLogger(__name__)
 
@@ -863,12 +863,12 @@ def _run(args: argparse.Namespace) -> int:
         result = run_evaluation(config, in_process=args.in_process, progress=not args.quiet)
     except (FileNotFoundError, ValueError, PifuhdError) as exc:
         print(f"pifuhd evaluate: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE if isinstance(exc, ValueError) else exit_codes.UNUSABLE
     print(f"mode: {result.mode}; results: {result.results_uri}")
     print(result.line())
     if result.summary["unmatched_predictions"]:
         print(f"{result.summary['unmatched_predictions']} predictions without a ground truth were not evaluated")
-    return 1 if args.fail_on_error and result.summary["failed"] else 0
+    return exit_codes.INPUTS_FAILED if args.fail_on_error and result.summary["failed"] else exit_codes.OK
 
 
 def register_cli(subparsers) -> argparse.ArgumentParser:
@@ -901,7 +901,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, help="evaluation actors (default: one per CPU)")
     parser.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     parser.add_argument("--in-process", action="store_true", help="evaluate in this process, without Ray")
-    parser.add_argument("--fail-on-error", action="store_true", help="exit 1 if any pair failed")
+    parser.add_argument("--fail-on-error", action="store_true", help="exit 3 if any pair failed")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_run)
     return parser

@@ -280,7 +280,7 @@ def register_cli(commands) -> None:
     fit.add_argument("--rigged", action="store_true", help="also write STEM_body_rigged.glb (anny skeleton and skin weights)")
     fit.add_argument("--children", action="store_true", help="allow children's ages (default: adults)")
     fit.add_argument("--overwrite", action="store_true", help="redo inputs already fitted with these settings")
-    fit.add_argument("--fail-on-error", action="store_true", help="exit 1 if any input failed")
+    fit.add_argument("--fail-on-error", action="store_true", help="exit 3 if any input failed")
     fit.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     fit.add_argument("--in-process", action="store_true", help="run the same stage in this process, without Ray")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from pipelines import storage
+from pipelines import exit_codes, storage
 
 log = logging.getLogger(__name__)
 
@@ -569,7 +569,7 @@ def _run(args: argparse.Namespace) -> int:
         result = make_report(config)
     except (FileNotFoundError, ValueError) as exc:
         print(f"pifuhd report: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE if isinstance(exc, ValueError) else exit_codes.UNUSABLE
     kinds = ", ".join(f"{kind} {uri}" for kind, uri in result["sources"])
     print(f"wrote {result['output']}: {result['svg']} plots, {result['img']} images ({kinds})")
     return 0

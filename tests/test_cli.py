@@ -43,3 +43,18 @@ def test_reading_results_loads_neither_torch_nor_ray():
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_exit_codes_say_what_went_wrong(tmp_path, capsys):
+    from pipelines import exit_codes
+    from tests.helpers import person_image, write_tiny_checkpoint
+
+    checkpoint = str(write_tiny_checkpoint(tmp_path / "tiny.safetensors"))
+    person_image(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
+    base = ["reconstruct", str(tmp_path / "in"), "--resolution", "32", "--in-process", "--quiet"]
+    assert main([*base, "-o", str(tmp_path / "o1"), "--checkpoint", checkpoint]) == exit_codes.OK
+    assert main([*base, "-o", str(tmp_path / "o2"), "--checkpoint", checkpoint, "--fail-on-error"]) == exit_codes.INPUTS_FAILED
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    code = main([*base, "-o", str(tmp_path / "o3"), "--checkpoint", str(tmp_path / "bad.safetensors")])
+    assert code == exit_codes.UNUSABLE and "bad.safetensors" in capsys.readouterr().err

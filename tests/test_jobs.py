@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cluster import jobs
-from pipelines import cli
+from pipelines import cli, exit_codes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,12 +46,12 @@ def test_submit_options_may_follow_the_command():
     assert env["working_dir"] == str(ROOT) and {".venv", ".git", "out"} <= set(env["excludes"])
 
 
-def test_unreachable_cluster_exits_2(capsys):
+def test_unreachable_cluster_exits_with_the_cluster_code(capsys):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
     code, _, err = run_cli(["jobs", "list", "--address", f"http://127.0.0.1:{port}"], capsys)
-    assert code == 2 and "cannot use the Ray Jobs API" in err
+    assert code == exit_codes.CLUSTER == 5 and "cannot use the Ray Jobs API" in err
 
 
 # ---- a real head ---------------------------------------------------------------------------
