@@ -34,6 +34,7 @@ import pickle
 import socket
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -577,7 +578,6 @@ def _pipeline_results(records: list[dict], config: BulkConfig, sizes: tuple[int,
     """Yield finished records as the Ray Data pipeline produces them; a block whose worker died is dropped."""
     import ray
 
-    mib = 1 << 20
     # Small blocks so the stages overlap early; each stage handles one image per call and Ray
     # Data's streaming backpressure keeps the number of images in flight bounded.
     dataset = ray.data.from_items(
@@ -585,7 +585,22 @@ def _pipeline_results(records: list[dict], config: BulkConfig, sizes: tuple[int,
         override_num_blocks=max(1, min(len(records), 256)),
     )
     # No retries here (Ray Data's default is forever): a dead worker drops its block and
-    # `_retry_alone` finds out which of the block's inputs is to blame.
+    # `_retry_alone` finds out which of the block's inputs is to blame. Ray 2.60 takes retry counts
+    # only as extra remote args, which it warns are deprecated, with no named parameter yet: that
+    # one warning is silenced, nothing else.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        dataset = _stages(dataset, config, sizes, use_gpu)
+    dataset.context.max_errored_blocks = -1  # only dead workers raise here: every UDF catches its own errors
+    for row in dataset.select_columns(["record"]).iter_rows():
+        yield json.loads(row["record"])
+
+
+def _stages(dataset, config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool):
+    """The three stages on a dataset of records: prepare (CPU actors), model (GPU or CPU actors), finish."""
+    import ray
+
+    mib = 1 << 20
     dataset = dataset.map_batches(
         InputPreparer, batch_size=1, num_cpus=0.5, memory=config.prepare_memory_mb * mib,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.prepare_actors),
@@ -606,9 +621,7 @@ def _pipeline_results(records: list[dict], config: BulkConfig, sizes: tuple[int,
         finish_rows, batch_size=1, num_cpus=0.5, memory=config.finish_memory_mb * mib, max_retries=0,
         fn_kwargs={"reconstruction": config.reconstruction, "mesh_format": config.mesh_format},
     )
-    dataset.context.max_errored_blocks = -1  # only dead workers raise here: every UDF catches its own errors
-    for row in dataset.select_columns(["record"]).iter_rows():
-        yield json.loads(row["record"])
+    return dataset
 
 
 def _preparer_kwargs(config: BulkConfig, sizes: tuple[int, ...]) -> dict:
