@@ -123,6 +123,7 @@ class BodyField:
     """
 
     def __init__(self, body, clip: float, rng: np.random.Generator | None = None):
+        from scipy.ndimage import binary_dilation
         from scipy.spatial import cKDTree
 
         self.vertices = np.ascontiguousarray(body[0], dtype=np.float64)
@@ -130,14 +131,31 @@ class BodyField:
         self.clip = float(clip)
         samples, self.normals = surface_samples(self.vertices, self.faces, BODY_DISTANCE_SAMPLES, rng or np.random.default_rng(0))
         self.tree = cKDTree(samples)
+        # A k-d tree over a surface is slow for queries far from it (a sparse grid's first level is
+        # all such points): cells of side `clip` next to no sample are farther than `clip` from all.
+        self.origin = samples.min(0) - self.clip
+        cells = np.floor((samples - self.origin) / self.clip).astype(np.int64)
+        self.near_cells = np.zeros(cells.max(0) + 2, dtype=bool)
+        self.near_cells[tuple(cells.T)] = True
+        self.near_cells = binary_dilation(self.near_cells, np.ones((3, 3, 3), bool))
+        self.box = self.vertices.min(0), self.vertices.max(0)
 
     def __call__(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """queries (N, 3) -> signed distance (N,) float64, negative inside, and normals (N, 3)."""
-        distance, nearest = self.tree.query(queries, distance_upper_bound=self.clip)
-        near = np.isfinite(distance)
-        distance = np.where(near, distance, self.clip)
-        normals = np.where(near[:, None], self.normals[np.minimum(nearest, len(self.normals) - 1)], 0.0)
-        inside = winding_inside([(self.vertices, self.faces)], queries)
+        queries = np.asarray(queries, dtype=np.float64)
+        distance, normals = np.full(len(queries), self.clip), np.zeros((len(queries), 3))
+        cells = np.floor((queries - self.origin) / self.clip).astype(np.int64)
+        in_grid = np.all((cells >= 0) & (cells < self.near_cells.shape), axis=1)
+        candidate = np.flatnonzero(in_grid)
+        candidate = candidate[self.near_cells[tuple(cells[candidate].T)]]
+        found, nearest = self.tree.query(queries[candidate], distance_upper_bound=self.clip)
+        near = np.isfinite(found)
+        distance[candidate[near]] = found[near]
+        normals[candidate[near]] = self.normals[nearest[near]]
+        # Only points in the body's box can be inside it; the winding number tells which.
+        boxed = np.flatnonzero(np.all((queries >= self.box[0]) & (queries <= self.box[1]), axis=1))
+        inside = np.zeros(len(queries), dtype=bool)
+        inside[boxed] = winding_inside([(self.vertices, self.faces)], queries[boxed])
         return np.where(inside, -distance, distance), normals
 
     def network_input(self, points):
