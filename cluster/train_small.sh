@@ -9,6 +9,10 @@
 #   v2: the v1 model continued (INIT=the v1 file): the coarse level with its depth feature rescaled
 #       to 5.12 z (function kept), trained on the v2 data (ray points, bodies) with predicted normals
 #       and grey cut-outs; then the fine level. STAGES="data coarse fine package" INIT=v1.safetensors.
+#   v3: the v2 model continued, in two arms of equal compute on the same data: coarse 500 steps (x0.1 at
+#       400), then fine 120 (x0.1 at 100), both on predicted normals. BODY=1 trains the body-guided arm
+#       (--body-guided: the coarse MLP also reads the body's distance and normal; true bodies, disturbed):
+#       STAGES="coarse fine package" INIT=v2.safetensors COARSE_STEPS=500 FINE_STEPS=120 LR_DECAY=late BODY=1
 # From scratch, STAGES="data normal coarse fine package" trains all three with the v2 settings.
 # Any Ray address works: set ADDRESS=... to run on a cluster (and DATA/OUT to s3:// URIs).
 # THREADS: torch threads per worker (1 is faster than 2 on a 2-core machine that runs anything else).
@@ -22,6 +26,10 @@ COARSE_STEPS=${COARSE_STEPS:-1200}
 FINE_STEPS=${FINE_STEPS:-400}
 STAGES=${STAGES:-"data normal coarse fine package"}
 ADDRESS_ARGS=${ADDRESS:+--address $ADDRESS}
+BODY_ARGS=${BODY:+--body-guided}
+# Decay at 5/6 of the coarse steps and 4/5 of the fine (v1, v2), or LR_DECAY=late: at 4/5 and 5/6 (v3).
+if [ "${LR_DECAY:-}" = late ]; then COARSE_DECAY=$((COARSE_STEPS * 4 / 5)); FINE_DECAY=$((FINE_STEPS * 5 / 6))
+else COARSE_DECAY=$((COARSE_STEPS * 5 / 6)); FINE_DECAY=$((FINE_STEPS * 4 / 5)); fi
 COMMON="--data $DATA --out $OUT --preset small --batch-size 4 --optimizer adam --lr 1e-3 --checkpoint-every 100 --validate-every 200 --threads ${THREADS:-1} $ADDRESS_ARGS"
 # The coarse stage starts from INIT when given (continuing a shipped model), else from the normal run.
 COARSE_INIT=${INIT:-$OUT/v2-normal/model.safetensors}
@@ -38,15 +46,16 @@ for stage in $STAGES; do
         RUNS="$RUNS $OUT/v2-normal" ;;
     coarse)
         .venv/bin/pifuhd train --stage coarse --name v2-coarse --init "$COARSE_INIT" --z-size 25 --predicted-normals \
-            --steps "$COARSE_STEPS" --lr-decay-steps $((COARSE_STEPS * 5 / 6)) $COMMON
+            --steps "$COARSE_STEPS" --lr-decay-steps $COARSE_DECAY $BODY_ARGS $COMMON
         RUNS="$RUNS $OUT/v2-coarse" ;;
     fine)
         .venv/bin/pifuhd train --stage fine --name v2-fine --init "$OUT/v2-coarse/model.safetensors" --predicted-normals \
-            --steps "$FINE_STEPS" --lr-decay-steps $((FINE_STEPS * 4 / 5)) $COMMON
+            --steps "$FINE_STEPS" --lr-decay-steps $FINE_DECAY $BODY_ARGS $COMMON
         RUNS="$RUNS $OUT/v2-fine" ;;
     package)
         .venv/bin/pifuhd checkpoint package ${RUNS:-$OUT/v2-coarse $OUT/v2-fine} \
             -o model/weights/pifuhd-small.safetensors \
-            --recipe "cluster/train_small.sh (STAGES='$STAGES' INIT=${INIT:-none} COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS, data seed 7, $SUBJECTS subjects)" ;;
+            ${INIT:+--continued-from "$INIT"} \
+            --recipe "cluster/train_small.sh (STAGES='$STAGES' INIT=${INIT:-none} COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS LR_DECAY=${LR_DECAY:-} BODY=${BODY:-}, data seed 7, $SUBJECTS subjects)" ;;
     esac
 done
