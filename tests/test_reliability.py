@@ -39,6 +39,22 @@ def test_large_image_is_cropped_before_float_conversion(tmp_path):
     assert bytes_per_pixel < 10, f"decoding peaked at {bytes_per_pixel:.1f} bytes per pixel"
 
 
+def _descendants_of(root: int) -> set[int]:
+    """Every process below `root` (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
 # ---- row 1: an input that kills its worker every time ------------------------------------
 
 
@@ -59,21 +75,6 @@ class OutOfMemoryKiller:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _descendants() -> set[int]:
-        parents = {}
-        for entry in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-        found, frontier = set(), {os.getpid()}
-        while frontier:
-            frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-            found |= frontier
-        return found
-
-    @staticmethod
     def _opening_a_fifo(pid: int) -> bool:
         try:
             return any(open(f"/proc/{pid}/task/{tid}/wchan").read() == "wait_for_partner"
@@ -83,7 +84,7 @@ class OutOfMemoryKiller:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            for pid in self._descendants():
+            for pid in _descendants_of(os.getpid()):
                 if self._opening_a_fifo(pid):
                     os.kill(pid, signal.SIGKILL)
                     self.kills += 1
@@ -436,21 +437,6 @@ def test_malicious_pickles_are_refused_naming_what_was_refused(tmp_path):
 
 
 # ---- row 16: a stopped driver -------------------------------------------------------------
-
-
-def _descendants_of(root: int) -> set[int]:
-    parents = {}
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
 
 
 def _alive(pid: int) -> bool:
