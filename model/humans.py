@@ -120,6 +120,10 @@ class BodyModel:
 def load_body_model() -> BodyModel:
     """The anny model (float32, one closed part), built once per process and cached."""
     configure_caches()
+    import warp
+
+    # anny's skinning runs on warp, whose banner and module-load lines are INFO: keep warnings only.
+    warp.config.log_level = max(warp.config.log_level, warp.LOG_WARNING)
     import anny
     import scipy.sparse as sp
     import torch
