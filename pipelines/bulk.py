@@ -397,25 +397,20 @@ class InputPreparer:
         as `pifuhd fit` does); its mesh joins the files to write, and the prepared input carries it
         in the network frame for a body-guided model."""
         from model.body.export import body_json, mesh_bytes
-        from model.body.fit import fit_body
-        from model.body.guidance import body_in_network_frame
+        from model.body.guidance import with_fitted_body
         from pipelines.fit import find_person
 
         start = time.perf_counter()
         name = redact(row["input_uri"])
         found = person_input.person
-        if found is not None:
-            landmarks, world, mask = found.landmarks, found.world_landmarks, found.mask
-            size = (prepared.crop.image_width, prepared.crop.image_height)
-        else:
-            person, size = find_person(image, sidecars, name, self.max_pixels)
-            landmarks, world, mask = person.landmarks, person.world_landmarks, person.mask
-        fit = fit_body(landmarks, size, mask=mask, world_landmarks=world, config=self.fit, name=name)
+        if found is None:  # a mask or box sidecar, or --person off: the landmarks as `pifuhd fit` finds them
+            found, _ = find_person(image, sidecars, name, self.max_pixels)
+        prepared, fit = with_fitted_body(prepared, found.landmarks, found.world_landmarks, found.mask, self.fit, name)
         files[row["body_mesh_uri"]] = mesh_bytes(fit.vertices, fit.faces, self.mesh_format)
         files[row["body_params_uri"]] = body_json(fit, {"input_uri": row["input_uri"], "content_hash": row["content_hash"]}).encode()
         row.update(body_uri=row["body_mesh_uri"], body_mask_iou=fit.mask_iou,
                    seconds_prepare=row["seconds_prepare"] + time.perf_counter() - start)
-        return dataclasses.replace(prepared, body=(body_in_network_frame(fit.vertices, prepared.crop), np.asarray(fit.faces)))
+        return prepared
 
 
 # ---- stage 2: model (GPU when available) ---------------------------------------------------

@@ -526,7 +526,7 @@ class PairWorker:
         reconstruction = ReconstructionConfig(resolution=self.config.resolution, color="none")
         if item.get("method", "model") == "model":
             if self.net.config.body_guided:
-                prepared = dataclasses.replace(prepared, body=self._view_body(view, item, row))
+                prepared = dataclasses.replace(prepared, body=self._view_body(view, item, row, prepared))
             result = reconstruct(self.net, prepared, reconstruction)
         else:
             result = baseline_reconstruction(prepared, reconstruction)
@@ -542,15 +542,14 @@ class PairWorker:
         return predicted, truth
 
 
-    def _view_body(self, view: dict, item: dict, row: dict):
+    def _view_body(self, view: dict, item: dict, row: dict, prepared):
         """The body a body-guided model reads for a stored view, (vertices, faces) in its frame."""
         row["body_source"] = self.config.bodies
         if self.config.bodies == "true":
             body = load_mesh(item["gt_uri"].removesuffix(".ply") + "_body.ply")
             body.apply_transform(view["view_from_canonical"])
             return np.asarray(body.vertices), np.asarray(body.faces)
-        from model.body.fit import fit_body
-        from model.body.guidance import body_in_network_frame
+        from model.body.guidance import with_fitted_body
         from model.preprocess import Crop
         from pipelines.fit import person_finder
 
@@ -559,11 +558,11 @@ class PairWorker:
         people = person_finder().find(rgb)
         if not people:
             raise ValueError(f"{item['key']}: no person found to fit a body to")
-        mask = view["mask"][0] > 0.5
-        fit = fit_body(people[0].landmarks, (size, size), mask=mask, world_landmarks=people[0].world_landmarks, name=item["key"])
-        row["body_mask_iou"] = fit.mask_iou
         # The stored view is the network's square: the crop of the whole S x S image.
-        return body_in_network_frame(fit.vertices, Crop(0, 0, size, size, size, size)), np.asarray(fit.faces)
+        whole = dataclasses.replace(prepared, crop=Crop(0, 0, size, size, size, size))
+        fitted, fit = with_fitted_body(whole, people[0].landmarks, people[0].world_landmarks, view["mask"][0] > 0.5, name=item["key"])
+        row["body_mask_iou"] = fit.mask_iou
+        return fitted.body
 
 
 def baseline_reconstruction(prepared, reconstruction):

@@ -29,7 +29,13 @@ def test_shipped_checkpoint_is_small_and_documented(shipped):
 
 
 def test_example_photo_becomes_a_person_shaped_mesh(shipped):
+    from model.body.guidance import with_fitted_body
+    from model.person import PersonFinder
+
+    assert shipped.config.body_guided  # the shipped default reads a body fitted to the photo
     prepared = prepare_image_file(EXAMPLE, sizes=(shipped.config.coarse_size, shipped.config.fine_size))
+    (person,) = PersonFinder().find(np.asarray(Image.open(EXAMPLE).convert("RGB")))
+    prepared, _ = with_fitted_body(prepared, person.landmarks, person.world_landmarks, person.mask)
     result = reconstruct(shipped, prepared, ReconstructionConfig(resolution=128))
     assert len(result.mesh.faces) > 1000
     # Project the mesh (pixel frame, y up) onto the photo and compare with the person's alpha.
@@ -44,3 +50,5 @@ def test_example_photo_becomes_a_person_shaped_mesh(shipped):
     extent = result.mesh.bounds[1, :2] - result.mesh.bounds[0, :2]
     assert 0.6 < extent[1] / (rows.max() - rows.min()) < 1.4  # as tall as the person
     assert extent[1] > 1.5 * extent[0]  # taller than wide, like a standing person
+    # Not a blob: the mesh is about as deep as a person, not as deep as it is wide or tall.
+    assert np.ptp(result.mesh.vertices[:, 2]) < 0.4 * extent[1]  # 0.29 here; the plain model 0.55

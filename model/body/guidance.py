@@ -9,6 +9,8 @@ theirs (the clothed subject's box there: the difference is part of the training 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from model.preprocess import Crop, PreparedImage, pixel_to_world
@@ -22,6 +24,19 @@ def body_in_network_frame(vertices_px: np.ndarray, crop: Crop) -> np.ndarray:
     world = pixel_to_world(vertices_px, crop)
     world[:, 2] -= (world[:, 2].max() + world[:, 2].min()) / 2
     return world
+
+
+def with_fitted_body(prepared: PreparedImage, landmarks: np.ndarray, world_landmarks: np.ndarray | None,
+                     mask: np.ndarray | None, config=None, name: str = "<image>"):
+    """(the prepared photo carrying its fitted body, the `BodyFit`). landmarks (33, 3), world_landmarks
+    and mask (H, W) as `model.body.fit.fit_body` takes them, in the original photo's pixels.
+    Raises UnusableLandmarks (an InputError) when they cannot support a fit."""
+    from model.body.fit import FitConfig, fit_body
+
+    size = (prepared.crop.image_width, prepared.crop.image_height)
+    fit = fit_body(landmarks, size, mask=mask, world_landmarks=world_landmarks, config=config or FitConfig(), name=name)
+    body = body_in_network_frame(fit.vertices, prepared.crop), np.asarray(fit.faces)
+    return dataclasses.replace(prepared, body=body), fit
 
 
 def body_field(prepared: PreparedImage) -> BodyField:
