@@ -72,6 +72,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("person_mask_area", pa.float64()),  # fraction of the image's pixels in its mask
         ("body_uri", pa.string()),  # the fitted anny body (--body, body-guided models), else null
         ("body_mask_iou", pa.float64()),  # its projection's IoU with the person mask
+        # Why no body could be fitted; with a body-guided checkpoint the fallback checkpoint made the mesh.
+        ("body_error", pa.string()),
         ("preview_uri", pa.string()),
         ("vertices", pa.int64()),
         ("faces", pa.int64()),
@@ -107,6 +109,9 @@ class BulkConfig:
     # mesh; a body-guided checkpoint reads it, so for one this is always on.
     body: bool = False
     fit: FitConfig = field(default_factory=FitConfig)  # the body fitter's settings
+    # A body-guided checkpoint cannot mesh a photo without a fitted body (no landmarks: a cropped
+    # torso, a drawing): such inputs go to this checkpoint (one without body inputs) instead of failing.
+    fallback_checkpoint: str | None = None
     overwrite: bool = False
     batch_size: int = 1  # images per model call (normal nets and filters run batched)
     model_actors: int = 1  # size of the model actor pool
@@ -133,6 +138,8 @@ class BulkConfig:
             raise ValueError(f"actor pools need at least one actor, got prepare {self.prepare_actors}, model {self.model_actors}")
         check_uri(self.output)
         check_uri(self.checkpoint)
+        if self.fallback_checkpoint is not None:
+            check_uri(self.fallback_checkpoint)
         if self.manifest_flush_rows < 1 or not self.manifest_flush_seconds > 0:
             raise ValueError("manifest_flush_rows must be at least 1 and manifest_flush_seconds positive")
         if self.crash_attempts < 1:
@@ -323,11 +330,12 @@ class InputPreparer:
     """
 
     def __init__(self, sizes: tuple[int, ...], overwrite: bool, max_pixels: int, person: PersonOptions, mesh_format: str,
-                 body: bool = False, fit: FitConfig = FitConfig()):
+                 body: bool = False, fit: FitConfig = FitConfig(), body_optional: bool = False):
         from model.person import PersonFinder
 
         self.sizes, self.overwrite, self.max_pixels = sizes, overwrite, max_pixels
         self.person, self.mesh_format, self.body, self.fit = person, mesh_format, body, fit
+        self.body_optional = body_optional  # a failed fit is noted in the row, not a failed row
         self.finder = PersonFinder() if person.mode == "auto" else None
 
     def __call__(self, batch: dict) -> dict:
@@ -383,7 +391,12 @@ class InputPreparer:
                 files = _person_files(row, person_input)
                 prepared = person_input.prepared
                 if self.body:
-                    prepared = self._fit_body(row, prepared, person_input, image, sidecars, files)
+                    try:
+                        prepared = self._fit_body(row, prepared, person_input, image, sidecars, files)
+                    except InputError as exc:
+                        if not self.body_optional:
+                            raise
+                        row["body_error"] = f"{type(exc).__name__}: {redact(str(exc))}"
                 # The original photo is not needed downstream (colours come from the crop): don't ship it.
                 prepared = dataclasses.replace(prepared, rgb=np.zeros((0, 0, 3), np.float32))
                 rows.append((row, pickle.dumps((prepared, files), protocol=5)))
@@ -417,17 +430,31 @@ class InputPreparer:
 
 
 class SurfaceSampler:
-    """Model actor: one network per actor; encodes a batch of images and queries their surfaces."""
+    """Model actor: one network per actor (and its fallback, loaded when first needed); encodes a
+    batch of images and queries their surfaces."""
 
-    def __init__(self, checkpoint: str, reconstruction: ReconstructionConfig, use_gpu: bool):
+    def __init__(self, checkpoint: str, reconstruction: ReconstructionConfig, use_gpu: bool,
+                 fallback_checkpoint: str | None = None):
         import torch
 
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.net = self._load(checkpoint)
+        self.fallback_checkpoint, self.fallback = fallback_checkpoint, None
+        self.config = reconstruction
+
+    def _load(self, checkpoint: str):
         from pipelines.checkpoints import fetch_checkpoint
         from model.checkpoint import load_checkpoint
 
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.net = load_checkpoint(fetch_checkpoint(checkpoint)).to(self.device)
-        self.config = reconstruction
+        return load_checkpoint(fetch_checkpoint(checkpoint)).to(self.device)
+
+    def _network_for(self, prepared):
+        """The job's network, or the fallback for a photo a body-guided network cannot read."""
+        if not self.net.config.body_guided or prepared.body is not None or self.fallback_checkpoint is None:
+            return self.net
+        if self.fallback is None:
+            self.fallback = self._load(self.fallback_checkpoint)
+        return self.fallback
 
     def __call__(self, batch: dict) -> dict:
         from model.reconstruct import sample_surfaces
@@ -436,14 +463,19 @@ class SurfaceSampler:
         pending = [i for i, (record, _) in enumerate(rows) if record["status"] == "pending"]
         if pending:
             node, worker = _where()
-            unpacked = [pickle.loads(rows[i][1]) for i in pending]  # (prepared, person files)
-            prepared = [p for p, _ in unpacked]
-            try:
-                samples = sample_surfaces(self.net, prepared, self.config)
-            except Exception as exc:  # noqa: BLE001
-                samples = [exc] * len(pending)
-            for i, ((p, files), sample) in zip(pending, zip(unpacked, samples)):
-                record = rows[i][0]
+            unpacked = {i: pickle.loads(rows[i][1]) for i in pending}  # (prepared, person files)
+            groups: dict[int, tuple] = {}
+            for i in pending:
+                net = self._network_for(unpacked[i][0])
+                groups.setdefault(id(net), (net, []))[1].append(i)
+            samples = {}
+            for net, members in groups.values():
+                try:
+                    samples.update(zip(members, sample_surfaces(net, [unpacked[i][0] for i in members], self.config)))
+                except Exception as exc:  # noqa: BLE001
+                    samples.update((i, exc) for i in members)
+            for i in pending:
+                (p, files), sample, record = unpacked[i], samples[i], rows[i][0]
                 record.update(node=node, worker=worker)
                 if isinstance(sample, Exception):
                     rows[i] = _fail(record, sample)
@@ -610,7 +642,7 @@ def _stages(dataset, config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool):
         num_cpus=1,
         memory=config.model_memory_mb * mib,
         max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
-        fn_constructor_kwargs={"checkpoint": config.checkpoint, "reconstruction": config.reconstruction, "use_gpu": use_gpu},
+        fn_constructor_kwargs=_sampler_kwargs(config, use_gpu),
     )
     dataset = dataset.map_batches(
         finish_rows, batch_size=1, num_cpus=0.5, memory=config.finish_memory_mb * mib, max_retries=0,
@@ -619,9 +651,15 @@ def _stages(dataset, config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool):
     return dataset
 
 
+def _sampler_kwargs(config: BulkConfig, use_gpu: bool) -> dict:
+    return {"checkpoint": config.checkpoint, "reconstruction": config.reconstruction, "use_gpu": use_gpu,
+            "fallback_checkpoint": config.fallback_checkpoint}
+
+
 def _preparer_kwargs(config: BulkConfig, sizes: tuple[int, ...]) -> dict:
     return {"sizes": sizes, "overwrite": config.overwrite, "max_pixels": config.max_pixels,
-            "person": config.person, "mesh_format": config.mesh_format, "body": config.body, "fit": config.fit}
+            "person": config.person, "mesh_format": config.mesh_format, "body": config.body, "fit": config.fit,
+            "body_optional": config.fallback_checkpoint is not None}
 
 
 _PREPARERS: dict[tuple, InputPreparer] = {}  # per worker process: the person finder of `prepare_rows` / `_reconstruct_alone`
@@ -645,9 +683,9 @@ def prepare_rows(batch: dict, sizes: tuple[int, ...], overwrite: bool, max_pixel
 
 def _reconstruct_alone(record: dict, config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool) -> list[dict]:
     """All three stages for one input in this worker process (a retry after a worker died): its rows."""
-    key = (config.checkpoint, config.reconstruction, use_gpu)
+    key = (config.checkpoint, config.fallback_checkpoint, config.reconstruction, use_gpu)
     if key not in _SAMPLERS:
-        _SAMPLERS[key] = SurfaceSampler(config.checkpoint, config.reconstruction, use_gpu)
+        _SAMPLERS[key] = SurfaceSampler(**_sampler_kwargs(config, use_gpu))
     return list(_run_stages(_preparer(_preparer_kwargs(config, sizes)), _SAMPLERS[key], record, config))
 
 
@@ -750,7 +788,7 @@ def _run_stages(preparer: InputPreparer, sampler: SurfaceSampler, record: dict, 
 def _results_in_process(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
     """The same stages, one image at a time, in this process (no Ray)."""
     preparer = InputPreparer(**_preparer_kwargs(config, sizes))
-    sampler = SurfaceSampler(config.checkpoint, config.reconstruction, use_gpu=bool(config.use_gpu))
+    sampler = SurfaceSampler(**_sampler_kwargs(config, bool(config.use_gpu)))
     for record in records:
         yield from _run_stages(preparer, sampler, record, config)
 
@@ -760,6 +798,7 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     from tqdm import tqdm
 
     from model.checkpoint import read_checkpoint
+    from model.errors import CheckpointError
     from pipelines.checkpoints import checkpoint_identity, fetch_checkpoint
 
     start = time.perf_counter()
@@ -770,6 +809,11 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     if net_config.body_guided and not config.body:
         config = dataclasses.replace(config, body=True)  # the model reads the fitted body
     sizes = (net_config.coarse_size, net_config.fine_size)
+    if config.fallback_checkpoint is not None:
+        _, fallback, _ = read_checkpoint(fetch_checkpoint(config.fallback_checkpoint))
+        if fallback.body_guided or (fallback.coarse_size, fallback.fine_size) != sizes:
+            raise CheckpointError(f"fallback checkpoint {redact(config.fallback_checkpoint)}: it must take no body input and "
+                                  f"the same input sizes {sizes} as the job's checkpoint")
 
     check_writable(config.output)
     if removed := remove_stale_temporaries(config.output):

@@ -11,6 +11,9 @@ from pipelines.storage import filesystem, is_remote
 
 # The model trained by this project and shipped with it (see README, "Shipped model").
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "model" / "weights" / "pifuhd-small.safetensors"
+# The shipped model reads a body fitted to each photo; this one, trained alike without that input,
+# meshes the photos no body can be fitted to (no landmarks: a cropped torso, a drawing).
+SHIPPED_PLAIN_CHECKPOINT = SHIPPED_CHECKPOINT.with_name("pifuhd-small-plain.safetensors")
 CACHE_DIR = Path(os.environ.get("PIFUHD_CACHE", Path.home() / ".cache" / "pifuhd-ray")) / "checkpoints"
 
 

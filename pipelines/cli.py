@@ -89,13 +89,14 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from model.reconstruct import ReconstructionConfig
     from pipelines.bulk import BulkConfig, run_bulk
     from pipelines.ray_runtime import connect_ray
-    from pipelines.checkpoints import default_checkpoint
+    from pipelines.checkpoints import SHIPPED_PLAIN_CHECKPOINT, default_checkpoint
 
     config = build_config(
         BulkConfig,
         inputs=tuple(args.inputs),
         output=args.output,
         checkpoint=args.checkpoint or default_checkpoint(),
+        fallback_checkpoint=args.fallback_checkpoint or (None if args.checkpoint else str(SHIPPED_PLAIN_CHECKPOINT)),
         reconstruction=build_config(
             ReconstructionConfig,
             resolution=args.resolution, method=args.method, dilation=args.dilation, color=args.color,
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--all-people", action="store_true", help="reconstruct every person found (NAME_p0, NAME_p1, ...)")
     recon.add_argument("--min-person-score", type=float, default=0.5,
                        help="people found with a lower detection score do not count (default 0.5)")
+    recon.add_argument("--fallback-checkpoint", type=_allowed_uri,
+                       help="for a body-guided --checkpoint: the model (without body inputs) for photos no body can be "
+                       "fitted to (default with the shipped model: its plain twin; otherwise such photos fail)")
     recon.add_argument("--body", action="store_true",
                        help="also fit the anny body to each person and write NAME_body.FORMAT (always on for a "
                        "body-guided model, which reads it)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import struct
@@ -16,7 +17,7 @@ from model.body import BodyParameters, FitConfig, UnusableLandmarks, body_vertic
 from model.body import landmarks as lm
 from model.body.export import body_json, rigged_glb
 from model.body.synthetic import rendered_body, rendered_subject, vertex_error_cm
-from model.errors import InputError
+from model.errors import CheckpointError, InputError
 
 SIZE = 512
 torch.set_num_threads(1)  # the fit's setting: one core (more threads only spin on a busy machine)
@@ -265,3 +266,21 @@ def test_reconstruct_with_a_body_guided_model_fits_and_reads_the_body(tmp_path, 
     np.testing.assert_allclose(body.bounds[:, :2], mask_box, atol=0.06 * SIZE)
     with pytest.raises(ValueError, match="needs a body fitted"):
         reconstruct(guided, prepare_image_file(tmp_path / "in" / "person.png", sizes=(128, 256)), ReconstructionConfig(resolution=32))
+
+    # A drawing has no landmarks: without a fallback it is a failed row, with one the plain model meshes it.
+    from tests.helpers import person_image, write_tiny_checkpoint
+
+    person_image(tmp_path / "in" / "drawing.png")
+    plain = str(write_tiny_checkpoint(tmp_path / "plain.safetensors"))
+    for fallback, status in ((None, "failed"), (plain, "ok")):
+        output = tmp_path / f"out-{status}"
+        summary = run_bulk(dataclasses.replace(config, output=str(output), fallback_checkpoint=fallback), in_process=True, progress=False)
+        rows = read_manifest(str(output)).set_index("input_uri")
+        drawing = rows.loc[str(tmp_path / "in" / "drawing.png")]
+        assert drawing["status"] == status
+        assert "no person found" in drawing["error_message" if status == "failed" else "body_error"]
+        assert rows.loc[str(tmp_path / "in" / "person.png"), "status"] == "ok"
+        assert not isinstance(rows.loc[str(tmp_path / "in" / "person.png"), "body_error"], str)
+    assert (summary.ok, summary.failed) == (2, 0)
+    with pytest.raises(CheckpointError, match="fallback checkpoint"):
+        run_bulk(dataclasses.replace(config, fallback_checkpoint=str(checkpoint)), in_process=True, progress=False)
