@@ -98,7 +98,8 @@ class PIFuHD(nn.Module):
     def with_z_size(self, z_size: float) -> "PIFuHD":
         """The same occupancy function with the depth feature z * (coarse_size // 2) / z_size at a new z_size.
 
-        The depth is the last input column of the coarse MLP's first layer and of each skip layer;
+        The depth is the last input column of the coarse MLP's first layer and of each skip layer
+        (a body-guided model's body distance, at the same scale, comes BODY_CHANNELS before it);
         those weight columns are scaled by new / old z_size, so every output stays the same (up to
         rounding) while the depth enters at a new scale, which changes how fast training moves it.
         """
@@ -107,10 +108,11 @@ class PIFuHD(nn.Module):
         net = PIFuHD(dataclasses.replace(self.config, z_size=float(z_size)))
         net.load_state_dict(self.state_dict())
         factor = float(z_size) / self.config.z_size
+        scaled = [-1, -1 - self.config.body_channels] if self.config.body_guided else [-1]
         with torch.no_grad():
             for index, layer in enumerate(net.netG.mlp.filters):
                 if index == 0 or index in net.netG.mlp.skip_layers:
-                    layer.weight[:, -1] *= factor
+                    layer.weight[:, scaled] *= factor
         return net.train(self.training)
 
     def with_body_guidance(self) -> "PIFuHD":

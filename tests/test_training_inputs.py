@@ -66,6 +66,14 @@ def test_body_guidance_keeps_the_function_and_requires_a_body():
         plain = net.query(net.encode(*images), points)
         features = guided.encode(*images)
         torch.testing.assert_close(guided.query(features, points, body=torch.randn(1, 4, 300)), plain)
+        # Once the body counts, a new depth scale rescales the body distance with the depth.
+        body = torch.randn(1, 4, 300)
+        for index, layer in enumerate(guided.netG.mlp.filters):
+            if index == 0 or index in guided.netG.mlp.skip_layers:  # the layers reading the MLP input
+                layer.weight[:, -5:-1] = torch.randn_like(layer.weight[:, -5:-1])
+        rescaled = guided.with_z_size(3.0)
+        torch.testing.assert_close(rescaled.query(rescaled.encode(*images), points, body=body),
+                                   guided.query(features, points, body=body), atol=1e-5, rtol=1e-4)
         with pytest.raises(ValueError, match="needs the body input"):
             guided.query(features, points)
         with pytest.raises(ValueError, match="not body-guided"):
