@@ -96,6 +96,15 @@ MANIFEST_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
+class NetworkInputs:
+    """What the job's checkpoint needs from the prepare stage (read once, by the driver): the image
+    sizes it takes, and whether it reads a body fitted to each photo."""
+
+    sizes: tuple[int, ...]
+    body_guided: bool
+
+
+@dataclass(frozen=True)
 class BulkConfig:
     """One bulk reconstruction job."""
 
@@ -106,7 +115,8 @@ class BulkConfig:
     person: PersonOptions = field(default_factory=PersonOptions)
     mesh_format: str = "obj"
     # Fit the anny body to each person (model.body) and write it as BASE_body.FORMAT beside the
-    # mesh; a body-guided checkpoint reads it, so for one this is always on.
+    # mesh; a body-guided checkpoint reads it, so for one this is always on. Where no body can be
+    # fitted, the mesh is still made (`body_error` says why) unless the network needs the body.
     body: bool = False
     fit: FitConfig = field(default_factory=FitConfig)  # the body fitter's settings
     # A body-guided checkpoint cannot mesh a photo without a fitted body (no landmarks: a cropped
@@ -601,7 +611,7 @@ def check_writable(output: str) -> None:
         raise InputError(f"{redact(output)}: the output folder is not writable ({redact(str(exc))})") from exc
 
 
-def _pipeline_results(records: list[dict], config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool):
+def _pipeline_results(records: list[dict], config: BulkConfig, network: NetworkInputs, use_gpu: bool):
     """Yield finished records as the Ray Data pipeline produces them; a block whose worker died is dropped."""
     import ray
 
@@ -617,13 +627,13 @@ def _pipeline_results(records: list[dict], config: BulkConfig, sizes: tuple[int,
     # one warning is silenced, nothing else.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        dataset = _stages(dataset, config, sizes, use_gpu)
+        dataset = _stages(dataset, config, network, use_gpu)
     dataset.context.max_errored_blocks = -1  # only dead workers raise here: every UDF catches its own errors
     for row in dataset.select_columns(["record"]).iter_rows():
         yield json.loads(row["record"])
 
 
-def _stages(dataset, config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool):
+def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool):
     """The three stages on a dataset of records: prepare (CPU actors), model (GPU or CPU actors), finish."""
     import ray
 
@@ -632,7 +642,7 @@ def _stages(dataset, config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool):
         InputPreparer, batch_size=1, num_cpus=0.5, memory=config.prepare_memory_mb * mib,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.prepare_actors),
         max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
-        fn_constructor_kwargs=_preparer_kwargs(config, sizes),
+        fn_constructor_kwargs=_preparer_kwargs(config, network),
     )
     dataset = dataset.map_batches(
         SurfaceSampler,
@@ -656,10 +666,12 @@ def _sampler_kwargs(config: BulkConfig, use_gpu: bool) -> dict:
             "fallback_checkpoint": config.fallback_checkpoint}
 
 
-def _preparer_kwargs(config: BulkConfig, sizes: tuple[int, ...]) -> dict:
-    return {"sizes": sizes, "overwrite": config.overwrite, "max_pixels": config.max_pixels,
-            "person": config.person, "mesh_format": config.mesh_format, "body": config.body, "fit": config.fit,
-            "body_optional": config.fallback_checkpoint is not None}
+def _preparer_kwargs(config: BulkConfig, network: NetworkInputs) -> dict:
+    # The body is fitted when asked for or when the network reads it; a photo it cannot be fitted to
+    # fails only when the network needs it and there is no fallback network.
+    return {"sizes": network.sizes, "overwrite": config.overwrite, "max_pixels": config.max_pixels,
+            "person": config.person, "mesh_format": config.mesh_format, "body": config.body or network.body_guided,
+            "fit": config.fit, "body_optional": not network.body_guided or config.fallback_checkpoint is not None}
 
 
 _PREPARERS: dict[tuple, InputPreparer] = {}  # per worker process: the person finder of `prepare_rows` / `_reconstruct_alone`
@@ -681,12 +693,12 @@ def prepare_rows(batch: dict, sizes: tuple[int, ...], overwrite: bool, max_pixel
     return preparer(batch)
 
 
-def _reconstruct_alone(record: dict, config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool) -> list[dict]:
+def _reconstruct_alone(record: dict, config: BulkConfig, network: NetworkInputs, use_gpu: bool) -> list[dict]:
     """All three stages for one input in this worker process (a retry after a worker died): its rows."""
     key = (config.checkpoint, config.fallback_checkpoint, config.reconstruction, use_gpu)
     if key not in _SAMPLERS:
         _SAMPLERS[key] = SurfaceSampler(**_sampler_kwargs(config, use_gpu))
-    return list(_run_stages(_preparer(_preparer_kwargs(config, sizes)), _SAMPLERS[key], record, config))
+    return list(_run_stages(_preparer(_preparer_kwargs(config, network)), _SAMPLERS[key], record, config))
 
 
 def _crashed_rows(record: dict, people: dict | None, error_class: str, message: str) -> list[dict]:
@@ -703,7 +715,7 @@ def _crashed_rows(record: dict, people: dict | None, error_class: str, message: 
     return rows
 
 
-def _retry_alone(records: list[dict], config: BulkConfig, sizes: tuple[int, ...], use_gpu: bool,
+def _retry_alone(records: list[dict], config: BulkConfig, network: NetworkInputs, use_gpu: bool,
                  partial: dict[str, dict] | None = None):
     """Run each record as its own task, `crash_attempts` times at most; yield every row, failed or not.
 
@@ -717,7 +729,7 @@ def _retry_alone(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]
         num_cpus=1, num_gpus=1 if use_gpu else 0, memory=(config.prepare_memory_mb + config.model_memory_mb) << 20,
         max_retries=config.crash_attempts - 1, retry_exceptions=False,
     )
-    pending = {task.remote(record, config, sizes, use_gpu): record for record in records}
+    pending = {task.remote(record, config, network, use_gpu): record for record in records}
     while pending:
         [ready], _ = ray.wait(list(pending), num_returns=1)
         record = pending.pop(ready)
@@ -743,7 +755,7 @@ def _retry_alone(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]
                                      reason["error_message"] if reason else "the person's row did not come back")
 
 
-def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
+def _results_on_ray(records: list[dict], config: BulkConfig, network: NetworkInputs):
     """Yield every finished row: the pipeline's, then the retries of the inputs (or people) that never came back."""
     import ray
 
@@ -754,7 +766,7 @@ def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, .
     expected: dict[str, list] = {}  # input uri -> the person indices its prepare stage produced
     found: dict[str, int | None] = {}
     try:
-        for record in _pipeline_results(records, config, sizes, use_gpu):
+        for record in _pipeline_results(records, config, network, use_gpu):
             uri = record["item"]["uri"]
             received.setdefault(uri, set()).add(record.get("person_index"))
             if "person_indices" in record:
@@ -775,7 +787,7 @@ def _results_on_ray(records: list[dict], config: BulkConfig, sizes: tuple[int, .
             partial[uri] = {"missing": lost, "indices": expected[uri], "persons_found": found.get(uri),
                             "mesh_format": config.mesh_format}
     if missing:
-        yield from _retry_alone(missing, config, sizes, use_gpu, partial)
+        yield from _retry_alone(missing, config, network, use_gpu, partial)
 
 
 def _run_stages(preparer: InputPreparer, sampler: SurfaceSampler, record: dict, config: BulkConfig):
@@ -785,9 +797,9 @@ def _run_stages(preparer: InputPreparer, sampler: SurfaceSampler, record: dict, 
         yield _rows(batch)[0][0]
 
 
-def _results_in_process(records: list[dict], config: BulkConfig, sizes: tuple[int, ...]):
+def _results_in_process(records: list[dict], config: BulkConfig, network: NetworkInputs):
     """The same stages, one image at a time, in this process (no Ray)."""
-    preparer = InputPreparer(**_preparer_kwargs(config, sizes))
+    preparer = InputPreparer(**_preparer_kwargs(config, network))
     sampler = SurfaceSampler(**_sampler_kwargs(config, bool(config.use_gpu)))
     for record in records:
         yield from _run_stages(preparer, sampler, record, config)
@@ -806,14 +818,12 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     local_checkpoint = fetch_checkpoint(config.checkpoint)
     _, net_config, metadata = read_checkpoint(local_checkpoint)  # fail fast on a bad checkpoint
     checkpoint_id, checkpoint_version = checkpoint_identity(local_checkpoint, metadata)
-    if net_config.body_guided and not config.body:
-        config = dataclasses.replace(config, body=True)  # the model reads the fitted body
-    sizes = (net_config.coarse_size, net_config.fine_size)
+    network = NetworkInputs((net_config.coarse_size, net_config.fine_size), net_config.body_guided)
     if config.fallback_checkpoint is not None:
         _, fallback, _ = read_checkpoint(fetch_checkpoint(config.fallback_checkpoint))
-        if fallback.body_guided or (fallback.coarse_size, fallback.fine_size) != sizes:
+        if fallback.body_guided or (fallback.coarse_size, fallback.fine_size) != network.sizes:
             raise CheckpointError(f"fallback checkpoint {redact(config.fallback_checkpoint)}: it must take no body input and "
-                                  f"the same input sizes {sizes} as the job's checkpoint")
+                                  f"the same input sizes {network.sizes} as the job's checkpoint")
 
     check_writable(config.output)
     if removed := remove_stale_temporaries(config.output):
@@ -827,7 +837,7 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, {"checkpoint_version": checkpoint_version},
                               flush_seconds=config.manifest_flush_seconds)
     summary = Summary()
-    results = (_results_in_process if in_process else _results_on_ray)(records, config, sizes)
+    results = (_results_in_process if in_process else _results_on_ray)(records, config, network)
     try:
         with tqdm(total=len(records), desc="reconstruct", unit="img", disable=not progress) as bar:
             for record in results:

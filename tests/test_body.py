@@ -282,5 +282,11 @@ def test_reconstruct_with_a_body_guided_model_fits_and_reads_the_body(tmp_path, 
         assert rows.loc[str(tmp_path / "in" / "person.png"), "status"] == "ok"
         assert not isinstance(rows.loc[str(tmp_path / "in" / "person.png"), "body_error"], str)
     assert (summary.ok, summary.failed) == (2, 0)
+    # A plain model with --body: the body is an extra output, so a photo without one still gets its mesh.
+    summary = run_bulk(dataclasses.replace(config, output=str(tmp_path / "out-plain"), checkpoint=plain, body=True),
+                       in_process=True, progress=False)
+    rows = read_manifest(str(tmp_path / "out-plain")).set_index("input_uri")
+    assert (summary.ok, summary.failed) == (2, 0) and isinstance(rows.loc[str(tmp_path / "in" / "person.png"), "body_uri"], str)
+    assert "no person found" in rows.loc[str(tmp_path / "in" / "drawing.png"), "body_error"]
     with pytest.raises(CheckpointError, match="fallback checkpoint"):
         run_bulk(dataclasses.replace(config, fallback_checkpoint=str(checkpoint)), in_process=True, progress=False)
