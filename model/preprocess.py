@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,20 +368,30 @@ def load_mask(
 # ---------------------------------------------------------------------- person box
 
 
-def match_sidecars(image: str, siblings) -> dict[str, str | None]:
-    """The sidecars of an image among the files beside it: {"mask", "rect", "keypoints"} -> name or None.
+_SIDECAR_SUFFIX = re.compile(r"_(mask|rect|keypoints)\.[^./]+$", re.IGNORECASE)
 
-    image and siblings: paths or URIs in one folder, spelt alike. NAME is the image's name without
-    its extension, matched exactly; the suffix in any case:
+
+def sidecar_index(names) -> dict[str, dict[str, str]]:
+    """{image path without extension: {lower-case sidecar suffix: name}} of the sidecar-named files
+    among `names` (paths or URIs of one or more folders, spelt as the images are); built once per
+    folder listing, so matching N images costs N lookups, not N x the folder."""
+    index: dict[str, dict[str, str]] = {}
+    for name in sorted(names):
+        found = _SIDECAR_SUFFIX.search(name)
+        if found:
+            index.setdefault(name[: found.start()], {}).setdefault(name[found.start():].lower(), name)
+    return index
+
+
+def match_sidecars(image: str, index: dict[str, dict[str, str]]) -> dict[str, str | None]:
+    """The sidecars of an image: {"mask", "rect", "keypoints"} -> name or None, from `sidecar_index`.
+
+    NAME is the image's name without its extension, matched exactly; the suffix in any case:
     - mask: `NAME_mask.E`, E one of MASK_EXTENSIONS (the first found in that order);
     - rect: `NAME_rect.txt`;
     - keypoints: `NAME_keypoints.json` (OpenPose output naming).
     """
-    stem = os.path.splitext(image)[0]
-    by_suffix: dict[str, str] = {}
-    for sibling in sorted(siblings):
-        if sibling.startswith(stem) and sibling != image:
-            by_suffix.setdefault(sibling[len(stem):].lower(), sibling)
+    by_suffix = index.get(os.path.splitext(image)[0], {})
     mask = next((by_suffix[f"_mask{ext}"] for ext in MASK_EXTENSIONS if f"_mask{ext}" in by_suffix), None)
     return {"mask": mask, "rect": by_suffix.get("_rect.txt"), "keypoints": by_suffix.get("_keypoints.json")}
 
@@ -389,7 +400,7 @@ def find_sidecars(image_path: str | os.PathLike) -> Sidecars:
     """The person-box files beside a local image (`match_sidecars`)."""
     path = Path(image_path)
     siblings = [str(p) for p in path.parent.glob(f"{glob.escape(path.stem)}_*") if p.is_file()]
-    found = {k: None if v is None else Path(v) for k, v in match_sidecars(str(path), siblings).items()}
+    found = {k: None if v is None else Path(v) for k, v in match_sidecars(str(path), sidecar_index(siblings)).items()}
     return Sidecars(**found)
 
 

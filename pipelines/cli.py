@@ -292,6 +292,9 @@ def configure_console(verbose: bool) -> None:
 
 
 def _terminate(signum, frame) -> None:
+    # One stop is enough: a second SIGTERM (a supervisor repeating itself, or Ray tearing down its
+    # processes) must not cut the unwinding short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(exit_codes.TERMINATED)
 
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import pyarrow.parquet as pq
 
 from model.errors import InputError
-from model.preprocess import is_sidecar, match_sidecars
+from model.preprocess import is_sidecar, match_sidecars, sidecar_index
 from pipelines.storage import IMAGE_EXTENSIONS, filesystem, full_uri
 from pipelines.uris import UnsupportedURIError
 
@@ -38,8 +38,8 @@ def _is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS) and not is_sidecar(path)
 
 
-def _with_sidecars(uri: str, name: str, siblings: set[str]) -> InputItem:
-    """Attach the sidecars found among `siblings` (full URIs of files in the same folder)."""
+def _with_sidecars(uri: str, name: str, siblings: dict) -> InputItem:
+    """Attach the sidecars found among `siblings` (`sidecar_index` of the full URIs in its folder)."""
     found = match_sidecars(uri, siblings)
     return InputItem(uri=uri, name=name, **{f"{kind}_uri": found[kind] or "" for kind in ("mask", "rect", "keypoints")})
 
@@ -47,7 +47,7 @@ def _with_sidecars(uri: str, name: str, siblings: set[str]) -> InputItem:
 def _list_folder(spec: str) -> list[InputItem]:
     fs, root = filesystem(spec)
     paths = sorted(fs.find(root))
-    uris = {full_uri(fs, p) for p in paths}
+    uris = sidecar_index(full_uri(fs, p) for p in paths)
     return [
         _with_sidecars(full_uri(fs, p), posixpath.relpath(p, root), uris)
         for p in paths
@@ -56,20 +56,20 @@ def _list_folder(spec: str) -> list[InputItem]:
 
 
 class _Siblings:
-    """Full URIs of the files in a folder, each folder listed once (a list of N inputs in one
-    folder costs one listing, not N)."""
+    """The sidecars (`sidecar_index` of full URIs) in a folder, each folder listed once (a list of N
+    inputs in one folder costs one listing, not N)."""
 
     def __init__(self):
-        self.folders: dict[tuple[int, str], set[str]] = {}
+        self.folders: dict[tuple[int, str], dict] = {}
 
-    def of(self, fs, path: str) -> set[str]:
+    def of(self, fs, path: str) -> dict:
         folder = posixpath.dirname(path)
         key = (id(fs), folder)
         if key not in self.folders:
             try:
-                self.folders[key] = {full_uri(fs, p) for p in fs.ls(folder, detail=False)} if folder else set()
+                self.folders[key] = sidecar_index(full_uri(fs, p) for p in fs.ls(folder, detail=False)) if folder else {}
             except OSError:  # FileNotFoundError, NotADirectoryError, permissions: no sidecars
-                self.folders[key] = set()
+                self.folders[key] = {}
         return self.folders[key]
 
 

@@ -469,7 +469,8 @@ def test_a_terminated_driver_keeps_its_rows_and_leaves_no_process_or_temporary(t
     started = _descendants_of(driver.pid)  # the private Ray instance: GCS, raylet, agents, workers
     assert started, "the job started no Ray processes"
     driver.send_signal(signal.SIGTERM)
-    assert driver.wait(timeout=120) == 128 + 15
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 128 + 15, stderr.decode(errors="replace")[-3000:]
     deadline = time.monotonic() + 60
     while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
         time.sleep(0.5)
