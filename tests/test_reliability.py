@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -67,8 +69,6 @@ class OutOfMemoryKiller:
     """
 
     def __init__(self, fifo):
-        import threading
-
         os.mkfifo(fifo)
         self.kills = 0
         self.stop = threading.Event()
@@ -451,7 +451,8 @@ def test_a_terminated_driver_keeps_its_rows_and_leaves_no_process_or_temporary(t
     from pipelines.bulk import read_manifest
     from tests.helpers import person_image
 
-    for index in range(8):
+    count = 40  # enough that the job is still running when the signal comes, on a quiet machine too
+    for index in range(count):
         person_image(tmp_path / "in" / f"p{index}.png")
     out = tmp_path / "out"
     (out / "meshes").mkdir(parents=True)
@@ -460,21 +461,24 @@ def test_a_terminated_driver_keeps_its_rows_and_leaves_no_process_or_temporary(t
     fresh.write_bytes(b"in flight")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     command = [sys.executable, "-m", "pipelines.cli", "reconstruct", str(tmp_path / "in"), "-o", str(out),
-               "--checkpoint", checkpoint, "--resolution", "64", "--quiet"]
+               "--checkpoint", checkpoint, "--resolution", "64"]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr = bytearray()  # the progress bar says how many rows the driver has received
+    reader = threading.Thread(target=lambda: [stderr.extend(chunk) for chunk in iter(lambda: driver.stderr.read1(4096), b"")])
+    reader.start()
     deadline = time.monotonic() + 240
-    while len(list((out / "meshes").glob("p*.json"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)  # the finished rows reach the driver
+    while max(map(int, re.findall(rb"ok=(\d+)", bytes(stderr))), default=0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     started = _descendants_of(driver.pid)  # the private Ray instance: GCS, raylet, agents, workers
     assert started, "the job started no Ray processes"
     driver.send_signal(signal.SIGTERM)
-    _, stderr = driver.communicate(timeout=120)
+    driver.wait(timeout=120)
+    reader.join()
     assert driver.returncode == 128 + 15, stderr.decode(errors="replace")[-3000:]
     deadline = time.monotonic() + 60
     while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not [pid for pid in started if _alive(pid)], "Ray processes outlived the stopped driver"
     rows = read_manifest(str(out))  # what came back before the signal is kept
-    assert 1 <= len(rows) <= 8 and (rows["status"] == "ok").all()
+    assert 2 <= len(rows) < count and (rows["status"] == "ok").all()
     assert not stale.exists() and fresh.exists()  # a young temporary may be another job's
