@@ -41,6 +41,10 @@ def connect_ray(address: str | None = None, log_to_driver: bool = False):
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = context.print_on_execution_start = verbose()
+    if not verbose():  # Ray Data's console lines ("execution finished", ...) at WARNING; its log file keeps all
+        for handler in logging.getLogger("ray.data").handlers:
+            if type(handler).__name__ == "PlainRayHandler":
+                handler.setLevel(logging.WARNING)
     if ray.is_initialized():
         return ray
     level = logging.INFO if verbose() else logging.WARNING

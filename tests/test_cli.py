@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,18 @@ def test_exit_codes_say_what_went_wrong(tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     code = main([*base, "-o", str(tmp_path / "o3"), "--checkpoint", str(tmp_path / "bad.safetensors")])
     assert code == exit_codes.UNUSABLE and "bad.safetensors" in capsys.readouterr().err
+
+
+def test_a_ray_job_prints_its_progress_and_summary_without_ray_info_lines(tmp_path):
+    from tests.helpers import person_image, write_tiny_checkpoint
+
+    checkpoint = str(write_tiny_checkpoint(tmp_path / "tiny.safetensors"))
+    person_image(tmp_path / "in" / "a.png")
+    command = [sys.executable, "-m", "pipelines.cli", "reconstruct", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+               "--checkpoint", checkpoint, "--resolution", "32"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("1 inputs: 1 ok")  # results on stdout
+    assert "reconstruct: 100%" in result.stderr  # the progress bar on stderr
+    noise = [line for line in result.stderr.replace("\r", "\n").splitlines() if re.search(r"\bINFO\b|Warning", line)]
+    assert not noise, noise
