@@ -554,8 +554,7 @@ class PairWorker:
         from pipelines.fit import person_finder
 
         size = view["image"].shape[-1]
-        rgb = np.clip((view["image"].transpose(1, 2, 0) + 1) * 127.5, 0, 255).astype(np.uint8)
-        people = person_finder().find(rgb)
+        people = person_finder().find(view["rgb"])
         if not people:
             raise ValueError(f"{item['key']}: no person found to fit a body to")
         # The stored view is the network's square: the crop of the whole S x S image.
@@ -581,7 +580,8 @@ def read_view(shard: str, row: int) -> dict:
     """One stored view of a dataset shard, only what evaluation needs (not the labelled points).
 
     Returns image (3, S, S) float32 in [-1, 1] and mask (1, S, S) float32 in [0, 1] at the
-    largest stored size S, view_from_canonical (4, 4) float64, units_per_cm (float).
+    largest stored size S, rgb (S, S, 3) uint8 (the stored pixels, for the person finder),
+    view_from_canonical (4, 4) float64, units_per_cm (float).
     """
     import pyarrow.parquet as pq
 
@@ -593,9 +593,10 @@ def read_view(shard: str, row: int) -> dict:
         record = pq.read_table(handle, columns=columns).slice(row, 1).to_pylist()[0]
     size = 1024 if record["image_1024"] is not None else 512
     # The same decoding as pipelines.dataset.decode_table (what training and validation see).
-    image = fmt.decode_png(record[f"image_{size}"])[..., :3].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    rgb = np.ascontiguousarray(fmt.decode_png(record[f"image_{size}"])[..., :3])
+    image = rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     mask = fmt.decode_png(record[f"mask_{size}"]).astype(np.float32)[None] / 255
-    return {"image": image, "mask": mask, "units_per_cm": float(record["units_per_cm"]),
+    return {"image": image, "mask": mask, "rgb": rgb, "units_per_cm": float(record["units_per_cm"]),
             "view_from_canonical": np.asarray(record["view_from_canonical"], dtype=np.float64).reshape(4, 4)}
 
 
