@@ -219,3 +219,21 @@ def test_silhouette_baseline_is_scored_beside_the_model(test_split_dataset, tmp_
     assert summary["baselines"]["silhouette"]["metrics"]["chamfer_cm"]["count"] == 2
     with pytest.raises(ValueError, match="baseline"):
         EvalConfig(gt="x", out="y", baseline="sphere")
+
+
+@pytest.mark.parametrize("bodies", ["true", "fitted"])
+def test_a_body_guided_checkpoint_reads_the_true_or_a_fitted_body(test_split_dataset, tmp_path, bodies):
+    from model.checkpoint import save_checkpoint
+    from tests.helpers import tiny_network
+
+    checkpoint = save_checkpoint(tiny_network().with_body_guidance(), tmp_path / "guided.safetensors", metadata={"preset": "tiny"})
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--pred", str(checkpoint), "--gt", test_split_dataset, "-o", str(out), "--resolution", "32",
+                 "--num-samples", "1000", "--normal-image-size", "0", "--bodies", bodies, "--limit", "1", "--quiet"])
+    assert code == 0
+    (row,) = pd.read_parquet(out / "results.parquet").to_dict("records")
+    assert row["status"] == "ok" and row["body_source"] == bodies, row["error_message"]
+    if bodies == "fitted":  # the person finder's landmarks and the view's mask: the body lies on the person
+        assert row["body_mask_iou"] > 0.5
+    else:
+        assert pd.isna(row["body_mask_iou"])
