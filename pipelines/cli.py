@@ -13,6 +13,7 @@ import signal
 import sys
 import traceback
 
+from model.config import PRESETS  # plain dataclasses: `pifuhd --help` loads no torch
 from pipelines import exit_codes
 
 
@@ -27,7 +28,7 @@ def _allowed_uri(uri: str) -> str:
     return uri
 
 
-PRESET_NAMES = ("full", "small", "tiny")  # model.config.PRESETS (not imported: it loads torch)
+PRESET_NAMES = tuple(PRESETS)
 
 
 class UsageError(Exception):

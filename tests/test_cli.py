@@ -34,6 +34,10 @@ def test_preset_names_match_the_model_presets():
     from model.config import PRESETS
 
     assert tuple(PRESETS) == PRESET_NAMES
+    code = "import sys, pipelines.cli; print('torch' in sys.modules)"  # the command line stays light
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "False", result.stderr
 
 
 def test_reading_results_loads_neither_torch_nor_ray():
