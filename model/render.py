@@ -121,6 +121,15 @@ def random_lighting(rng: np.random.Generator) -> np.ndarray:
     return coeffs.astype(np.float32)
 
 
+def studio_lighting() -> np.ndarray:
+    """(9, 3) SH radiance: one soft key light from the upper front plus ambient; the fixed lighting of
+    renders that are read rather than learnt from (test bodies, a scan's front view for its body fit)."""
+    lighting = np.zeros((9, 3), np.float32)
+    lighting += sh_basis(np.array([[0.3, 0.5, 0.8]]))[0][:, None] * np.pi * 0.8
+    lighting[0] += 0.4 * np.sqrt(4 * np.pi)
+    return lighting
+
+
 def sh_irradiance(coeffs: np.ndarray, n: np.ndarray) -> np.ndarray:
     """(9, 3) radiance coefficients, (N, 3) unit normals -> (N, 3) irradiance (Ramamoorthi-Hanrahan)."""
     c1, c2, c3, c4, c5 = 0.429043, 0.511664, 0.743125, 0.886227, 0.247708

@@ -7,7 +7,8 @@ remote ones are copied with their folder's materials and textures to a scratch d
 
 Normalisation follows PIFu: the scan is assumed y-up (OBJ and glTF convention; `up_axis="z"`
 for z-up files) and facing +z, scaled so its bounding box is `height_cm` (180) tall, and its
-bounding box centred at the origin. That is the canonical frame of model/humans.py.
+bounding box centred at the origin. That is the canonical frame of model/humans.py. The body
+under the clothes, which the body-guided model reads, is fitted by the jobs (`model.body.scan`).
 
 A scan that cannot be used raises `ScanError` whose message starts with the reason:
 "unreadable", "empty", "no faces", "degenerate" or "open surface".
@@ -42,6 +43,7 @@ class ScanConfig:
     height_cm: float = 180.0
     up_axis: str = "y"  # "y" (OBJ, glTF, RenderPeople, THuman) or "z"
     max_texture_size: int = 2048  # larger textures are downscaled: they are rendered at most at 1024
+    fit_body: bool = True  # fit anny to a front render (model.body.scan), so rows carry the body under the clothes
 
 
 @dataclass(frozen=True)

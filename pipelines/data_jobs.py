@@ -173,10 +173,13 @@ def subject_rows(subject, split: str, source: str, rng: np.random.Generator, set
 
 
 def body_record(subject) -> dict:
-    """The anny parameters that rebuild a synthetic subject's body (meshes/{id}_body.json)."""
+    """meshes/{id}_body.json: the anny parameters that rebuild a synthetic subject's body, or a scan's
+    fit (its `BodyParameters`, in the pixels of the front render, and the fit's quality)."""
+    record = {"subject_id": subject.subject_id, "frame": "canonical (cm, y up, facing +z, centred)"}
+    if "body_fit" in subject.info:
+        return {**record, "source": "fitted to the scan's front render (model.body.scan)", **subject.info["body_fit"]}
     keys = ("phenotype", "family", "scale_cm_per_anny_cm", "anny_pose_parameters", "centre_cm")
-    return {"subject_id": subject.subject_id, "frame": "canonical (cm, y up, facing +z, centred)",
-            **{k: subject.info.get(k) for k in keys}}
+    return {**record, "source": "synthetic", **{k: subject.info.get(k) for k in keys}}
 
 
 def make_job_subject(job: JobConfig, item: dict, workdir: str):
@@ -189,7 +192,26 @@ def make_job_subject(job: JobConfig, item: dict, workdir: str):
         return make_subject(item["subject_id"], body_seed, job.human), "synth", np.random.default_rng(view_seed)
     _, view_seed = subject_seeds(job.seed, _id_key(item["subject_id"]))
     subject = load_scan(ScanRef(item["subject_id"], item["uri"]), workdir, job.scan)
+    if job.scan.fit_body:
+        subject = with_scan_body(subject)
     return subject, item["uri"], np.random.default_rng(view_seed)
+
+
+def with_scan_body(subject):
+    """The scan with anny fitted under its clothes (`model.body.scan`), or, where no body can be
+    fitted (no person in the front render, too few landmarks), as it was with the reason in
+    `info["body_error"]`: its rows then carry no body, and the subject is still training data."""
+    from model.body.scan import fit_scan_body
+    from model.errors import InputError
+    from pipelines.fit import person_finder
+
+    try:
+        body, fit = fit_scan_body(subject, person_finder())
+    except InputError as exc:
+        return dataclasses.replace(subject, info={**subject.info, "body_error": str(exc)})
+    quality = {"mask_iou": fit.mask_iou, "landmark_error": fit.landmark_error, "low_quality": fit.low_quality,
+               "note": fit.quality_note, "parameters": json.loads(fit.params.to_json())}
+    return dataclasses.replace(subject, body=body, info={**subject.info, "body_fit": quality})
 
 
 class SubjectWorker:
@@ -207,7 +229,7 @@ class SubjectWorker:
         torch.set_num_threads(1)
         self.job = job
         self.fs, self.base = fmt.filesystem(job.out)
-        if job.kind == "synth":
+        if job.kind == "synth" or job.scan.fit_body:
             from model.humans import load_body_model
 
             load_body_model()
@@ -217,7 +239,7 @@ class SubjectWorker:
 
         job, s = self.job, self.job.settings
         ids = list(batch["subject_id"])
-        status = {"subject_id": [], "split": [], "ok": [], "reason": [], "source": [], "rows": [], "seconds": []}
+        status = {"subject_id": [], "split": [], "ok": [], "reason": [], "source": [], "rows": [], "seconds": [], "body": []}
         by_split: dict[str, list[dict]] = {}
         for i, sid in enumerate(ids):
             item = {k: batch[k][i] for k in batch}
@@ -238,7 +260,7 @@ class SubjectWorker:
                 ok, reason = True, ""
             except Exception as exc:  # noqa: BLE001 - a bad subject must not stop the job
                 # A ScanError's message is the reason already; anything else is named by its type.
-                ok, rows = False, []
+                ok, rows, subject = False, [], None
                 reason = str(exc) if _is_scan_error(exc) else f"{type(exc).__name__}: {exc}"
             status["subject_id"].append(sid)
             status["split"].append(split)
@@ -247,12 +269,15 @@ class SubjectWorker:
             status["source"].append(source)
             status["rows"].append(len(rows))
             status["seconds"].append(time.perf_counter() - start)
+            # "" without a subject; else whether its rows carry a body, and why not.
+            status["body"].append("" if subject is None else "yes" if subject.body is not None
+                                  else f"no: {subject.info.get('body_error', 'not fitted')}")
         # Shards last: a subject counts as finished only once its rows are written.
         for split, rows in by_split.items():
             name = hashlib.sha1(",".join(sorted({r["subject_id"] for r in rows})).encode()).hexdigest()[:16]
             path = fmt.join(self.base, "shards", split, f"part-{name}.parquet")
             fmt.write_bytes(self.fs, path, fmt.table_bytes(fmt.rows_to_table(rows)))
-        return {k: np.array(v, dtype=object if k in ("subject_id", "split", "reason", "source") else None) for k, v in status.items()}
+        return {k: np.array(v, dtype=object if k in ("subject_id", "split", "reason", "source", "body") else None) for k, v in status.items()}
 
 
 def _is_scan_error(exc: BaseException) -> bool:
@@ -301,7 +326,7 @@ def run_job(job: JobConfig) -> dict:
 
         from model.humans import body_model_cached
 
-        if job.kind == "synth" and not body_model_cached():
+        if (job.kind == "synth" or job.scan.fit_body) and not body_model_cached():
             log("building the anny body model cache once (first use on this machine: about 100 s)")
             ray.get(ray.remote(num_cpus=1, max_calls=1)(_warm_body_model_cache).remote())
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -335,6 +360,7 @@ def run_job(job: JobConfig) -> dict:
         "failed": len(failed),
         "failures": failed,
         "rows_written": int(sum(int(s["rows"]) for s in made)),
+        "with_body": sum(s["body"] == "yes" for s in made),
         "seconds": round(time.perf_counter() - started, 2),
         "seconds_per_subject": round(float(np.mean(seconds)), 3) if seconds else None,
         "dataset": card["counts"],
@@ -346,6 +372,9 @@ def run_job(job: JobConfig) -> dict:
     )
     for f in failed:
         log(f"  failed {f['subject_id']} ({f['source']}): {f['reason']}")
+    for s in made:
+        if s["body"] != "yes":
+            log(f"  {s['subject_id']}: rows without a body ({s['body'].removeprefix('no: ')})")
     return summary
 
 
@@ -396,7 +425,7 @@ def _run_synth(args) -> int:
 def _run_scans(args) -> int:
     job = JobConfig(
         out=args.out, kind="scans", seed=args.seed, settings=_settings(args), inputs=tuple(args.inputs),
-        scan=_scan_config(up_axis=args.up_axis), subjects_per_shard=args.subjects_per_shard,
+        scan=_scan_config(up_axis=args.up_axis, fit_body=args.fit_body), subjects_per_shard=args.subjects_per_shard,
         workers=args.workers, address=args.address,
     )
     run_job(job)
@@ -415,6 +444,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     scans = actions.add_parser("scans", help="real scans: OBJ(+MTL+texture), PLY (vertex colours), GLB")
     scans.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", help="mesh files or folders holding them")
     scans.add_argument("--up-axis", choices=("y", "z"), default="y", help="the scans' up axis (default y)")
+    scans.add_argument("--no-body", dest="fit_body", action="store_false",
+                       help="do not fit the anny body to each scan's front render (rows then carry no body)")
     _common_arguments(scans)
     scans.set_defaults(handler=_run_scans)
     return data

@@ -155,7 +155,7 @@ def body_inputs(points: dict, batch: dict, net: PIFuHD, noise: BodyNoise | None,
     if not net.config.body_guided:
         return None
     if "body_sdf" not in points:
-        raise ValueError("a body-guided model trains on data with bodies (synthetic subjects); this batch has none")
+        raise ValueError("a body-guided model trains on data with bodies (synthetic subjects, scans with a fitted body); this batch has none")
     clip = BODY_DISTANCE_CLIP_CM * float(batch["units_per_cm"][0])
     return body_input(points["body_sdf"], points["body_normals"], clip, batch["units_per_cm"], noise, generator)
 
@@ -533,6 +533,12 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
+def _rows_with_body(table):
+    import pyarrow.compute as pc
+
+    return table.filter(pc.is_valid(table["body_sdf"])) if "body_sdf" in table.column_names else table.slice(0, 0)
+
+
 def run_training(config: TrainConfig) -> TrainResult:
     """Fit one stage on the connected Ray cluster; writes OUT/NAME/model.safetensors at the end."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -544,6 +550,8 @@ def run_training(config: TrainConfig) -> TrainResult:
     # Raw rows (PNG bytes) travel to the workers, which decode them: a decoded sample is ~12 MB
     # of float32, and moving that through the object store cost more than the training step.
     train_data = open_shards(config.data, "train")
+    if config.body_guided:  # scans no body could be fitted to have no body input: not for this model
+        train_data = train_data.map_batches(_rows_with_body, batch_format="pyarrow")
     storage_path, storage_filesystem = _storage(config)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -168,28 +168,66 @@ def test_scan_loading_normalises_and_reports_reasons(tmp_path):
         load_scan(ScanRef("flat", str(flat)), str(tmp_path / "work"))
 
 
-def test_scans_job_writes_good_scans_and_records_failures(ray_local, tmp_path):
+def _clothed_scan(folder, seed: int = 301):
+    """A clothed synthetic person saved as a scan would come (one PLY, metres): (the subject, its file)."""
+    from model.humans import make_subject
+
+    subject = make_subject("scan-person", seed, family="stand")
+    merged = subject.merged()
+    folder.mkdir(parents=True)
+    colours = (merged.colors * 255).astype(np.uint8)
+    trimesh.Trimesh(merged.vertices / 100, merged.faces, vertex_colors=colours, process=False).export(folder / "person.ply")
+    return subject, folder / "person.ply"
+
+
+def test_scans_job_writes_good_scans_and_records_failures(ray_local, tmp_path, body_model):
     root = write_scan_folder(tmp_path / "scans")
+    person, _ = _clothed_scan(root / "clothed")
     out = tmp_path / "dataset"
     assert pifuhd_data("scans", str(root), "--out", str(out), *SMALL) == 0
 
     card = fmt.read_card(str(out))
-    assert card["kind"] == "scans" and card["counts"]["subjects"] == 3 and card["counts"]["rows"] == 6
+    assert card["kind"] == "scans" and card["counts"]["subjects"] == 4 and card["counts"]["rows"] == 8
     assert card["counts"]["failed"] == 2
     failures = {r["source"].split("/")[-1]: r["reason"] for r in fmt.read_failures(str(out))}
     assert failures["truncated.glb"].startswith("unreadable") and failures["points_only.ply"].startswith("no faces")
     df = pd.read_parquet(out / "shards")
-    assert sorted(s.split("/")[-1] for s in df["source"].unique()) == ["0001.ply", "person.glb", "rp_test.obj"]
+    assert sorted(s.split("/")[-1] for s in df["source"].unique()) == ["0001.ply", "person.glb", "person.ply", "rp_test.obj"]
     for sid in df["subject_id"].unique():
         assert (out / "meshes" / f"{sid}.ply").exists()
     # Labels agree with the (convex) scan: inside points are within the normalised ellipsoid.
-    sample = next(fmt.iter_samples(str(out), df["split"].iloc[0]))
+    sample = next(fmt.iter_samples(str(out), df[df["source"].str.endswith("0001.ply")]["split"].iloc[0]))
     assert 0.1 < sample["labels"].mean() < 0.7
+
+    # The body under the clothes: fitted to the person's front render, none for the ellipsoids.
+    clothed = df[df["source"].str.endswith("person.ply")]
+    others = df[~df["source"].str.endswith("person.ply")]
+    assert others["body_sdf"].isna().all() and clothed["body_sdf"].notna().all()
+    sid = clothed["subject_id"].iloc[0]
+    record = json.loads((out / "meshes" / f"{sid}_body.json").read_text())
+    assert record["source"].startswith("fitted") and record["mask_iou"] > 0.7 and not record["low_quality"]
+    fitted = np.asarray(trimesh.load(out / "meshes" / f"{sid}_body.ply", process=False).vertices)
+    # The true body, normalised as the scan was (box centred, 180 cm tall).
+    clothes = np.concatenate([p.vertices for p in person.parts]).astype(np.float64)
+    lo, hi = clothes.min(0), clothes.max(0)
+    truth = (person.body.vertices - (lo + hi) / 2) * (180.0 / (hi - lo)[1])
+    offset = fitted - truth
+    offset[:, 2] -= offset[:, 2].mean()  # a front view fixes no depth
+    assert np.linalg.norm(offset, axis=1).mean() < 6.0  # cm; 4.9 measured
+    # Each row's body distances are the fitted body's, in that row's view frame.
+    import igl
+
+    row = clothed.iloc[0]
+    m = np.asarray(row["view_from_canonical"], np.float64).reshape(4, 4)
+    faces = np.asarray(trimesh.load(out / "meshes" / f"{sid}_body.ply", process=False).faces, np.int64)
+    points = np.asarray(row["points"], np.float64).reshape(-1, 3)
+    inside = igl.fast_winding_number(fitted @ m[:3, :3].T + m[:3, 3], faces, points) > 0.5
+    assert np.mean(inside == (np.asarray(row["body_sdf"]) < 0)) > 0.99
 
     # Re-run: nothing new to make, the failures are tried again and kept, exit 0.
     assert pifuhd_data("scans", str(root), "--out", str(out), *SMALL) == 0
     card2 = fmt.read_card(str(out))
-    assert card2["counts"]["rows"] == 6 and card2["counts"]["failed"] == 2
+    assert card2["counts"]["rows"] == 8 and card2["counts"]["failed"] == 2
 
 
 def test_scans_found_and_fetched_from_s3(s3_bucket, tmp_path):

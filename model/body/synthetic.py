@@ -54,16 +54,6 @@ def true_body(seed: int, family: str):
     return out["vertices"][0].double().numpy(), points[0].double().numpy(), phenotype
 
 
-def _studio_lighting() -> np.ndarray:
-    """(9, 3) SH radiance: one soft key light from the upper front plus ambient, for every test render."""
-    from model.render import sh_basis
-
-    lighting = np.zeros((9, 3), np.float32)
-    lighting += sh_basis(np.array([[0.3, 0.5, 0.8]]))[0][:, None] * np.pi * 0.8
-    lighting[0] += 0.4 * np.sqrt(4 * np.pi)
-    return lighting
-
-
 def _view_landmarks(points_view: np.ndarray, crop: Crop, hidden: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Anny's 33 landmark points in the view frame -> ((33, 3) image pixels + visibility, (33, 3) world pose).
 
@@ -83,7 +73,7 @@ def _view_landmarks(points_view: np.ndarray, crop: Crop, hidden: tuple[str, ...]
 def rendered_body(seed: int, family: str = "stand", yaw_deg: float = 0.0, size: int = 512) -> RenderedBody:
     """Render seed's bare body seen from `yaw_deg` at size x size pixels (see the module docstring)."""
     from model.humans import ANNY_TO_CANONICAL, Part, load_body_model
-    from model.render import View, get_renderer
+    from model.render import View, get_renderer, studio_lighting
 
     body = load_body_model()
     vertices_m, points_m, phenotype = true_body(seed, family)
@@ -93,7 +83,7 @@ def rendered_body(seed: int, family: str = "stand", yaw_deg: float = 0.0, size: 
     to_view = lambda m: view.apply(m * 100 @ ANNY_TO_CANONICAL.T - centre)  # noqa: E731
     skin = np.full((len(canonical), 3), 0.8, np.float32)
     part = Part("body", (canonical - centre).astype(np.float32), body.faces.astype(np.int32), skin)
-    lighting = _studio_lighting()
+    lighting = studio_lighting()
     render = get_renderer(size).render([part], view, lighting)
 
     crop = Crop(0, 0, size, size, size, size)
@@ -123,11 +113,11 @@ def rendered_subject(seed: int, yaw_deg: float = 0.0, size: int = 512) -> Render
     import torch
 
     from model.humans import make_subject
-    from model.render import View, get_renderer
+    from model.render import View, get_renderer, studio_lighting
 
     subject = make_subject(f"subject-{seed}", seed)
     view = View(yaw_deg=yaw_deg)
-    lighting = _studio_lighting()
+    lighting = studio_lighting()
     render = get_renderer(size).render(subject.parts, view, lighting)
     crop = Crop(0, 0, size, size, size, size)
     merged = subject.merged()
