@@ -19,5 +19,5 @@ fi
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test]"
 # Build the body model's cache once (about 90 s the first time), so jobs and tests start quickly.
-.venv/bin/python -c "from model.humans import load_body_model; load_body_model()"
+.venv/bin/python -c "from model.data.humans import load_body_model; load_body_model()"
 echo "setup done: $(.venv/bin/pifuhd --help | head -n 1)"

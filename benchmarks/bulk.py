@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from model.reconstruct import ReconstructionConfig
+from model.reconstruction.reconstruct import ReconstructionConfig
 from pipelines.bulk import BulkConfig, read_manifest, run_bulk
 from pipelines.checkpoints import default_checkpoint
 from pipelines.ray_runtime import connect_ray

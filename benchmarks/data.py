@@ -35,9 +35,9 @@ def timed(stats: dict, name: str, fn, *args, **kwargs):
 
 
 def bench_subject(subject, rng, views: int, points: int, stats: dict) -> None:
-    from model.render import get_renderer, png_bytes, procedural_background, random_lighting, sample_views
-    from model.sampling import SamplingConfig
-    from model.sampling import label_views
+    from model.data.render import get_renderer, png_bytes, procedural_background, random_lighting, sample_views
+    from model.data.sampling import SamplingConfig
+    from model.data.sampling import label_views
     from pipelines.dataset import rows_to_table, table_bytes
 
     renderer = get_renderer(1024)
@@ -65,7 +65,7 @@ def write_scan_like_obj(folder: Path) -> Path:
     import trimesh
     from PIL import Image
 
-    from model.humans import make_subject
+    from model.data.humans import make_subject
 
     s = make_subject("scan", 123, family="stand").merged()
     v, f = trimesh.remesh.subdivide(s.vertices.astype(np.float64), s.faces)[:2]
@@ -90,9 +90,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from model.humans import load_body_model, make_subject
-    from model.render import get_renderer
-    from model.scans import ScanRef, load_scan
+    from model.data.humans import load_body_model, make_subject
+    from model.data.render import get_renderer
+    from model.data.scans import ScanRef, load_scan
 
     start = time.perf_counter()
     load_body_model()

@@ -20,7 +20,7 @@ import torch
 
 from model.body import FitConfig, fit_body
 from model.body.synthetic import rendered_body, vertex_error_cm
-from model.humans import POSE_FAMILIES
+from model.data.humans import POSE_FAMILIES
 
 
 def main() -> None:

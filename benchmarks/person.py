@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from model.person import PersonFinder, PersonFinderConfig
-from model.reconstruct import ReconstructionConfig
-from model.render import procedural_background
+from model.reconstruction.reconstruct import ReconstructionConfig
+from model.data.render import procedural_background
 from pipelines.bulk import BulkConfig, read_manifest, run_bulk
 from pipelines.checkpoints import default_checkpoint
 from pipelines.ray_runtime import connect_ray

@@ -93,7 +93,7 @@ def fixture_network_occupancy():
     from safetensors.torch import load_file
 
     import model
-    from model.reconstruct import occupancy_function
+    from model.reconstruction.reconstruct import occupancy_function
 
     net = model.load_checkpoint(REFERENCE / "small_state_dict.safetensors")
     image = (load_file(REFERENCE / "inputs.safetensors")["image_512_u8"].float() - 128) / 128
@@ -104,8 +104,8 @@ def fixture_network_occupancy():
 def shipped_network_occupancy():
     """The shipped trained model on the example photo: a network that outputs a real person."""
     import model
-    from model.preprocess import prepare_image_file
-    from model.reconstruct import occupancy_function
+    from model.reconstruction.preprocess import prepare_image_file
+    from model.reconstruction.reconstruct import occupancy_function
 
     net = model.load_checkpoint(SHIPPED)
     prepared = prepare_image_file(Path(__file__).resolve().parents[1] / "examples" / "person.png",
@@ -150,7 +150,7 @@ def _peak_mb() -> float:
 
 def run_case(case: dict) -> dict:
     """Child side: extract once, return the stats plus memory (and save the mesh if asked)."""
-    from model.surface import extract_surface
+    from model.reconstruction.surface import extract_surface
 
     torch.set_grad_enabled(False)
     fn = OCCUPANCIES[case["occupancy"]]()

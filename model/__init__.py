@@ -1,13 +1,21 @@
-"""PIFuHD networks and geometry, and everything else that needs no Ray (person finding, body fitting,
-synthetic data, metrics).
+"""PIFuHD networks and geometry, and everything else that needs no Ray.
+
+Sub-packages, one concept each:
+    network         the PIFuHD networks, their config and checkpoints
+    reconstruction  image to mesh: input preparation, surface extraction, reconstruction, preview
+    person          finding the person in a photo (landmarks, mask)
+    body            the anny body fitted to a photo or a scan, and its files
+    data            training data: synthetic people, scans, rendering, labelled points
+    training        the training stages as loss modules, losses, augmentations
+    evaluation      geometry metrics and the silhouette baseline
+Shared modules: `errors` and `geometry` (coordinate conventions).
 
 Public API:
     load_checkpoint(path) -> PIFuHD          released pifuhd.pt or project safetensors
     save_checkpoint(net, path, metadata)      project format
-    PIFuHD.from_config(config)                a fresh network
+    PIFuHD.from_config(config)                a fresh network; net.predict_normals, net.encode, net.query
     preset(name) -> PIFuHDConfig             "full", "small", "tiny"
     extract_surface(occupancy_fn, resolution, bbox=..., method="sparse") -> (mesh, stats)
-Coordinate conventions: model.geometry.
 
 The configs and errors import at once; the names that need torch load on first use, so that
 `import model.errors` (every job module's first import) stays light.
@@ -15,17 +23,17 @@ The configs and errors import at once; the names that need torch load on first u
 
 import importlib
 
-from model.config import HourglassConfig, MLPConfig, NormalNetConfig, PIFuHDConfig, preset
+from model.network.config import HourglassConfig, MLPConfig, NormalNetConfig, PIFuHDConfig, preset
 from model.errors import CheckpointError, InputError, PifuhdError
 
 _LAZY = {
-    "load_checkpoint": "model.checkpoint",
-    "read_checkpoint": "model.checkpoint",
-    "save_checkpoint": "model.checkpoint",
-    "Features": "model.pifuhd",
-    "Occupancy": "model.pifuhd",
-    "PIFuHD": "model.pifuhd",
-    "extract_surface": "model.surface",
+    "load_checkpoint": "model.network.checkpoint",
+    "read_checkpoint": "model.network.checkpoint",
+    "save_checkpoint": "model.network.checkpoint",
+    "Features": "model.network.pifuhd",
+    "Occupancy": "model.network.pifuhd",
+    "PIFuHD": "model.network.pifuhd",
+    "extract_surface": "model.reconstruction.surface",
 }
 
 

@@ -44,9 +44,9 @@ import pyarrow as pa
 from model.body.fit import FitConfig
 from model.errors import InputError
 from model.person import PersonInput, PersonOptions
-from model.reconstruct import MESH_FORMATS, ReconstructionConfig
+from model.reconstruction.reconstruct import MESH_FORMATS, ReconstructionConfig
 from pipelines.inputs import InputItem, list_inputs
-from pipelines.metrics import BulkMetrics
+from pipelines.telemetry import BulkMetrics
 from pipelines.storage import (filesystem, join, read_parquet_parts, remove_stale_temporaries, safe_stem, write_bytes_atomic,
                                write_parquet_atomic)
 from pipelines.uris import check_uri, redact
@@ -318,7 +318,7 @@ def _finished(record: dict) -> bool:
 
 def _person_files(record: dict, person_input: PersonInput) -> dict[str, bytes]:
     """The finder's mask (8-bit PNG, the image's size) and JSON record for one output; {} when it did not run."""
-    from model.render import png_bytes
+    from model.data.render import png_bytes
 
     person = person_input.person
     if person is None:
@@ -357,7 +357,7 @@ class InputPreparer:
     def prepare(self, record: dict) -> list[tuple[dict, bytes]]:
         """One input's record -> its rows (one, or one per person with `all_people`)."""
         from model.person import prepare_people
-        from model.preprocess import DecodedImage, _as_float, _decode, _open_image
+        from model.reconstruction.preprocess import DecodedImage, _as_float, _decode, _open_image
 
         item = InputItem(**record["item"])
         try:
@@ -454,7 +454,7 @@ class SurfaceSampler:
 
     def _load(self, checkpoint: str):
         from pipelines.checkpoints import fetch_checkpoint
-        from model.checkpoint import load_checkpoint
+        from model.network.checkpoint import load_checkpoint
 
         return load_checkpoint(fetch_checkpoint(checkpoint)).to(self.device)
 
@@ -467,7 +467,7 @@ class SurfaceSampler:
         return self.fallback
 
     def __call__(self, batch: dict) -> dict:
-        from model.reconstruct import sample_surfaces
+        from model.reconstruction.reconstruct import sample_surfaces
 
         rows = _rows(batch)
         pending = [i for i, (record, _) in enumerate(rows) if record["status"] == "pending"]
@@ -500,7 +500,7 @@ class SurfaceSampler:
 
 
 def finish_rows(batch: dict, reconstruction: ReconstructionConfig, mesh_format: str) -> dict:
-    from model.reconstruct import encode_outputs, finish
+    from model.reconstruction.reconstruct import encode_outputs, finish
 
     out = []
     for record, payload in _rows(batch):
@@ -809,7 +809,7 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     """Run one bulk job to completion; Ray must already be initialised unless `in_process`."""
     from tqdm import tqdm
 
-    from model.checkpoint import read_checkpoint
+    from model.network.checkpoint import read_checkpoint
     from model.errors import CheckpointError
     from pipelines.checkpoints import checkpoint_identity, fetch_checkpoint
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from model.cache import CACHE_ROOT
 from model.errors import CheckpointError
 from pipelines.storage import filesystem, is_remote
 
@@ -14,7 +15,7 @@ SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "model" / "weights
 # The shipped model reads a body fitted to each photo; this one, trained alike without that input,
 # meshes the photos no body can be fitted to (no landmarks: a cropped torso, a drawing).
 SHIPPED_PLAIN_CHECKPOINT = SHIPPED_CHECKPOINT.with_name("pifuhd-small-plain.safetensors")
-CACHE_DIR = Path(os.environ.get("PIFUHD_CACHE", Path.home() / ".cache" / "pifuhd-ray")) / "checkpoints"
+CACHE_DIR = CACHE_ROOT / "checkpoints"
 
 
 def default_checkpoint() -> str:

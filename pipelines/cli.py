@@ -13,19 +13,9 @@ import signal
 import sys
 import traceback
 
-from model.config import PRESETS  # plain dataclasses: `pifuhd --help` loads no torch
+from model.network.config import PRESETS  # plain dataclasses: `pifuhd --help` loads no torch
 from pipelines import exit_codes
-
-
-def _allowed_uri(uri: str) -> str:
-    """argparse type of -o, --checkpoint, --data, --out: a usage error for a scheme outside the allow-list."""
-    from pipelines.uris import UnsupportedURIError, check_uri
-
-    try:
-        check_uri(uri)
-    except UnsupportedURIError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return uri
+from pipelines.uris import uri_argument
 
 
 PRESET_NAMES = tuple(PRESETS)
@@ -44,11 +34,11 @@ def build_config(factory, **fields):
 
 
 def _checkpoint_inspect(args: argparse.Namespace) -> int:
-    from model.checkpoint import preset_name, read_checkpoint
+    from model.network.checkpoint import preset_name, read_checkpoint
 
     import torch
 
-    from model.pifuhd import PIFuHD
+    from model.network.pifuhd import PIFuHD
 
     state, config, metadata = read_checkpoint(args.path)
     with torch.device("meta"):
@@ -68,7 +58,7 @@ def _checkpoint_inspect(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_convert(args: argparse.Namespace) -> int:
-    from model.checkpoint import load_checkpoint, preset_name, save_checkpoint
+    from model.network.checkpoint import load_checkpoint, preset_name, save_checkpoint
     from pipelines.uris import redact
 
     net = load_checkpoint(args.input)
@@ -87,7 +77,7 @@ def _checkpoint_convert(args: argparse.Namespace) -> int:
 
 def _reconstruct(args: argparse.Namespace) -> int:
     from model.person import PersonOptions
-    from model.reconstruct import ReconstructionConfig
+    from model.reconstruction.reconstruct import ReconstructionConfig
     from pipelines.bulk import BulkConfig, run_bulk
     from pipelines.ray_runtime import connect_ray
     from pipelines.checkpoints import SHIPPED_PLAIN_CHECKPOINT, default_checkpoint
@@ -163,13 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="pifuhd.pt (released) or a project .safetensors checkpoint")
     inspect.set_defaults(handler=_checkpoint_inspect)
     convert = checkpoint_commands.add_parser("convert", help="write a checkpoint in the project format")
-    convert.add_argument("input", help="pifuhd.pt (released) or any readable checkpoint")
+    convert.add_argument("input", type=uri_argument, help="pifuhd.pt (released) or any readable checkpoint")
     convert.add_argument("output", help="output .safetensors path")
     convert.add_argument("--half", action="store_true", help="store float16 weights (half the size; loads as float32)")
     convert.set_defaults(handler=_checkpoint_convert)
     package = checkpoint_commands.add_parser("package", help="ship a trained model with every stage's history")
     package.add_argument("runs", nargs="+", metavar="RUN", help="training run folders (OUT/NAME) in stage order")
-    package.add_argument("-o", "--output", required=True, help="output .safetensors path or URI")
+    package.add_argument("-o", "--output", required=True, type=uri_argument, help="output .safetensors path or URI")
     package.add_argument("--recipe", default="", help="how the model was made (recorded in its metadata)")
     package.add_argument("--float32", action="store_true", help="keep float32 weights (default float16)")
     package.add_argument("--continued-from", help="the packaged model the runs continued: keeps its untrained stages' records")
@@ -185,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(--person auto); its mask and landmarks are written beside each mesh (NAME_person.png, NAME_person.json).",
     )
     recon.add_argument("inputs", nargs="+", metavar="INPUT")
-    recon.add_argument("-o", "--output", required=True, type=_allowed_uri, help="output folder or s3:// prefix")
-    recon.add_argument("--checkpoint", type=_allowed_uri, help="pifuhd.pt or project checkpoint, local or s3:// (default: the shipped model)")
+    recon.add_argument("-o", "--output", required=True, type=uri_argument, help="output folder or s3:// prefix")
+    recon.add_argument("--checkpoint", type=uri_argument, help="pifuhd.pt or project checkpoint, local or s3:// (default: the shipped model)")
     recon.add_argument("--resolution", type=int, default=256, help="grid cells per axis (32 x 2^k; default 256)")
     recon.add_argument("--method", choices=("sparse", "dense"), default="sparse")
     recon.add_argument("--dilation", type=int, help="sparse: also query a ring of K cells around the surface band")
@@ -196,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--all-people", action="store_true", help="reconstruct every person found (NAME_p0, NAME_p1, ...)")
     recon.add_argument("--min-person-score", type=float, default=0.5,
                        help="people found with a lower detection score do not count (default 0.5)")
-    recon.add_argument("--fallback-checkpoint", type=_allowed_uri,
+    recon.add_argument("--fallback-checkpoint", type=uri_argument,
                        help="for a body-guided --checkpoint: the model (without body inputs) for photos no body can be "
                        "fitted to (default with the shipped model: its plain twin; otherwise such photos fail)")
     recon.add_argument("--body", action="store_true",
@@ -221,11 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train one stage (normal, coarse, fine) with Ray Train")
     train.add_argument("--stage", required=True, choices=("normal", "coarse", "fine"))
-    train.add_argument("--data", required=True, type=_allowed_uri, help="dataset URI (pifuhd data synth/scans output)")
-    train.add_argument("--out", required=True, type=_allowed_uri, help="storage root, local or s3://; the run lives in OUT/NAME")
+    train.add_argument("--data", required=True, type=uri_argument, help="dataset URI (pifuhd data synth/scans output)")
+    train.add_argument("-o", "--out", "--output", dest="out", required=True, type=uri_argument, help="storage root, local or s3://; the run lives in OUT/NAME")
     train.add_argument("--name", help="run name (default PRESET-STAGE); the same name again resumes")
     train.add_argument("--preset", default="small", choices=PRESET_NAMES, help="model size")
-    train.add_argument("--init", type=_allowed_uri, help="checkpoint to start from (the previous stage's model.safetensors)")
+    train.add_argument("--init", type=uri_argument, help="checkpoint to start from (the previous stage's model.safetensors)")
     train.add_argument("--workers", type=int, default=1, help="DDP workers")
     train.add_argument("--threads", type=int, help="torch threads per worker (default: one per CPU Ray reserves)")
     train.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")

@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines.ray_runtime import connect_ray
+from pipelines.uris import uri_argument
 
 if TYPE_CHECKING:
-    from model.humans import HumanConfig
-    from model.sampling import SamplingConfig
-    from model.scans import ScanConfig
+    from model.data.humans import HumanConfig
+    from model.data.sampling import SamplingConfig
+    from model.data.scans import ScanConfig
 
 # Nothing from model/ (which imports torch) or pyarrow at import time: pipelines/cli.py builds
 # its parser from register_cli below, and `pifuhd --help` must stay instant.
@@ -40,19 +41,19 @@ RENDER_SIZE = 1024  # always rendered at 1024; 512 is its 2x2 downsampling
 
 
 def _sampling_config(**overrides):
-    from model.sampling import SamplingConfig
+    from model.data.sampling import SamplingConfig
 
     return SamplingConfig(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def _human_config(**overrides):
-    from model.humans import HumanConfig
+    from model.data.humans import HumanConfig
 
     return HumanConfig(**overrides)
 
 
 def _scan_config(**overrides):
-    from model.scans import ScanConfig
+    from model.data.scans import ScanConfig
 
     return ScanConfig(**overrides)
 
@@ -117,8 +118,8 @@ def _id_key(subject_id: str) -> int:
 def subject_rows(subject, split: str, source: str, rng: np.random.Generator, settings: SampleSettings) -> list[dict]:
     """Render and label every view of one subject: a list of rows of pipelines.dataset.SCHEMA."""
     from pipelines import dataset as fmt
-    from model.render import get_renderer, image_background, network_calib, png_bytes, procedural_background, random_lighting, sample_views
-    from model.sampling import label_views
+    from model.data.render import get_renderer, image_background, network_calib, png_bytes, procedural_background, random_lighting, sample_views
+    from model.data.sampling import label_views
 
     renderer = get_renderer(RENDER_SIZE)
     views = sample_views(rng, settings.views, settings.pitch_jitter_deg)
@@ -184,8 +185,8 @@ def body_record(subject) -> dict:
 
 def make_job_subject(job: JobConfig, item: dict, workdir: str):
     """(subject, source, view rng) for one work item of either job."""
-    from model.humans import make_subject
-    from model.scans import ScanRef, load_scan
+    from model.data.humans import make_subject
+    from model.data.scans import ScanRef, load_scan
 
     if job.kind == "synth":
         body_seed, view_seed = subject_seeds(job.seed, int(item["index"]))
@@ -219,23 +220,20 @@ class SubjectWorker:
 
     def __init__(self, job: JobConfig):
         # One CPU per actor: keep Mesa's rasteriser and torch to one thread each.
-        from model.render import configure_llvmpipe_threads
+        from model.data.render import configure_llvmpipe_threads
 
         configure_llvmpipe_threads(1)
         import torch
 
-        from pipelines import dataset as fmt
-
         torch.set_num_threads(1)
         self.job = job
-        self.fs, self.base = fmt.filesystem(job.out)
         if job.kind == "synth" or job.scan.fit_body:
-            from model.humans import load_body_model
+            from model.data.humans import load_body_model
 
             load_body_model()
 
     def __call__(self, batch: dict) -> dict:
-        from pipelines import dataset as fmt
+        from pipelines import dataset as fmt, storage
 
         job, s = self.job, self.job.settings
         ids = list(batch["subject_id"])
@@ -251,11 +249,11 @@ class SubjectWorker:
                     subject, source, rng = make_job_subject(job, item, workdir)
                 rows = subject_rows(subject, split, source, rng, s)
                 merged = subject.merged()
-                fmt.write_bytes(self.fs, fmt.join(self.base, "meshes", f"{sid}.ply"), fmt.ply_bytes(merged.vertices, merged.faces, merged.colors))
+                storage.write_bytes_atomic(storage.join(job.out, "meshes", f"{sid}.ply"), fmt.ply_bytes(merged.vertices, merged.faces, merged.colors))
                 if subject.body is not None:
                     b = subject.body
-                    fmt.write_bytes(self.fs, fmt.join(self.base, "meshes", f"{sid}_body.ply"), fmt.ply_bytes(b.vertices, b.faces, b.colors))
-                    fmt.write_bytes(self.fs, fmt.join(self.base, "meshes", f"{sid}_body.json"), json.dumps(body_record(subject)).encode())
+                    storage.write_bytes_atomic(storage.join(job.out, "meshes", f"{sid}_body.ply"), fmt.ply_bytes(b.vertices, b.faces, b.colors))
+                    storage.write_bytes_atomic(storage.join(job.out, "meshes", f"{sid}_body.json"), json.dumps(body_record(subject)).encode())
                 by_split.setdefault(split, []).extend(rows)
                 ok, reason = True, ""
             except Exception as exc:  # noqa: BLE001 - a bad subject must not stop the job
@@ -275,13 +273,13 @@ class SubjectWorker:
         # Shards last: a subject counts as finished only once its rows are written.
         for split, rows in by_split.items():
             name = hashlib.sha1(",".join(sorted({r["subject_id"] for r in rows})).encode()).hexdigest()[:16]
-            path = fmt.join(self.base, "shards", split, f"part-{name}.parquet")
-            fmt.write_bytes(self.fs, path, fmt.table_bytes(fmt.rows_to_table(rows)))
+            shard = storage.join(job.out, "shards", split, f"part-{name}.parquet")
+            storage.write_bytes_atomic(shard, fmt.table_bytes(fmt.rows_to_table(rows)))
         return {k: np.array(v, dtype=object if k in ("subject_id", "split", "reason", "source", "body") else None) for k, v in status.items()}
 
 
 def _is_scan_error(exc: BaseException) -> bool:
-    from model.scans import ScanError
+    from model.data.scans import ScanError
 
     return isinstance(exc, ScanError)
 
@@ -291,7 +289,7 @@ def _is_scan_error(exc: BaseException) -> bool:
 
 def _warm_body_model_cache() -> float:
     """Build anny's cache once, in a throwaway worker, before the actors start (each would build it)."""
-    from model.humans import load_body_model
+    from model.data.humans import load_body_model
 
     start = time.perf_counter()
     load_body_model()
@@ -302,7 +300,7 @@ def work_items(job: JobConfig) -> list[dict]:
     """Every subject of the job: synth indices, or scans found under the inputs."""
     if job.kind == "synth":
         return [{"subject_id": synth_subject_id(job.seed, i), "index": i, "uri": ""} for i in range(job.count)]
-    from model.scans import find_scans
+    from model.data.scans import find_scans
 
     return [{"subject_id": r.subject_id, "index": i, "uri": r.uri} for i, r in enumerate(find_scans(list(job.inputs)))]
 
@@ -324,7 +322,7 @@ def run_job(job: JobConfig) -> dict:
         ray = connect_ray(job.address)
         import ray.data
 
-        from model.humans import body_model_cached
+        from model.data.humans import body_model_cached
 
         if (job.kind == "synth" or job.scan.fit_body) and not body_model_cached():
             log("building the anny body model cache once (first use on this machine: about 100 s)")
@@ -382,7 +380,7 @@ def run_job(job: JobConfig) -> dict:
 
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="dataset folder or URI (s3://bucket/prefix)")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, type=uri_argument, help="dataset folder or URI (s3://bucket/prefix)")
     p.add_argument("--views", type=int, default=4, help="views per subject, yaws evenly spread (default 4)")
     p.add_argument("--seed", type=int, default=0, help="fixes every random draw and the train/val/test split")
     p.add_argument("--resolution", type=int, choices=(512, 1024), default=1024, help="1024 stores 1024 and 512 images; 512 only 512")
@@ -442,7 +440,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     _common_arguments(synth)
     synth.set_defaults(handler=_run_synth)
     scans = actions.add_parser("scans", help="real scans: OBJ(+MTL+texture), PLY (vertex colours), GLB")
-    scans.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", help="mesh files or folders holding them")
+    scans.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", type=uri_argument, help="mesh files or folders holding them")
     scans.add_argument("--up-axis", choices=("y", "z"), default="y", help="the scans' up axis (default y)")
     scans.add_argument("--no-body", dest="fit_body", action="store_false",
                        help="do not fit the anny body to each scan's front render (rows then carry no body)")

@@ -30,7 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines import storage
 from pipelines.storage import join  # noqa: F401 - part of this module's API (fmt.join)
+from pipelines.uris import check_uri
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -69,67 +71,21 @@ SCHEMA = pa.schema(
 )
 
 
-# ---- filesystems ------------------------------------------------------------------------------
+# ---- locations ------------------------------------------------------------------------------
 
 
 def normalise_uri(uri: str) -> str:
     """Absolute local paths (workers may run elsewhere), URIs as given, no trailing slash."""
+    check_uri(uri)
     if "://" in uri:
         return uri.rstrip("/")
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def filesystem(uri: str):
-    """(pyarrow filesystem, path) for a local path or a URI (s3:// honours AWS_ENDPOINT_URL)."""
-    from pyarrow import fs
-
-    uri = normalise_uri(uri)
-    if "://" not in uri:
-        return fs.LocalFileSystem(), uri
-    return fs.FileSystem.from_uri(uri)
-
-
-def write_bytes(fs, path: str, data: bytes) -> None:
-    """Write a whole file so that readers never see half of it.
-
-    Object stores publish an object only once its upload completes; a local file is written
-    under a temporary name and renamed.
-    """
-    from pyarrow import fs as pafs
-
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    else:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-
-
-def read_bytes(fs, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def exists(fs, path: str) -> bool:
-    from pyarrow import fs as pafs
-
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def list_shards(uri: str, split: str | None = None) -> list[str]:
-    """Sorted shard paths (filesystem paths, see `filesystem`) of one split or all."""
-    from pyarrow import fs as pafs
-
-    fsys, base = filesystem(uri)
-    root = join(base, "shards", split) if split else join(base, "shards")
-    if not exists(fsys, root):
-        return []
-    infos = fsys.get_file_info(pafs.FileSelector(root, recursive=True))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    """Sorted shard URIs of one split or all."""
+    root = join(normalise_uri(uri), "shards", *([split] if split else []))
+    return storage.list_files(root, ".parquet")
 
 
 # ---- splits -----------------------------------------------------------------------------------
@@ -193,34 +149,23 @@ def ply_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> by
 
 def finished_subjects(uri: str) -> set[str]:
     """Subject ids that already have rows in a shard (only the subject_id column is read)."""
-    fsys, _ = filesystem(uri)
     done: set[str] = set()
-    for path in list_shards(uri):
-        with fsys.open_input_file(path) as f:
-            done.update(pq.read_table(f, columns=["subject_id"]).column(0).to_pylist())
+    for shard in list_shards(uri):
+        done.update(storage.read_parquet(shard, columns=["subject_id"]).column(0).to_pylist())
     return done
 
 
 def shard_counts(uri: str) -> dict:
     """Subjects and rows per split, read from the shards' subject_id column."""
-    fsys, _ = filesystem(uri)
     counts = {s: {"subjects": set(), "rows": 0, "shards": 0} for s in SPLITS}
-    for path in list_shards(uri):
-        split = path.rstrip("/").split("/")[-2]
-        with fsys.open_input_file(path) as f:
-            ids = pq.read_table(f, columns=["subject_id"]).column(0).to_pylist()
+    for shard in list_shards(uri):
+        split = shard.rstrip("/").split("/")[-2]
+        ids = storage.read_parquet(shard, columns=["subject_id"]).column(0).to_pylist()
         c = counts.setdefault(split, {"subjects": set(), "rows": 0, "shards": 0})
         c["subjects"].update(ids)
         c["rows"] += len(ids)
         c["shards"] += 1
     return {s: {"subjects": sorted(c["subjects"]), "rows": c["rows"], "shards": c["shards"]} for s, c in counts.items()}
-
-
-def table_bytes_plain(table: pa.Table) -> bytes:
-    """Parquet bytes with default settings (small tables: the failures)."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
 
 
 FAILURE_SCHEMA = pa.schema([("subject_id", pa.string()), ("source", pa.string()), ("reason", pa.string()), ("time", pa.string())])
@@ -229,42 +174,34 @@ FAILURE_SCHEMA = pa.schema([("subject_id", pa.string()), ("source", pa.string())
 def update_failures(uri: str, failed: list[dict], succeeded: set[str]) -> int:
     """Merge this run's failures into failures.parquet (latest reason per subject; subjects that
     now succeeded are dropped). Returns the number of failed subjects recorded."""
-    fsys, base = filesystem(uri)
-    path = join(base, "failures.parquet")
+    path = join(normalise_uri(uri), "failures.parquet")
     table = {}
-    if exists(fsys, path):
-        with fsys.open_input_file(path) as f:
-            for row in pq.read_table(f).to_pylist():
-                table[row["subject_id"]] = row
+    if storage.exists(path):
+        for row in storage.read_parquet(path).to_pylist():
+            table[row["subject_id"]] = row
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for row in failed:
         table[row["subject_id"]] = {"subject_id": row["subject_id"], "source": row.get("source", ""), "reason": row["reason"], "time": stamp}
     for sid in succeeded:
         table.pop(sid, None)
     rows = sorted(table.values(), key=lambda r: r["subject_id"])
-    if rows or exists(fsys, path):
-        write_bytes(fsys, path, table_bytes_plain(pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA)))
+    if rows or storage.exists(path):
+        storage.write_parquet_atomic(path, pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA))
     return len(rows)
 
 
 def read_failures(uri: str) -> list[dict]:
-    fsys, base = filesystem(uri)
-    path = join(base, "failures.parquet")
-    if not exists(fsys, path):
-        return []
-    with fsys.open_input_file(path) as f:
-        return pq.read_table(f).to_pylist()
+    path = join(normalise_uri(uri), "failures.parquet")
+    return storage.read_parquet(path).to_pylist() if storage.exists(path) else []
 
 
 def read_card(uri: str) -> dict | None:
-    fsys, base = filesystem(uri)
-    path = join(base, "dataset.json")
-    return json.loads(read_bytes(fsys, path)) if exists(fsys, path) else None
+    path = join(normalise_uri(uri), "dataset.json")
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
 
 
 def write_card(uri: str, kind: str, settings: dict, split_seed: int, fractions: dict, failed: int) -> dict:
     """Recount the shards and write dataset.json; earlier runs' settings are kept under "runs"."""
-    fsys, base = filesystem(uri)
     previous = read_card(uri) or {}
     counts = shard_counts(uri)
     card = {
@@ -287,7 +224,7 @@ def write_card(uri: str, kind: str, settings: dict, split_seed: int, fractions: 
         "generator": settings,
         "runs": (previous.get("runs", []) + [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "generator": settings}])[-20:],
     }
-    write_bytes(fsys, join(base, "dataset.json"), json.dumps(card, indent=2).encode())
+    storage.write_bytes_atomic(join(normalise_uri(uri), "dataset.json"), json.dumps(card, indent=2).encode())
     return card
 
 
@@ -350,23 +287,16 @@ def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
     return out
 
 
-def _shard_uris(uri: str, split: str) -> list[str]:
-    uri = normalise_uri(uri)
-    paths = list_shards(uri, split)
-    if not paths:
-        raise FileNotFoundError(f"no shards for split {split!r} under {uri}/shards/{split}")
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0]
-        return [f"{scheme}://{p}" for p in paths]
-    return paths
-
-
 def open_shards(uri: str, split: str = "train") -> "ray.data.Dataset":  # noqa: F821
     """A Ray Dataset of the raw shard rows of one split (PNG bytes, point lists): small to move,
     decoded where it is consumed with `decode_table` (training workers do this)."""
     import ray
 
-    return ray.data.read_parquet(_shard_uris(uri, split))
+    shards = list_shards(uri, split)
+    if not shards:
+        raise FileNotFoundError(f"no shards for split {split!r} under {normalise_uri(uri)}/shards/{split}")
+    filesystem, _ = storage.pyarrow_filesystem(shards[0])
+    return ray.data.read_parquet([storage.filesystem(s)[1] for s in shards], filesystem=filesystem)
 
 
 def open_dataset(uri: str, split: str = "train", batch_size: int = 8) -> "ray.data.Dataset":  # noqa: F821
@@ -381,10 +311,10 @@ def open_dataset(uri: str, split: str = "train", batch_size: int = 8) -> "ray.da
 def iter_batches(uri: str, split: str = "train", batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
     """Plain-Python iterator over decoded batches of `batch_size` rows (see `decode_table`), in
     shard order across shard boundaries; only the last batch may be smaller."""
-    fsys, _ = filesystem(uri)
     pending: list[pa.RecordBatch] = []
-    for path in list_shards(uri, split):
-        with fsys.open_input_file(path) as f:
+    for shard in list_shards(uri, split):
+        fs, path = storage.filesystem(shard)
+        with fs.open(path, "rb") as f:
             for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
                 pending.append(record_batch)
                 table = pa.Table.from_batches(pending)

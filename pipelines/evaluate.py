@@ -29,7 +29,7 @@ unreadable or empty mesh, a failed manifest row or a failed reconstruction is a 
 status "failed" and its error class, never a crash; failures are left out of the means and
 counted beside them. Predictions without a ground truth are only counted.
 
-Protocol (PIFuHD's evaluator, see model/metrics.py), all distances in cm:
+Protocol (PIFuHD's evaluator, see model/evaluation/metrics.py), all distances in cm:
   * `num_samples` (10k) points uniformly on each surface; P2S = mean distance from the
     prediction's samples to the ground-truth surface (exact point-to-triangle distances);
     S2P the opposite direction; Chamfer = (P2S + S2P) / 2.
@@ -67,6 +67,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from pipelines import exit_codes, storage
+from pipelines.uris import uri_argument
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class EvalConfig:
     workers: int | None = None  # evaluation actors (default: one per cluster CPU)
     address: str | None = None
     # Also score a baseline on the same views (checkpoint mode): "silhouette", the slab inflated
-    # from the mask (model/baselines.py), the floor a model must beat.
+    # from the mask (model/evaluation/baselines.py), the floor a model must beat.
     baseline: str | None = None
     bodies: str = "fitted"  # body-guided checkpoints: BODY_SOURCES
 
@@ -333,26 +334,21 @@ def manifest_items(output: str, gt_meshes: dict[str, str]) -> tuple[list[dict], 
 
 def checkpoint_items(dataset: str, split: str) -> list[dict]:
     """One item per stored view of the split: where its row is, and its subject's GT mesh."""
-    import pyarrow.parquet as pq
-
     from pipelines import dataset as fmt
 
     uri = fmt.normalise_uri(dataset)
-    fs, _ = fmt.filesystem(uri)
-    paths = fmt.list_shards(uri, None if split == "all" else split)
-    if not paths:
+    shards = fmt.list_shards(uri, None if split == "all" else split)
+    if not shards:
         raise FileNotFoundError(
             f"{dataset}: no {split!r} shards; make a test split with `pifuhd data synth --test-fraction ...` "
             "or pick another --split"
         )
-    scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     items = []
-    for path in paths:
-        with fs.open_input_file(path) as handle:
-            table = pq.read_table(handle, columns=["subject_id", "view"])
+    for shard in shards:
+        table = storage.read_parquet(shard, columns=["subject_id", "view"])
         for row, (subject, view) in enumerate(zip(table.column("subject_id").to_pylist(), table.column("view").to_pylist())):
             item = _base_item(f"{subject}-view{int(view)}", subject, fmt.join(uri, "meshes", f"{subject}.ply"), int(view))
-            items.append({**item, "kind": "view", "shard": scheme + path, "row": row})
+            items.append({**item, "kind": "view", "shard": shard, "row": row})
     return sorted(items, key=lambda i: i["key"])
 
 
@@ -409,7 +405,7 @@ def pair_metrics(predicted, truth, num_samples: int = 10_000, icp: bool = False,
     icp_* fields; the renders are (predicted, truth) (V, S, S, 3) images, or None when
     normal_image_size is 0. The prediction is moved by ICP first when `icp`.
     """
-    from model.metrics import normal_image_error, rigid_icp, surface_metrics
+    from model.evaluation.metrics import normal_image_error, rigid_icp, surface_metrics
 
     if len(predicted.faces) == 0:
         raise EmptyPrediction("the prediction has no triangles")
@@ -462,7 +458,7 @@ class PairWorker:
 
     def __init__(self, config: EvalConfig, checkpoint: str | None = None, checkpoint_id: str = "", threads: int = 1,
                  use_gpu: bool = False):
-        from model.render import configure_llvmpipe_threads
+        from model.data.render import configure_llvmpipe_threads
 
         # One CPU per actor: keep Mesa's rasteriser and torch to the CPUs Ray reserved.
         configure_llvmpipe_threads(threads)
@@ -473,7 +469,7 @@ class PairWorker:
         self.checkpoint_id = checkpoint_id
         self.net = None
         if checkpoint is not None:
-            from model.checkpoint import load_checkpoint
+            from model.network.checkpoint import load_checkpoint
             from pipelines.checkpoints import fetch_checkpoint
 
             device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -513,8 +509,8 @@ class PairWorker:
 
     def _reconstruct_view(self, item: dict, row: dict):
         """Reconstruct a stored dataset view; (prediction, truth) in the view frame, cm."""
-        from model.reconstruct import ReconstructionConfig, reconstruct
-        from model.preview import preview_image
+        from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct
+        from model.reconstruction.preview import preview_image
 
         view = read_view(item["shard"], item["row"])
         try:
@@ -550,7 +546,7 @@ class PairWorker:
             body.apply_transform(view["view_from_canonical"])
             return np.asarray(body.vertices), np.asarray(body.faces)
         from model.body.guidance import with_fitted_body
-        from model.preprocess import Crop
+        from model.reconstruction.preprocess import Crop
         from pipelines.fit import person_finder
 
         size = view["image"].shape[-1]
@@ -566,9 +562,9 @@ class PairWorker:
 
 def baseline_reconstruction(prepared, reconstruction):
     """The silhouette slab of a prepared view through the same extraction and frames as the network's."""
-    from model.baselines import silhouette_slab
-    from model.reconstruct import SurfaceSamples, finish
-    from model.surface import evaluate_grid
+    from model.evaluation.baselines import silhouette_slab
+    from model.reconstruction.reconstruct import SurfaceSamples, finish
+    from model.reconstruction.surface import evaluate_grid
 
     occupancy = silhouette_slab(prepared.mask[0].numpy())
     grid = evaluate_grid(occupancy, resolution=reconstruction.resolution, method=reconstruction.method,
@@ -583,14 +579,10 @@ def read_view(shard: str, row: int) -> dict:
     largest stored size S, rgb (S, S, 3) uint8 (the stored pixels, for the person finder),
     view_from_canonical (4, 4) float64, units_per_cm (float).
     """
-    import pyarrow.parquet as pq
-
     from pipelines import dataset as fmt
 
-    fs, path = fmt.filesystem(shard)
     columns = ["image_512", "image_1024", "mask_512", "mask_1024", "view_from_canonical", "units_per_cm"]
-    with fs.open_input_file(path) as handle:
-        record = pq.read_table(handle, columns=columns).slice(row, 1).to_pylist()[0]
+    record = storage.read_parquet(shard, columns=columns).slice(row, 1).to_pylist()[0]
     size = 1024 if record["image_1024"] is not None else 512
     # The same decoding as pipelines.dataset.decode_table (what training and validation see).
     rgb = np.ascontiguousarray(fmt.decode_png(record[f"image_{size}"])[..., :3])
@@ -605,11 +597,11 @@ def prepared_view(image: np.ndarray, mask: np.ndarray, coarse_size: int, fine_si
 
     The stored image is already the square crop that defines the network frame, so the crop
     is the identity on an S x S image (S = fine_size): mesh_world is in the view frame. The
-    person is cut out over grey through the mask, as every inference input is (model/preprocess.py).
+    person is cut out over grey through the mask, as every inference input is (model/reconstruction/preprocess.py).
     """
     import torch
 
-    from model.preprocess import Box, Crop, PreparedImage, resize_square
+    from model.reconstruction.preprocess import Box, Crop, PreparedImage, resize_square
 
     mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
     image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None] * mask
@@ -796,7 +788,7 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
     mode = detect_mode(config.pred)
     checkpoint, checkpoint_id = None, ""
     if mode == "checkpoint":
-        from model.checkpoint import read_checkpoint
+        from model.network.checkpoint import read_checkpoint
         from pipelines.checkpoints import checkpoint_identity, default_checkpoint, fetch_checkpoint
 
         try:
@@ -881,10 +873,10 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
         "subjects (default: the test split); --pred MESH_DIR or a bulk output folder with --gt MESH_DIR (or a "
         "dataset) pairs meshes by file-name stem. Writes OUT/results.parquet and OUT/summary.json.",
     )
-    parser.add_argument("--pred", help="checkpoint (.safetensors/.pt, local or s3://; default: the shipped model), "
+    parser.add_argument("--pred", type=uri_argument, help="checkpoint (.safetensors/.pt, local or s3://; default: the shipped model), "
                         "a folder of meshes, or a `pifuhd reconstruct` output folder")
-    parser.add_argument("--gt", required=True, help="dataset URI (pifuhd data output) or a folder of meshes")
-    parser.add_argument("-o", "--output", required=True, help="output folder or s3:// prefix")
+    parser.add_argument("--gt", required=True, type=uri_argument, help="dataset URI (pifuhd data output) or a folder of meshes")
+    parser.add_argument("-o", "--output", required=True, type=uri_argument, help="output folder or s3:// prefix")
     parser.add_argument("--split", default="test", help="dataset split to evaluate: test (default), val, train or all")
     parser.add_argument("--icp", action="store_true", help="align each prediction to its truth by rigid ICP first")
     parser.add_argument("--num-samples", type=int, default=10_000, help="surface samples per mesh (default 10000)")

@@ -37,6 +37,7 @@ from pipelines.bulk import (
     _read, _rows, _where,
 )
 from pipelines.inputs import InputItem, list_inputs
+from pipelines.uris import uri_argument
 from pipelines.storage import join, redact, safe_stem, write_bytes_atomic
 
 FIT_MANIFEST_SCHEMA = pa.schema(
@@ -119,7 +120,7 @@ def find_person(image_bytes: bytes, sidecars: dict[str, bytes | None], name: str
     world landmarks and mask). The mask: `NAME_mask.*`, else the alpha channel, else the finder's.
     """
     from model.body.landmarks import parse_body_keypoints
-    from model.preprocess import ALPHA_BOX_THRESHOLD, load_image, load_mask
+    from model.reconstruction.preprocess import ALPHA_BOX_THRESHOLD, load_image, load_mask
 
     image = load_image(image_bytes, name, max_pixels=max_pixels)
     height, width = image.rgb.shape[:2]
@@ -275,7 +276,7 @@ def register_cli(commands) -> None:
         "optional}, or OpenPose BODY_25); NAME_mask.png or an alpha channel gives the silhouette. Outputs, in the photo's pixel frame: OUT/bodies/STEM_body.EXT and STEM_body.json.",
     )
     fit.add_argument("inputs", nargs="+", metavar="INPUT")
-    fit.add_argument("-o", "--output", required=True, help="output folder or s3:// prefix")
+    fit.add_argument("-o", "--output", required=True, type=uri_argument, help="output folder or s3:// prefix")
     fit.add_argument("--format", choices=MESH_FORMATS, default="obj", help="body mesh format")
     fit.add_argument("--rigged", action="store_true", help="also write STEM_body_rigged.glb (anny skeleton and skin weights)")
     fit.add_argument("--children", action="store_true", help="allow children's ages (default: adults)")
@@ -288,7 +289,7 @@ def register_cli(commands) -> None:
 
 
 def _fit_command(args) -> int:
-    from model.humans import ADULT_AGE, CHILD_AGE
+    from model.data.humans import ADULT_AGE, CHILD_AGE
     from pipelines.ray_runtime import connect_ray
 
     config = FitJobConfig(

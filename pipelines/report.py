@@ -29,10 +29,11 @@ from datetime import datetime, timezone
 import numpy as np
 
 from pipelines import exit_codes, storage
+from pipelines.telemetry import BULK_STAGES
+from pipelines.uris import uri_argument
 
 log = logging.getLogger(__name__)
 
-STAGES = ("read", "prepare", "encode", "surface", "mesh", "write")
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 KINDS = ("manifest", "evaluation", "training")
 
@@ -361,7 +362,7 @@ def manifest_section(source: Source) -> str:
     if not len(table):
         return parts[0] + "<p>The manifest has no rows.</p>"
     counts = table["status"].value_counts().to_dict()
-    seconds = table[[f"seconds_{s}" for s in STAGES]].astype(float)
+    seconds = table[[f"seconds_{s}" for s in BULK_STAGES]].astype(float)
     table = table.assign(seconds_total=seconds.sum(axis=1, min_count=1))
     finished = pd.to_datetime(table["finished_at"], utc=True)
     rows = []
@@ -383,9 +384,9 @@ def manifest_section(source: Source) -> str:
     parts.append(_figure(line_chart(series, "Throughput: inputs finished over time", "seconds since the run started",
                                     "inputs finished", width=610)))
     ok = table[table["status"] == "ok"]
-    means = [float(ok[f"seconds_{s}"].mean()) if len(ok) else None for s in STAGES]
-    p90 = [float(ok[f"seconds_{s}"].quantile(0.9)) if len(ok) and ok[f"seconds_{s}"].notna().any() else None for s in STAGES]
-    parts.append(_figure(bar_chart(list(STAGES), means, "Time per stage (mean, whisker to p90), ok inputs", "seconds", p90,
+    means = [float(ok[f"seconds_{s}"].mean()) if len(ok) else None for s in BULK_STAGES]
+    p90 = [float(ok[f"seconds_{s}"].quantile(0.9)) if len(ok) and ok[f"seconds_{s}"].notna().any() else None for s in BULK_STAGES]
+    parts.append(_figure(bar_chart(list(BULK_STAGES), means, "Time per stage (mean, whisker to p90), ok inputs", "seconds", p90,
                                    width=610)))
     parts.append(_figure(histogram(ok["seconds_total"], "Seconds per image (all stages), ok inputs", "seconds", width=610)))
     parts.append("</div>")
@@ -584,8 +585,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
         "folder (or its results.parquet), a training run folder (OUT/NAME) or a training root holding runs. "
         "The page embeds its plots (SVG) and images and opens offline.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT")
-    parser.add_argument("-o", "--output", required=True, help="the HTML file to write (local or s3://)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", type=uri_argument)
+    parser.add_argument("-o", "--output", required=True, type=uri_argument, help="the HTML file to write (local or s3://)")
     parser.add_argument("--title", default="pifuhd-ray report")
     parser.add_argument("--worst", type=int, default=8, help="worst evaluation cases to show with images (default 8)")
     parser.set_defaults(handler=_run)

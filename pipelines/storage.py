@@ -58,6 +58,44 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
+def pyarrow_filesystem(uri: str):
+    """(pyarrow filesystem, path) for the libraries that take one (Ray Data's readers, Ray Train's
+    storage): the same filesystem as `filesystem`, wrapped (local paths natively)."""
+    import pyarrow.fs
+
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        return pyarrow.fs.LocalFileSystem(), path
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Sorted URIs of the files below a folder (recursively) whose names end with `suffix`; [] if
+    the folder does not exist."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(full_uri(fs, f) for f in fs.find(path) if f.endswith(suffix))
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file (or the given columns of it)."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle, columns=columns)
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write a whole object; on a local disk through a temporary file and rename, so a
     crash never leaves a half-written file under the final name (object stores are atomic)."""

@@ -46,6 +46,18 @@ def check_uri(uri: str) -> str:
     return found
 
 
+def uri_argument(uri: str) -> str:
+    """argparse type of every output, checkpoint and dataset URI: a usage error for a URI
+    `check_uri` refuses (inputs of batch jobs are checked per input instead: a failed row)."""
+    import argparse
+
+    try:
+        check_uri(uri)
+    except UnsupportedURIError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return uri
+
+
 def redact(text: str) -> str:
     """`text` as it may be shown or stored: the user-info and query of every URL in it removed,
     and the undecodable bytes of file names (surrogate escapes) written as \\xNN.

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import model
-from model.checkpoint import save_checkpoint
+from model.network.checkpoint import save_checkpoint
 
 
 def tiny_network(seed: int = 0) -> model.PIFuHD:

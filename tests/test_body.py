@@ -237,9 +237,9 @@ def test_fit_job_on_ray_with_s3(ray_local, s3_bucket, bodies):
 def test_reconstruct_with_a_body_guided_model_fits_and_reads_the_body(tmp_path, bodies):
     """A body-guided checkpoint turns the body fit on: each photo's body is fitted, written beside
     the mesh and read by the network; without a body the network refuses to run."""
-    from model.checkpoint import load_checkpoint, save_checkpoint
-    from model.preprocess import prepare_image_file
-    from model.reconstruct import ReconstructionConfig, reconstruct
+    from model.network.checkpoint import load_checkpoint, save_checkpoint
+    from model.reconstruction.preprocess import prepare_image_file
+    from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct
     from pipelines.bulk import BulkConfig, read_manifest, run_bulk
     from tests.helpers import tiny_network
 

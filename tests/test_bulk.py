@@ -17,7 +17,7 @@ import trimesh
 from PIL import Image
 
 from pipelines.bulk import BulkConfig, read_manifest, run_bulk
-from model.reconstruct import ReconstructionConfig
+from model.reconstruction.reconstruct import ReconstructionConfig
 from pipelines.storage import safe_stem
 from tests.helpers import person_image, write_tiny_checkpoint
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model
-from model.checkpoint import save_checkpoint
+from model.network.checkpoint import save_checkpoint
 
 
 def _outputs(net, seed=0):
@@ -156,7 +156,7 @@ def test_fixture_safetensors_loads_in_float32():
 def test_a_safetensors_header_length_starting_like_a_pickle_is_still_safetensors(tmp_path):
     """A header length whose low byte is 0x80 (a pickle's first byte) must not be read as torch."""
     import model
-    from model.checkpoint import read_checkpoint, save_checkpoint
+    from model.network.checkpoint import read_checkpoint, save_checkpoint
 
     net = model.PIFuHD.from_config(model.preset("tiny"))
     for pad in range(256):

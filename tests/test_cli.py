@@ -31,7 +31,7 @@ def test_unknown_preset_and_version():
 
 
 def test_preset_names_match_the_model_presets():
-    from model.config import PRESETS
+    from model.network.config import PRESETS
 
     assert tuple(PRESETS) == PRESET_NAMES
     code = "import sys, pipelines.cli; print('torch' in sys.modules)"  # the command line stays light

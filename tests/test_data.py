@@ -7,9 +7,9 @@ import pytest
 import trimesh
 from PIL import Image, ImageDraw
 
-from model.humans import POSE_FAMILIES, HumanConfig, make_subject
-from model.render import Renderer, View, decode_normals, procedural_background, random_lighting
-from model.sampling import SamplingConfig, label_views, sample_query_points, winding_inside
+from model.data.humans import POSE_FAMILIES, HumanConfig, make_subject
+from model.data.render import Renderer, View, decode_normals, procedural_background, random_lighting
+from model.data.sampling import SamplingConfig, label_views, sample_query_points, winding_inside
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_render_is_deterministic(body_model, renderer):
 
 
 def test_backgrounds_from_a_folder(tmp_path):
-    from model.render import image_background
+    from model.data.render import image_background
 
     for i, size in enumerate([(300, 200), (640, 480)]):
         Image.new("RGB", size, (10 * i, 200, 30)).save(tmp_path / f"bg{i}.jpg")

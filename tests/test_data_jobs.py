@@ -11,10 +11,10 @@ import pytest
 import trimesh
 from PIL import Image
 
-from model.scans import ScanError, ScanRef, find_scans, load_scan
+from model.data.scans import ScanError, ScanRef, find_scans, load_scan
 from pipelines import dataset as fmt
 from pipelines.data_jobs import JobConfig, SampleSettings, make_job_subject, register_cli, subject_rows
-from model.sampling import SamplingConfig
+from model.data.sampling import SamplingConfig
 
 
 def pifuhd_data(*argv: str) -> int:
@@ -170,7 +170,7 @@ def test_scan_loading_normalises_and_reports_reasons(tmp_path):
 
 def _clothed_scan(folder, seed: int = 301):
     """A clothed synthetic person saved as a scan would come (one PLY, metres): (the subject, its file)."""
-    from model.humans import make_subject
+    from model.data.humans import make_subject
 
     subject = make_subject("scan-person", seed, family="stand")
     merged = subject.merged()

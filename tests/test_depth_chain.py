@@ -16,14 +16,14 @@ import torch
 import trimesh
 from PIL import Image
 
-from model.baselines import silhouette_slab
-from model.humans import make_subject
-from model.metrics import surface_metrics
-from model.preprocess import prepare_input, world_to_pixel
-from model.reconstruct import ReconstructionConfig, SurfaceSamples, finish
-from model.render import View, get_renderer, random_lighting
-from model.sampling import winding_inside
-from model.surface import evaluate_grid, extract_surface
+from model.evaluation.baselines import silhouette_slab
+from model.data.humans import make_subject
+from model.evaluation.metrics import surface_metrics
+from model.reconstruction.preprocess import prepare_input, world_to_pixel
+from model.reconstruction.reconstruct import ReconstructionConfig, SurfaceSamples, finish
+from model.data.render import View, get_renderer, random_lighting
+from model.data.sampling import winding_inside
+from model.reconstruction.surface import evaluate_grid, extract_surface
 
 RENDER = 512
 CANVAS = (700, 620)  # width, height of the "photo" the render is pasted into
@@ -100,8 +100,9 @@ def test_small_preset_overfits_one_view_with_the_right_depth(body_model):
     from pipelines import dataset as fmt
     from pipelines.data_jobs import SampleSettings, subject_rows
     from pipelines.evaluate import depth_extent
-    from pipelines.train import TrainConfig, build_stage, stage_inputs, to_tensors
-    from model.sampling import SamplingConfig
+    from model.training.stages import stage_inputs
+    from pipelines.train import TrainConfig, build_stage, to_tensors
+    from model.data.sampling import SamplingConfig
     import model
 
     subject = make_subject("overfit", 11, family="stand")

@@ -11,7 +11,7 @@ import pytest
 import trimesh
 from scipy.spatial.transform import Rotation
 
-from model.metrics import rigid_icp
+from model.evaluation.metrics import rigid_icp
 from pipelines.cli import main
 from pipelines.evaluate import EvalConfig, pair_metrics, run_evaluation
 
@@ -152,7 +152,7 @@ def test_manifest_mode_pairs_by_input_stem(tmp_path):
 @pytest.fixture(scope="module")
 def test_split_dataset(ray_local, tmp_path_factory) -> str:
     """2 synthetic subjects x 1 view at 512, all in the test split, made by the data job itself."""
-    from model.sampling import SamplingConfig
+    from model.data.sampling import SamplingConfig
     from pipelines.data_jobs import JobConfig, SampleSettings, run_job
 
     out = str(tmp_path_factory.mktemp("eval-dataset"))
@@ -223,7 +223,7 @@ def test_silhouette_baseline_is_scored_beside_the_model(test_split_dataset, tmp_
 
 @pytest.mark.parametrize("bodies", ["true", "fitted"])
 def test_a_body_guided_checkpoint_reads_the_true_or_a_fitted_body(test_split_dataset, tmp_path, bodies):
-    from model.checkpoint import save_checkpoint
+    from model.network.checkpoint import save_checkpoint
     from tests.helpers import tiny_network
 
     checkpoint = save_checkpoint(tiny_network().with_body_guidance(), tmp_path / "guided.safetensors", metadata={"preset": "tiny"})

@@ -12,11 +12,11 @@ import s3fs
 from PIL import Image
 
 from model.errors import InputError
-from model.humans import POSE_FAMILIES, load_body_model, make_subject
+from model.data.humans import POSE_FAMILIES, load_body_model, make_subject
 from model.person import PersonFinder, PersonFinderConfig, PersonOptions, prepare_people
-from model.preprocess import load_image
-from model.reconstruct import ReconstructionConfig
-from model.render import Renderer, View, procedural_background, random_lighting
+from model.reconstruction.preprocess import load_image
+from model.reconstruction.reconstruct import ReconstructionConfig
+from model.data.render import Renderer, View, procedural_background, random_lighting
 from pipelines.bulk import BulkConfig, InputPreparer, initial_rows, read_manifest, run_bulk
 from pipelines.inputs import list_inputs
 from tests.helpers import write_tiny_checkpoint

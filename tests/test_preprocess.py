@@ -1,4 +1,4 @@
-"""model/preprocess.py: decoding, person boxes, crop, frames; files generated in tmp_path."""
+"""model/reconstruction/preprocess.py: decoding, person boxes, crop, frames; files generated in tmp_path."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from model.errors import InputError
-from model.preprocess import (
+from model.reconstruction.preprocess import (
     Box,
     Crop,
     find_sidecars,
@@ -464,7 +464,7 @@ def test_pixel_centres_sample_their_own_colour():
 
 
 def test_one_sidecar_rule_for_local_files_and_uris(tmp_path):
-    from model.preprocess import match_sidecars, sidecar_index
+    from model.reconstruction.preprocess import match_sidecars, sidecar_index
     from pipelines.inputs import list_inputs
 
     siblings = ["s3://b/in/photo.jpg", "s3://b/in/photo_mask.PNG", "s3://b/in/photo_Rect.TXT", "s3://b/in/photo2_keypoints.json"]

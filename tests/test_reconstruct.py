@@ -11,9 +11,9 @@ import torch
 import trimesh
 from PIL import Image
 
-from model.preprocess import prepare_image_file
-from model.reconstruct import ReconstructionConfig, SurfaceSamples, encode_outputs, finish, reconstruct
-from model.surface import evaluate_grid
+from model.reconstruction.preprocess import prepare_image_file
+from model.reconstruction.reconstruct import ReconstructionConfig, SurfaceSamples, encode_outputs, finish, reconstruct
+from model.reconstruction.surface import evaluate_grid
 from tests.helpers import alpha_box, person_image, tiny_network, write_tiny_checkpoint
 
 
@@ -91,6 +91,21 @@ def test_outputs_are_readable(tmp_path, fmt):
     (tmp_path / "preview.png").write_bytes(files["preview"])
     assert Image.open(tmp_path / "preview.png").size == (5 * 256, 256)
     assert result.stats["points_evaluated"] > 0 and result.stats["vertices"] == len(result.mesh.vertices)
+
+
+def test_preview_rasterises_the_mesh_front_and_side():
+    from model.reconstruction.preview import PANEL, shaded_mesh
+
+    mesh = trimesh.creation.icosphere(subdivisions=4)
+    mesh.vertices *= [0.4, 0.8, 0.2]  # half-extents in the [-1, 1] box: wide, tall, shallow
+    front, side = shaded_mesh(mesh, 0.0), shaded_mesh(mesh, 90.0)
+    for panel, half_width in ((front, 0.4), (side, 0.2)):
+        covered = (panel < 250).any(axis=2)
+        columns = np.flatnonzero(covered.any(axis=0))
+        assert (columns[-1] - columns[0] + 1) / PANEL == pytest.approx(half_width, abs=0.02)  # width / 2 = half-extent
+        assert covered.sum() / PANEL ** 2 == pytest.approx(np.pi * half_width * 0.8 / 4, rel=0.05)  # an ellipse's area
+        shades = panel[covered][:, 0]
+        assert shades.max() - shades.min() > 80  # lit faces and faces turned away: shaded, not flat
 
 
 def test_local_command_in_process(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import model
-from model.checkpoint import infer_config
+from model.network.checkpoint import infer_config
 from tests.conftest import reference_file
 
 

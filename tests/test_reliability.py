@@ -26,7 +26,7 @@ def test_large_image_is_cropped_before_float_conversion(tmp_path):
     Image.fromarray(rgba, "RGBA").save(path, compress_level=1)
     probe = (
         "import resource, sys\n"
-        "from model.preprocess import prepare_input\n"
+        "from model.reconstruction.preprocess import prepare_input\n"
         f"data = open({str(path)!r}, 'rb').read()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "prepared = prepare_input(data, name='big.png', sizes=(64, 128))\n"
@@ -100,7 +100,7 @@ class OutOfMemoryKiller:
 
 
 def _bulk_config(inputs, output, checkpoint, **kwargs):
-    from model.reconstruct import ReconstructionConfig
+    from model.reconstruction.reconstruct import ReconstructionConfig
     from pipelines.bulk import BulkConfig
 
     return BulkConfig(inputs=tuple(inputs), output=str(output), checkpoint=checkpoint,
@@ -164,7 +164,6 @@ def _tree_text(root) -> str:
 def test_only_local_file_and_s3_uris_are_read_and_no_secret_is_shown(tmp_path, checkpoint, capfd, caplog):
     from pipelines.bulk import read_manifest
     from pipelines.uris import redact
-    from tests.helpers import person_image
 
     chained = tmp_path / "in" / "odd::name.png"  # '::' in a file name is part of the name, not a URL chain
     chained.parent.mkdir()
@@ -393,7 +392,7 @@ def test_a_header_config_that_lies_about_its_tensors_is_refused_at_once(tmp_path
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from model.checkpoint import read_checkpoint
+    from model.network.checkpoint import read_checkpoint
     from model.errors import CheckpointError
     from tests.helpers import write_tiny_checkpoint
 
@@ -424,7 +423,7 @@ class _NamespaceWithPositionalArguments:
 def test_malicious_pickles_are_refused_naming_what_was_refused(tmp_path):
     import torch
 
-    from model.checkpoint import read_checkpoint
+    from model.network.checkpoint import read_checkpoint
     from model.errors import CheckpointError
 
     torch.save({"model_state_dict": {}, "opt": _RunsCode()}, tmp_path / "code.pt")

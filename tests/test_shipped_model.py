@@ -8,8 +8,8 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 
 import model
-from model.preprocess import prepare_image_file
-from model.reconstruct import ReconstructionConfig, reconstruct
+from model.reconstruction.preprocess import prepare_image_file
+from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct
 from pipelines.checkpoints import SHIPPED_CHECKPOINT, default_checkpoint
 
 EXAMPLE = SHIPPED_CHECKPOINT.parents[2] / "examples" / "synthetic_person.png"  # a held-out test view

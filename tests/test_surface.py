@@ -1,4 +1,4 @@
-"""model.surface: the sparse coarse-to-fine extraction against the dense reference.
+"""model.reconstruction.surface: the sparse coarse-to-fine extraction against the dense reference.
 
 Analytic occupancies 0.5 - sdf (clamped to [0, 1]): linear across the surface, so marching
 cubes places vertices accurately and volumes can be compared with the exact ones.
@@ -14,7 +14,7 @@ import torch
 import trimesh
 from scipy.spatial import cKDTree
 
-from model.surface import allowed_resolutions, evaluate_grid, extract_surface
+from model.reconstruction.surface import allowed_resolutions, evaluate_grid, extract_surface
 
 RES = 128
 VOXEL = 2.0 / RES  # bbox [-1, 1]^3

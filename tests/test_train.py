@@ -7,24 +7,15 @@ import pytest
 import torch
 
 import model
-from pipelines.train import (
-    TRAINED_PARTS,
-    TrainConfig,
-    build_stage,
-    initial_network,
-    package_model,
-    read_metrics,
-    run_training,
-    to_tensors,
-    window_calib,
-)
+from model.training.stages import TRAINED_PARTS, window_calib
+from pipelines.train import TrainConfig, build_stage, initial_network, package_model, read_metrics, run_training, to_tensors
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(ray_local, tmp_path_factory):
     """5 synthetic subjects x 2 views at 512, made by the data job itself."""
     from pipelines.data_jobs import JobConfig, SampleSettings, run_job
-    from model.sampling import SamplingConfig
+    from model.data.sampling import SamplingConfig
 
     out = str(tmp_path_factory.mktemp("dataset"))
     settings = SampleSettings(views=2, resolution=512, val_fraction=0.4, test_fraction=0.0,
@@ -112,7 +103,7 @@ def test_checkpoints_on_s3_resume_exactly(ray_local, s3_bucket, tiny_dataset):
 
 
 def test_package_takes_each_stage_from_its_own_run(tmp_path):
-    from model.checkpoint import save_checkpoint
+    from model.network.checkpoint import save_checkpoint
 
     runs = []
     for seed, stage in ((1, "normal"), (2, "coarse")):

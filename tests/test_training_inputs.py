@@ -8,9 +8,9 @@ import torch
 import trimesh
 
 import model
-from model.pifuhd import PIFuHD
-from model.augment import BodyNoise, MaskNoise, body_input, grey_composite
-from model.sampling import BodyField
+from model.network.pifuhd import PIFuHD
+from model.training.augment import BodyNoise, MaskNoise, body_input, grey_composite
+from model.data.sampling import BodyField
 
 
 def test_grey_composite_cuts_out_through_a_disturbed_mask():

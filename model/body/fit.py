@@ -15,7 +15,7 @@ Terms (each normalised so that a term of 1e-4 means an error of about 1 % of the
 - world pose: 1 - cos between the body's bone directions and the world landmarks' (when given);
 - silhouette (with a mask): squared distance outside the mask of every projected vertex, and of
   every sampled mask pixel to its nearest projected vertex (the mask is covered);
-- priors: joint limits (`model.humans.JOINT_LIMITS`), a weak pull to a neutral standing pose, a
+- priors: joint limits (`model.data.humans.JOINT_LIMITS`), a weak pull to a neutral standing pose, a
   weak pull of the phenotype to its mean, and a self-intersection term between limb and trunk
   capsules (spheres along the segments between landmarks; a cheap stand-in for a mesh test).
 
@@ -49,7 +49,7 @@ from model.body.posing import (
     to_pixel_frame,
 )
 from model.errors import InputError
-from model.humans import ADULT_AGE, ANNY_TO_CANONICAL
+from model.data.humans import ADULT_AGE, ANNY_TO_CANONICAL
 
 
 class UnusableLandmarks(InputError):
@@ -335,7 +335,7 @@ def fit_body(
     import roma
     import torch
 
-    from model.humans import load_body_model
+    from model.data.humans import load_body_model
 
     start = time.perf_counter()
     width, height = (int(v) for v in image_size)

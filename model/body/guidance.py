@@ -1,10 +1,10 @@
-"""A fitted body as the input of a body-guided model (`model.config.PIFuHDConfig.body_channels`).
+"""A fitted body as the input of a body-guided model (`model.network.config.PIFuHDConfig.body_channels`).
 
 The fitter gives the body in the photo's pixel frame (`model.body.posing`); the network reads it
-in its own frame, the crop's [-1, 1] box (`model.preprocess.pixel_to_world`). An orthographic
+in its own frame, the crop's [-1, 1] box (`model.reconstruction.preprocess.pixel_to_world`). An orthographic
 photo fixes no depth, so the body is centred in depth by its own box, as training subjects are by
 theirs (the clothed subject's box there: the difference is part of the training noise,
-`model.augment.BodyNoise`).
+`model.training.augment.BodyNoise`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import dataclasses
 
 import numpy as np
 
-from model.preprocess import Crop, PreparedImage, pixel_to_world
-from model.render import UNITS_PER_CM
-from model.sampling import BODY_DISTANCE_CLIP_CM, BodyField
+from model.reconstruction.preprocess import Crop, PreparedImage, pixel_to_world
+from model.data.render import UNITS_PER_CM
+from model.data.sampling import BODY_DISTANCE_CLIP_CM, BodyField
 
 
 def body_in_network_frame(vertices_px: np.ndarray, crop: Crop) -> np.ndarray:

@@ -122,7 +122,7 @@ class AnnyLandmarks:
 @functools.lru_cache(maxsize=1)
 def anny_landmarks() -> AnnyLandmarks:
     """The landmark regressor of the project's anny model, built once per process."""
-    from model.humans import load_body_model
+    from model.data.humans import load_body_model
 
     return AnnyLandmarks(load_body_model())
 
@@ -163,7 +163,7 @@ def from_body25(points: np.ndarray) -> np.ndarray:
 
 def parse_body_keypoints(source: str | os.PathLike | bytes, name: str | None = None) -> BodyKeypoints:
     """A keypoints sidecar (path or bytes) in MediaPipe-33 or OpenPose BODY_25 layout -> BodyKeypoints."""
-    from model.preprocess import _read_text, _source_name, parse_openpose_people
+    from model.reconstruction.preprocess import _read_text, _source_name, parse_openpose_people
 
     name = _source_name(source, name, default="<keypoints bytes>")
     try:

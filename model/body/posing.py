@@ -1,16 +1,16 @@
 """anny as a differentiable function of a few joint angles, a phenotype and an orthographic camera.
 
-Pose. The fitted joints are the ones the synthetic-data generator poses (`model.humans`):
+Pose. The fitted joints are the ones the synthetic-data generator poses (`model.data.humans`):
 hips, knees, ankles, shoulders, elbows, two spine joints and the neck, in anny's `local-ref`
 parameterisation (a rotation vector in the rest frame's world axes about the joint: X = the
 body's left, Y = backward, Z = up). Angles are stored in the left-side convention and mirrored
-for the right side as (x, -y, -z), so one table of limits (`model.humans.JOINT_LIMITS`) serves
+for the right side as (x, -y, -z), so one table of limits (`model.data.humans.JOINT_LIMITS`) serves
 both sides; an elbow bends about a single axis (normal to its rest forearm and the body's
 forward direction), as the generator does it.
 
 Camera. Orthographic: a point p of anny's frame (metres, root at the origin) goes to the camera
 frame c = R p (x right, y up, z toward the camera, metres) and then to the *pixel frame* of the
-reconstructed mesh (model/preprocess.py `world_to_pixel`: x right, y up, z toward the camera,
+reconstructed mesh (model/reconstruction/preprocess.py `world_to_pixel`: x right, y up, z toward the camera,
 one unit = one pixel of the photo, origin at its bottom-left corner):
     x = u0 + s c_x,   y = (H - v0) + s c_y,   z = z0 + s c_z,
 with s pixels per metre and (u0, v0) the image point (continuous pixels, top-left origin) of
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from model.humans import JOINT_LIMITS
+from model.data.humans import JOINT_LIMITS
 
 SIDES = ("L", "R")
 FITTED_JOINTS = (
@@ -90,7 +90,7 @@ class BodyParameters:
 
 
 def _topology() -> str:
-    from model.humans import TOPOLOGY
+    from model.data.humans import TOPOLOGY
 
     return TOPOLOGY
 
@@ -138,7 +138,6 @@ class PosedAnny:
     def rotations(self, rest, angles):
         """(J, 3) left-convention angles -> (J, 3, 3) rotation matrices in anny's frame."""
         import roma
-        import torch
 
         vectors = angles * self.mirror
         # Hinges: the angle (component 0) times the elbow's axis; the mirror already applied to it
@@ -161,8 +160,6 @@ class PosedAnny:
     def skin(self, rest, skinning, ids):
         """(1, N, 3) posed positions of vertices `ids` (N,): linear blend skinning in torch, so a
         fit pays for the vertices it looks at only (anny's own kernel skins all of them)."""
-        import torch
-
         weights = self.model.vertex_bone_weights[ids]  # (N, 9)
         transforms = skinning[0, :, :3][self.model.vertex_bone_indices[ids]]  # (N, 9, 3, 4)
         blended = (weights[:, :, None, None] * transforms).sum(1)  # (N, 3, 4)
@@ -192,7 +189,7 @@ def body_vertices(params: BodyParameters) -> np.ndarray:
     """The body of `params` in the pixel frame: (V, 3) float64, faces `load_body_model().faces`."""
     import torch
 
-    from model.humans import load_body_model
+    from model.data.humans import load_body_model
 
     posed = PosedAnny(load_body_model())
     phenotype = torch.tensor([[params.phenotype[k] for k in PHENOTYPE_LABELS]], dtype=torch.float32)

@@ -1,7 +1,7 @@
 """The body under a scan's clothes: anny fitted to a front render of the scan.
 
 A scan brings no body, but a body-guided model trains on one. The scan is rendered from the
-front (yaw 0: scans face +z, `model.scans`), the person finder reads its landmarks, and the
+front (yaw 0: scans face +z, `model.data.scans`), the person finder reads its landmarks, and the
 fitter matches them and the render's exact mask (`model.body.fit`). The fitted body comes back
 in the scan's canonical frame (cm, y up, facing +z, centred). An orthographic view fixes no
 depth: the body's depth range is centred on the scan's, as `model.body.guidance` does at
@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from model.body.fit import BodyFit, FitConfig, UnusableLandmarks, fit_body
-from model.humans import Part, Subject
-from model.preprocess import Crop, pixel_to_world
-from model.render import View, get_renderer, rotation_x, rotation_y, studio_lighting
+from model.data.humans import Part, Subject
+from model.reconstruction.preprocess import Crop, pixel_to_world
+from model.data.render import View, get_renderer, rotation_x, rotation_y, studio_lighting
 
 RENDER_SIZE = 512  # the person finder works at 256; the mask term at 128
 BACKGROUND_GREY = 128

@@ -1,12 +1,12 @@
 """Known bodies: a naked anny body drawn from a seed and rendered, with its true landmarks.
 
 `rendered_body(seed, family, yaw)` draws a phenotype and a pose with the synthetic-data generator's
-own samplers (`model.humans`), renders the bare body with the project's renderer and returns what a
+own samplers (`model.data.humans`), renders the bare body with the project's renderer and returns what a
 person finder would give for that image (mask, landmarks = the true landmarks projected,
 world landmarks) together with the true body in the pixel frame, so a fit can be scored in cm.
 
 Frames. The body goes anny (metres) -> canonical (cm, y up, facing +z, bounding box centred)
--> view frame (`model.render.View`, 0.01 units per cm) -> pixel frame of the S x S image (the view
+-> view frame (`model.data.render.View`, 0.01 units per cm) -> pixel frame of the S x S image (the view
 frame's [-1, 1] box maps onto the image with align_corners pixel centres, as the renderer draws it).
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.body import landmarks as lm
-from model.preprocess import Crop, world_to_pixel
+from model.reconstruction.preprocess import Crop, world_to_pixel
 
 
 @dataclass
@@ -41,7 +41,7 @@ def true_body(seed: int, family: str):
     """(vertices (V, 3) m, landmarks (33, 3) m, phenotype) of seed's body in anny's frame."""
     import torch
 
-    from model.humans import HumanConfig, load_body_model, sample_phenotype, sample_pose
+    from model.data.humans import HumanConfig, load_body_model, sample_phenotype, sample_pose
 
     body = load_body_model()
     rng = np.random.default_rng(seed)
@@ -72,8 +72,8 @@ def _view_landmarks(points_view: np.ndarray, crop: Crop, hidden: tuple[str, ...]
 
 def rendered_body(seed: int, family: str = "stand", yaw_deg: float = 0.0, size: int = 512) -> RenderedBody:
     """Render seed's bare body seen from `yaw_deg` at size x size pixels (see the module docstring)."""
-    from model.humans import ANNY_TO_CANONICAL, Part, load_body_model
-    from model.render import View, get_renderer, studio_lighting
+    from model.data.humans import ANNY_TO_CANONICAL, Part, load_body_model
+    from model.data.render import View, get_renderer, studio_lighting
 
     body = load_body_model()
     vertices_m, points_m, phenotype = true_body(seed, family)
@@ -104,7 +104,7 @@ def rendered_body(seed: int, family: str = "stand", yaw_deg: float = 0.0, size: 
 
 
 def rendered_subject(seed: int, yaw_deg: float = 0.0, size: int = 512) -> RenderedBody:
-    """A clothed synthetic subject (`model.humans.make_subject`) rendered like `rendered_body`.
+    """A clothed synthetic subject (`model.data.humans.make_subject`) rendered like `rendered_body`.
 
     `vertices`/`faces` are the clothed surface (all parts merged) in the pixel frame; landmarks are
     anny's regressor applied to the dressed body (same topology as the bare one; the eyes, which
@@ -112,8 +112,8 @@ def rendered_subject(seed: int, yaw_deg: float = 0.0, size: int = 512) -> Render
     """
     import torch
 
-    from model.humans import make_subject
-    from model.render import View, get_renderer, studio_lighting
+    from model.data.humans import make_subject
+    from model.data.render import View, get_renderer, studio_lighting
 
     subject = make_subject(f"subject-{seed}", seed)
     view = View(yaw_deg=yaw_deg)

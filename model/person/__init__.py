@@ -10,7 +10,7 @@ the LiteRT (TensorFlow Lite) interpreter of the `ai-edge-litert` package:
       mask --inverse warp--> (H, W) mask of the whole image
 
 Frames. Image coordinates here are continuous pixel coordinates (top-left origin, x right, y
-down, pixel (i, j) covers [i, i+1] x [j, j+1]), as `model.preprocess.Box` uses them. The ROI is a
+down, pixel (i, j) covers [i, i+1] x [j, j+1]), as `model.reconstruction.preprocess.Box` uses them. The ROI is a
 square of side `side` pixels centred on `centre`, turned by `angle` (radians; positive turns
 the crop's axes clockwise on screen, as y points down): crop point q in [0, 256]^2 maps to the
 image point  centre + R(angle) @ (q / 256 - 0.5) * side,  R = [[cos, -sin], [sin, cos]].
@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from model.errors import InputError
-from model.preprocess import (DEFAULT_KEYPOINT_THRESHOLD, Box, DecodedImage, PreparedImage, alpha_is_mask, box_from_mask,
+from model.reconstruction.preprocess import (DEFAULT_KEYPOINT_THRESHOLD, Box, DecodedImage, PreparedImage, alpha_is_mask, box_from_mask,
                               prepare_input, sidecar_box)
 
 MODELS = Path(__file__).resolve().parent / "models"
@@ -450,7 +450,7 @@ def _mask_inside(mask: np.ndarray, box: Box) -> int:
 
 def prepare_people(image: DecodedImage, finder: PersonFinder | None, options: PersonOptions, *, name: str, mask=None, rect=None,
                    keypoints=None, **prepare_kwargs) -> list[PersonInput]:
-    """A decoded photo (`model.preprocess.DecodedImage`) and its sidecars -> the inputs to reconstruct.
+    """A decoded photo (`model.reconstruction.preprocess.DecodedImage`) and its sidecars -> the inputs to reconstruct.
 
     The finder (needed in mode "auto" only) runs when no mask or alpha is given. With a rect or
     keypoints box, the found person with the most mask pixels inside that box is used (and when

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import MLPConfig
+from model.network.config import MLPConfig
 
 LEAKY_SLOPE = 0.01
 

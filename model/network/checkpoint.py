@@ -29,9 +29,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 
-from model.config import HourglassConfig, MLPConfig, NormalNetConfig, PIFuHDConfig, PRESETS
+from model.network.config import HourglassConfig, MLPConfig, NormalNetConfig, PIFuHDConfig, PRESETS
 from model.errors import CheckpointError
-from model.pifuhd import PIFuHD
+from model.network.pifuhd import PIFuHD
 
 FORMAT = "pifuhd-ray"
 FORMAT_VERSION = 1

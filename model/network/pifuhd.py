@@ -9,7 +9,7 @@
 Coordinate conventions are in `model.geometry`. Sizes below are those of the
 released model (coarse 512, fine 1024); other presets scale them. A body-guided model
 (`PIFuHDConfig.body_channels`) also takes, per point, the signed distance to a body fitted to the
-photo and the body's normal there (`model.sampling.BodyField`); the released one does not.
+photo and the body's normal there (`model.data.sampling.BodyField`); the released one does not.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import PIFuHDConfig
+from model.network.config import PIFuHDConfig
 from model.geometry import default_calib, in_box, project, sample_features
-from model.hourglass import HourglassFilter
-from model.mlp import SurfaceMLP
-from model.normal_net import NormalNet
+from model.network.hourglass import HourglassFilter
+from model.network.mlp import SurfaceMLP
+from model.network.normal_net import NormalNet
 
 
 @dataclass
@@ -153,7 +153,7 @@ class PIFuHD(nn.Module):
         back = self.netG.netB(image) if self.netG.netB is not None else None
         return front, back
 
-    def _with_normals(self, image: torch.Tensor, normals: tuple) -> torch.Tensor:
+    def with_normals(self, image: torch.Tensor, normals: tuple) -> torch.Tensor:
         """Concatenate the image with the used normal maps, upsampled to its size if needed."""
         maps = [n for n in normals if n is not None]
         if len(maps) != self.config.num_normal_maps:
@@ -167,11 +167,11 @@ class PIFuHD(nn.Module):
 
     def encode_coarse(self, image: torch.Tensor, normals: tuple) -> list[torch.Tensor]:
         """Coarse feature maps, every stack in training mode, the last one in eval mode."""
-        return self.netG.image_filter(self._with_normals(image, normals), last_only=not self.training)
+        return self.netG.image_filter(self.with_normals(image, normals), last_only=not self.training)
 
     def encode_fine(self, image: torch.Tensor, normals: tuple) -> torch.Tensor:
         """Fine feature map of a (B, 3, H, W) image (the whole 1024 image, or a training window)."""
-        return self.image_filter(self._with_normals(image, normals), last_only=True)[-1]
+        return self.image_filter(self.with_normals(image, normals), last_only=True)[-1]
 
     def encode(
         self,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.config import NormalNetConfig
+from model.network.config import NormalNetConfig
 
 
 def _norm(channels: int) -> nn.Module:

@@ -21,10 +21,10 @@ import trimesh
 from scipy.spatial import cKDTree
 
 from model.geometry import sample_features
-from model.pifuhd import PIFuHD
-from model.preprocess import PreparedImage, world_to_pixel
-from model.preview import preview_image
-from model.surface import check_sparse_resolution, evaluate_grid, mesh_from_grid
+from model.network.pifuhd import PIFuHD
+from model.reconstruction.preprocess import PreparedImage, world_to_pixel
+from model.reconstruction.preview import preview_image
+from model.reconstruction.surface import check_sparse_resolution, evaluate_grid, mesh_from_grid
 
 MESH_FORMATS = ("obj", "ply", "glb")
 COLOR_MODES = ("image", "normal", "none")
@@ -84,7 +84,7 @@ class Reconstruction:
 class SurfaceSamples:
     """What the model stage hands to the meshing stage for one image (picklable, no network).
 
-    grid: the evaluated occupancy grid (`model.surface`). normal_front / normal_back:
+    grid: the evaluated occupancy grid (`model.reconstruction.surface`). normal_front / normal_back:
     (3, S, S) predicted normal maps, or None. stats: seconds_encode, seconds_surface,
     points_evaluated.
     """
@@ -100,8 +100,8 @@ def _device_of(net: PIFuHD) -> torch.device:
 
 
 def occupancy_function(net: PIFuHD, features, body=None):
-    """(N, 3) world points -> (N,) fine occupancy of one image's features, for `model.surface`.
-    body: a body-guided model's `model.sampling.BodyField` of the image's fitted body."""
+    """(N, 3) world points -> (N,) fine occupancy of one image's features, for `model.reconstruction.surface`.
+    body: a body-guided model's `model.data.sampling.BodyField` of the image's fitted body."""
     device = _device_of(net)
 
     def occupancy(points: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Every pixel inside the person's mask becomes a column of solid around the depth z = `centre`,
 its half-thickness `thickness` x the pixel's distance to the mask's edge. No image content is
 used, so a model that does not beat this has learned nothing about depth from the photo.
-The result is an occupancy function for `model.surface`, so the baseline goes through exactly
+The result is an occupancy function for `model.reconstruction.surface`, so the baseline goes through exactly
 the extraction, frames and metrics that the network's output goes through.
 """
 

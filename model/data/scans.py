@@ -7,7 +7,7 @@ remote ones are copied with their folder's materials and textures to a scratch d
 
 Normalisation follows PIFu: the scan is assumed y-up (OBJ and glTF convention; `up_axis="z"`
 for z-up files) and facing +z, scaled so its bounding box is `height_cm` (180) tall, and its
-bounding box centred at the origin. That is the canonical frame of model/humans.py. The body
+bounding box centred at the origin. That is the canonical frame of model/data/humans.py. The body
 under the clothes, which the body-guided model reads, is fitted by the jobs (`model.body.scan`).
 
 A scan that cannot be used raises `ScanError` whose message starts with the reason:
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import PifuhdError
-from model.humans import Part, Subject
+from model.data.humans import Part, Subject
 
 MESH_EXTENSIONS = (".obj", ".ply", ".glb", ".gltf")
 # Files a mesh may reference: materials, textures, glTF buffers.
@@ -203,7 +203,7 @@ def check_labels(parts: list[Part], rng: np.random.Generator, count: int = 2000)
     A closed (or nearly closed) scan gives close to 1; an open sheet or a scan without a
     volume gives far less, and raises ScanError("open surface: ...").
     """
-    from model.sampling import surface_samples_parts, winding_inside
+    from model.data.sampling import surface_samples_parts, winding_inside
 
     mesh = [(np.concatenate([p.vertices for p in parts]).astype(np.float64), _merged_faces(parts))]
     points, normals = surface_samples_parts(mesh, count, rng)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the bulk reconstruction job (prometheus-client).
+"""Prometheus metrics of the bulk reconstruction job and of training (prometheus-client).
 
 The driver owns one registry: it observes every manifest row as it streams back,
 serves the registry on an HTTP port while the job runs, and pushes it to a
@@ -15,7 +15,7 @@ from pipelines.uris import redact
 
 log = logging.getLogger(__name__)
 
-STAGES = ("read", "prepare", "encode", "surface", "mesh", "write")
+BULK_STAGES = ("read", "prepare", "encode", "surface", "mesh", "write")  # the bulk job's timed stages
 _STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -42,7 +42,7 @@ class BulkMetrics:
     def observe(self, row: dict) -> None:
         """Account one finished manifest row."""
         self.images.labels(self.pipeline, row["status"], row.get("error_class") or "").inc()
-        for stage in STAGES:
+        for stage in BULK_STAGES:
             seconds = row.get(f"seconds_{stage}")
             if seconds is not None and seconds == seconds:  # skip NaN
                 self.stage_seconds.labels(self.pipeline, stage).observe(seconds)

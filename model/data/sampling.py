@@ -1,7 +1,7 @@
 """Training points and their inside/outside labels, PIFu's scheme, labelled by winding number.
 
 Points for one view live in that view's frame (the network's world frame, box units; see
-model/render.py). Per view, `num_points` points in three groups:
+model/data/render.py). Per view, `num_points` points in three groups:
 - near the surface (`near_share`): surface points moved by isotropic N(0, sigma) noise, half with
   PIFu's sigma = 5 cm, half with `sigma_fine` = 1.5 cm, which pins the surface itself down;
 - along the camera ray (`ray_share`): a surface point's x, y with z uniform within `ray_depth`
@@ -160,7 +160,7 @@ class BodyField:
 
     def network_input(self, points):
         """(N, 3) torch points -> (1, 4, N) float32 torch on their device: distance, then normal
-        (the body input of `model.pifuhd.PIFuHD.query_levels`)."""
+        (the body input of `model.network.pifuhd.PIFuHD.query_levels`)."""
         import torch
 
         distance, normals = self(points.detach().cpu().double().numpy())

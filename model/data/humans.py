@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_ROOT = Path(os.environ.get("PIFUHD_RAY_CACHE", Path.home() / ".cache" / "pifuhd-ray"))
+from model.cache import CACHE_ROOT
+
 TOPOLOGY = "anny-noeyes-notongue"  # one closed part: eyes and tongue would sit inside the head
 POSE_FAMILIES = ("stand", "walk", "gesture", "reach", "crouch")
 

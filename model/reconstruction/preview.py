@@ -3,9 +3,8 @@
 The input panel carries the outline of the person mask that replaced the background (a mask or
 alpha given with the photo, or the person finder's), so a bad cut-out shows at a glance.
 
-The mesh panels are a CPU point-splat render of the vertices (z-buffer, Lambert
-shading): dense marching-cubes meshes have a vertex every pixel or so at preview
-size, so no rasteriser or GL context is needed on a batch node.
+The mesh panels rasterise the mesh with the project's renderer (`model.data.render`: EGL,
+Mesa's software rasteriser where there is no GPU), grey under the fixed studio light.
 """
 
 from __future__ import annotations
@@ -39,48 +38,30 @@ def draw_outline(panel: np.ndarray, mask: torch.Tensor, colour: tuple[int, int, 
     return out
 
 
-def shaded_splat(vertices: np.ndarray, normals: np.ndarray, yaw_degrees: float, size: int = PANEL) -> np.ndarray:
-    """(size, size, 3) uint8 grey render of world-frame vertices seen after a yaw about world y.
+def shaded_mesh(mesh, yaw_degrees: float, size: int = PANEL) -> np.ndarray:
+    """(size, size, 3) uint8 grey render of a world-frame mesh (the [-1, 1] box, orthographic)
+    seen after a yaw about world y, on white."""
+    from model.data.humans import Part
+    from model.data.render import View, get_renderer, studio_lighting
 
-    Orthographic over the [-1, 1] box; each vertex covers a 2x2 pixel footprint; the light
-    comes from the camera. Background is white.
-    """
-    canvas = np.full((size, size, 3), 255, np.uint8)
-    if len(vertices) == 0:
-        return canvas
-    angle = np.deg2rad(yaw_degrees)
-    rotation = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
-    v, n = vertices @ rotation.T, normals @ rotation.T
-    shade = (40 + 215 * np.clip(n[:, 2], 0, 1)).astype(np.uint8)
-    col = np.clip(((v[:, 0] + 1) / 2 * (size - 2)).astype(np.int64), 0, size - 2)
-    row = np.clip(((1 - v[:, 1]) / 2 * (size - 2)).astype(np.int64), 0, size - 2)
-    depth = np.full(size * size, -np.inf)
-    owner = np.full(size * size, -1, np.int64)
-    for dr in (0, 1):
-        for dc in (0, 1):
-            cell = (row + dr) * size + (col + dc)
-            np.maximum.at(depth, cell, v[:, 2])
-    for dr in (0, 1):
-        for dc in (0, 1):
-            cell = (row + dr) * size + (col + dc)
-            front = v[:, 2] >= depth[cell]
-            owner[cell[front]] = np.flatnonzero(front)
-    drawn = owner >= 0
-    canvas.reshape(-1, 3)[drawn] = shade[owner[drawn], None]
-    return canvas
+    background = np.full((size, size, 3), 255, np.uint8)
+    if len(mesh.faces) == 0:
+        return background
+    vertices = np.asarray(mesh.vertices, np.float32)
+    part = Part("mesh", vertices, np.asarray(mesh.faces, np.int32), np.full((len(vertices), 3), 0.8, np.float32))
+    return get_renderer(size).render([part], View(yaw_degrees, units_per_cm=1.0), studio_lighting(), background).rgb
 
 
 def preview_image(prepared, result) -> Image.Image:
     """The 5-panel strip of one reconstruction (`PreparedImage`, `Reconstruction`)."""
     biggest = max(prepared.images)
     mesh = result.mesh_world
-    vertices, normals = np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals)
     source = _to_panel(prepared.images[biggest])
     panels = [
         draw_outline(source, prepared.mask) if prepared.has_segmentation else source,
         _to_panel(result.normal_front),
         _to_panel(result.normal_back),
-        shaded_splat(vertices, normals, 0.0),
-        shaded_splat(vertices, normals, 90.0),
+        shaded_mesh(mesh, 0.0),
+        shaded_mesh(mesh, 90.0),
     ]
     return Image.fromarray(np.concatenate(panels, axis=1))

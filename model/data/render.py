@@ -335,7 +335,7 @@ class Renderer:
             vao.render()
 
     def render(self, parts, view: View, lighting: np.ndarray, background: np.ndarray | None = None) -> RenderOutput:
-        """Render canonical-frame parts (model.humans.Part, cm) in `view`.
+        """Render canonical-frame parts (model.data.humans.Part, cm) in `view`.
 
         lighting: (9, 3) SH radiance coefficients in the view frame; background: (S, S, 3) uint8
         or None for black.
@@ -345,7 +345,7 @@ class Renderer:
             return self._render(parts, view, lighting, background)
 
     def _render(self, parts, view: View, lighting: np.ndarray, background: np.ndarray | None) -> RenderOutput:
-        from model.humans import vertex_normals
+        from model.data.humans import vertex_normals
 
         ctx, s = self.ctx, self.size
         self.program["xy_scale"].value = (s - 1) / s

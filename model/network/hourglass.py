@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import HourglassConfig
+from model.network.config import HourglassConfig
 
 
 def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:

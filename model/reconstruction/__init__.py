@@ -1,0 +1,1 @@
+"""Image to mesh: input preparation (crop, mask, sidecars), surface extraction, reconstruction, preview."""
