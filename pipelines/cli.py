@@ -15,22 +15,11 @@ import traceback
 
 from model.network.config import PRESETS  # plain dataclasses: `pifuhd --help` loads no torch
 from pipelines import exit_codes
+from pipelines.exit_codes import UsageError, build_config
 from pipelines.uris import uri_argument
 
 
 PRESET_NAMES = tuple(PRESETS)
-
-
-class UsageError(Exception):
-    """A command-line value its config rejected; reported in one line before any work."""
-
-
-def build_config(factory, **fields):
-    """`factory(**fields)`, its ValueError (the config's own validation) turned into a UsageError."""
-    try:
-        return factory(**fields)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def _checkpoint_inspect(args: argparse.Namespace) -> int:

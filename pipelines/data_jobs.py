@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipelines.exit_codes import build_config
 from pipelines.ray_runtime import connect_ray
 from pipelines.uris import uri_argument
 
@@ -70,6 +71,15 @@ class SampleSettings:
     val_fraction: float = 0.05
     test_fraction: float = 0.05
 
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ValueError(f"views must be >= 1, got {self.views}")
+        if self.resolution not in (512, 1024):
+            raise ValueError(f"resolution must be 512 or 1024, got {self.resolution}")
+        if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction <= 1):
+            raise ValueError(f"val and test fractions must be >= 0 and sum to at most 1, got "
+                             f"{self.val_fraction} and {self.test_fraction}")
+
 
 @dataclass(frozen=True)
 class JobConfig:
@@ -87,6 +97,20 @@ class JobConfig:
     workers: int | None = None  # actors; default: one per CPU of the cluster
     address: str | None = None  # Ray address; None starts a private local instance
     quiet: bool = False
+
+    def __post_init__(self) -> None:
+        from pipelines.uris import check_uri
+
+        if self.kind not in ("synth", "scans"):
+            raise ValueError(f"kind must be 'synth' or 'scans', not {self.kind!r}")
+        if self.kind == "synth" and self.count < 1:
+            raise ValueError(f"count must be >= 1, got {self.count}")
+        if self.kind == "scans" and not self.inputs:
+            raise ValueError("a scans job needs at least one input")
+        if self.subjects_per_shard < 1 or (self.workers is not None and self.workers < 1):
+            raise ValueError("subjects_per_shard and workers must be >= 1")
+        for uri in (self.out, *self.inputs):
+            check_uri(uri)
 
     def settings_dict(self) -> dict:
         keep = {"kind", "seed", "count", "inputs", "subjects_per_shard"}
@@ -398,20 +422,22 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args) -> SampleSettings:
-    return SampleSettings(
+    return build_config(
+        SampleSettings,
         views=args.views,
         resolution=args.resolution,
         pitch_jitter_deg=args.pitch_jitter,
         backgrounds=args.backgrounds,
-        sampling=_sampling_config(num_points=args.points, near_share=args.near_share, ray_share=args.ray_share,
-                                  num_surface_points=args.surface_points),
+        sampling=build_config(_sampling_config, num_points=args.points, near_share=args.near_share,
+                              ray_share=args.ray_share, num_surface_points=args.surface_points),
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
     )
 
 
 def _run_synth(args) -> int:
-    job = JobConfig(
+    job = build_config(
+        JobConfig,
         out=args.out, kind="synth", seed=args.seed, settings=_settings(args), count=args.count,
         human=_human_config(children=args.children), subjects_per_shard=args.subjects_per_shard,
         workers=args.workers, address=args.address,
@@ -421,7 +447,8 @@ def _run_synth(args) -> int:
 
 
 def _run_scans(args) -> int:
-    job = JobConfig(
+    job = build_config(
+        JobConfig,
         out=args.out, kind="scans", seed=args.seed, settings=_settings(args), inputs=tuple(args.inputs),
         scan=_scan_config(up_axis=args.up_axis, fit_body=args.fit_body), subjects_per_shard=args.subjects_per_shard,
         workers=args.workers, address=args.address,

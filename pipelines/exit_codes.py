@@ -7,3 +7,15 @@ INPUTS_FAILED = 3  # the job ran to the end, but some inputs failed and --fail-o
 UNUSABLE = 4  # something the command itself needs (a checkpoint, a dataset, an input list) is missing or unusable
 CLUSTER = 5  # the Ray cluster could not be reached, or a submitted job failed on it
 TERMINATED = 128 + 15  # stopped by SIGTERM (or a submitted job stopped), the shell's convention
+
+
+class UsageError(Exception):
+    """A command-line value its config rejected; reported in one line (exit USAGE) before any work."""
+
+
+def build_config(factory, **fields):
+    """`factory(**fields)`, its ValueError (the config's own validation) turned into a UsageError."""
+    try:
+        return factory(**fields)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

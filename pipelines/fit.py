@@ -37,6 +37,7 @@ from pipelines.bulk import (
     _read, _rows, _where,
 )
 from pipelines.inputs import InputItem, list_inputs
+from pipelines.exit_codes import build_config
 from pipelines.uris import uri_argument
 from pipelines.storage import join, redact, safe_stem, write_bytes_atomic
 
@@ -292,7 +293,8 @@ def _fit_command(args) -> int:
     from model.data.humans import ADULT_AGE, CHILD_AGE
     from pipelines.ray_runtime import connect_ray
 
-    config = FitJobConfig(
+    config = build_config(
+        FitJobConfig,
         inputs=tuple(args.inputs),
         output=args.output,
         fit=FitConfig(age_range=(CHILD_AGE[0], ADULT_AGE[1]) if args.children else ADULT_AGE),

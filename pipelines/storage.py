@@ -37,7 +37,8 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """
     scheme = check_uri(uri)
     if scheme == "s3":
-        fs = fsspec.filesystem("s3")
+        # No listing cache: other processes (Ray workers, other jobs) add objects while we list.
+        fs = fsspec.filesystem("s3", use_listings_cache=False)
         return fs, fs._strip_protocol(uri)
     # Local paths by hand: fsspec's path handling costs ~100 us a call (a 100,000-line list file).
     path = uri[len("file://"):] if scheme == "file" else uri

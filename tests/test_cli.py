@@ -22,6 +22,26 @@ def test_a_bad_resolution_is_a_usage_error_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["data", "synth", "--count", "0", "--out", "{tmp}/d"], "count"),
+    (["data", "synth", "--count", "2", "--views", "0", "--out", "{tmp}/d"], "views"),
+    (["data", "synth", "--count", "2", "--near-share", "1.5", "--out", "{tmp}/d"], "share"),
+    (["data", "synth", "--count", "2", "--out", "memory://d"], "memory"),
+    (["data", "scans", "http://example.com/scan.obj", "--out", "{tmp}/d"], "http"),
+    (["evaluate", "--gt", "zip://x::y", "-o", "{tmp}/e"], "zip"),
+    (["report", "{tmp}/out", "-o", "memory://r.html"], "memory"),
+])
+def test_data_evaluate_and_report_arguments_are_checked_first(tmp_path, capsys, argv, named):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusal (a URI outside the allow-list)
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_unknown_preset_and_version():
     with pytest.raises(SystemExit) as exc:
         main(["train", "--stage", "coarse", "--data", "d", "--out", "o", "--preset", "huge"])

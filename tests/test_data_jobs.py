@@ -94,7 +94,7 @@ def test_synth_to_s3_split_resume_and_read(ray_local, s3_bucket, body_model):
 
 def test_same_seed_same_bytes(body_model):
     """Two makings of one synthetic subject give byte-identical rows (PNGs, points, labels)."""
-    job = JobConfig(out="unused", kind="synth", seed=3, settings=SampleSettings(views=2, resolution=512, sampling=SamplingConfig(num_points=2000, num_surface_points=100)))
+    job = JobConfig(out="unused", kind="synth", seed=3, count=8, settings=SampleSettings(views=2, resolution=512, sampling=SamplingConfig(num_points=2000, num_surface_points=100)))
     made = []
     for _ in range(2):
         subject, source, rng = make_job_subject(job, {"subject_id": "synth-3-000007", "index": 7}, "/tmp")
@@ -247,7 +247,7 @@ def test_scans_found_and_fetched_from_s3(s3_bucket, tmp_path):
 
 
 def test_rows_at_1024_decode_both_sizes(body_model):
-    job = JobConfig(out="unused", kind="synth", seed=1, settings=SampleSettings(views=1, resolution=1024, sampling=SamplingConfig(num_points=1700, num_surface_points=50)))
+    job = JobConfig(out="unused", kind="synth", seed=1, count=1, settings=SampleSettings(views=1, resolution=1024, sampling=SamplingConfig(num_points=1700, num_surface_points=50)))
     subject, source, rng = make_job_subject(job, {"subject_id": "synth-1-000000", "index": 0}, "/tmp")
     table = fmt.rows_to_table(subject_rows(subject, "train", source, rng, job.settings))
     batch = fmt.decode_table(table)
