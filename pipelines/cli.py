@@ -107,7 +107,8 @@ def _train(args: argparse.Namespace) -> int:
     config = build_config(
         TrainConfig,
         stage=args.stage, data=args.data, out=args.out, name=args.name or "", preset=args.preset, init=args.init,
-        workers=args.workers, threads_per_worker=args.threads, use_gpu=args.gpus, steps=args.steps, batch_size=args.batch_size,
+        workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+        threads_per_worker=args.threads, use_gpu=args.gpus, steps=args.steps, batch_size=args.batch_size,
         points_per_sample=args.points, optimizer=args.optimizer, lr=args.lr,
         lr_decay_steps=tuple(args.lr_decay_steps or ()), checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every, val_resolution=args.val_resolution,
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default="small", choices=PRESET_NAMES, help="model size")
     train.add_argument("--init", type=uri_argument, help="checkpoint to start from (the previous stage's model.safetensors)")
     train.add_argument("--workers", type=int, default=1, help="DDP workers")
+    train.add_argument("--cpus-per-worker", type=float, default=1.0,
+                       help="CPUs Ray reserves per worker; below 1 leaves some for the tasks reading the data")
     train.add_argument("--threads", type=int, help="torch threads per worker (default: one per CPU Ray reserves)")
     train.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
     train.add_argument("--steps", type=int, default=1000)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +57,27 @@ def alpha_box(path: Path) -> tuple[int, int, int, int]:
     alpha = np.asarray(Image.open(path))[..., 3]
     rows, cols = np.nonzero(alpha)
     return cols.min(), rows.min(), cols.max() + 1, rows.max() + 1
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (our temp dir): stragglers of our head only."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids

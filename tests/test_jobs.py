@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import pytest
 
 from cluster import jobs
 from pipelines import cli, exit_codes
+from tests.helpers import free_ports, processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,38 +47,12 @@ def test_submit_options_may_follow_the_command():
 
 
 def test_unreachable_cluster_exits_with_the_cluster_code(capsys):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nothing listens there
+    [port] = free_ports(1)  # closed again: nothing listens there
     code, _, err = run_cli(["jobs", "list", "--address", f"http://127.0.0.1:{port}"], capsys)
     assert code == exit_codes.CLUSTER == 5 and "cannot use the Ray Jobs API" in err
 
 
 # ---- a real head ---------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line contains `text` (our temp dir): stragglers of our head only."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,6 @@ from model.training.stages import TRAINED_PARTS, window_calib
 from pipelines.train import TrainConfig, build_stage, initial_network, package_model, read_metrics, run_training, to_tensors
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(ray_local, tmp_path_factory):
-    """5 synthetic subjects x 2 views at 512, made by the data job itself."""
-    from pipelines.data_jobs import JobConfig, SampleSettings, run_job
-    from model.data.sampling import SamplingConfig
-
-    out = str(tmp_path_factory.mktemp("dataset"))
-    settings = SampleSettings(views=2, resolution=512, val_fraction=0.4, test_fraction=0.0,
-                              sampling=SamplingConfig(num_points=4096, num_surface_points=2000))
-    run_job(JobConfig(out=out, kind="synth", seed=3, settings=settings, count=5, quiet=True))
-    return out
-
-
 def _fixed_batch(uri: str, size: int = 2) -> dict:
     from pipelines.dataset import iter_batches
 
