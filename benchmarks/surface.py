@@ -150,7 +150,7 @@ def _peak_mb() -> float:
 
 def run_case(case: dict) -> dict:
     """Child side: extract once, return the stats plus memory (and save the mesh if asked)."""
-    from model.reconstruction.surface import extract_surface
+    from model.reconstruction.surface import evaluate_grid, mesh_from_grid
 
     torch.set_grad_enabled(False)
     fn = OCCUPANCIES[case["occupancy"]]()
@@ -160,10 +160,13 @@ def run_case(case: dict) -> dict:
     # imports would hide the extraction's first megabytes).
     reset = _reset_peak()
     base = _status_mb("VmRSS") if reset else _peak_mb()
-    mesh, stats = extract_surface(
-        fn, case["resolution"], method=case["method"], dilation=case.get("dilation"),
-    )
+    start = time.perf_counter()
+    grid = evaluate_grid(fn, case["resolution"], method=case["method"], dilation=case.get("dilation"))
+    mesh, stats = mesh_from_grid(grid)
+    stats["seconds_total"] = time.perf_counter() - start
     stats["peak_mb"] = _peak_mb() - base
+    if case["method"] == "sparse":
+        stats["surface_cell_corners"] = grid.surface_cell_corners()
     stats["base_mb"] = base
     stats["watertight"] = bool(mesh.is_watertight)
     stats["volume"] = float(mesh.volume) if len(mesh.faces) else 0.0

@@ -290,9 +290,7 @@ class SparseGrid(_GridBase):
 
     stats adds: coarse_resolution, dilation, level_resolutions, level_points (queries per
     level), level_track_rounds, level_blocks (allocated blocks per level), level_mixed_cells,
-    blocks_mb (final level's block storage), mc_blocks, track_capped, and
-    surface_cell_corners: the distinct corners of the final surface cells, the values any
-    method must know to build this mesh (a lower bound on points_evaluated).
+    blocks_mb (final level's block storage), mc_blocks, track_capped.
     """
 
     def __init__(self, evaluator, resolution, b_min, b_max, threshold, coarse_resolution, dilation):
@@ -329,10 +327,7 @@ class SparseGrid(_GridBase):
         self.level = level
         self.mixed_cells = mixed
         self.stats = self._base_stats(time.perf_counter() - start)
-        # Points any method needs for this mesh: the distinct corners of its surface cells.
-        corners = (mixed[:, None, :] + CORNERS[None, :, :]).reshape(-1, 3)
         self.stats.update(
-            surface_cell_corners=len(np.unique(_ravel(corners, resolution))),
             coarse_resolution=coarse_resolution,
             dilation=dilation,
             blocks_mb=level.nbytes() / 2**20,
@@ -369,9 +364,17 @@ class SparseGrid(_GridBase):
             changed = np.concatenate([missing // BLOCK, level.blocks[first_new:]])
             touched = level.cell_owners(changed)
             rescanned, missing = level.scan(touched)
-            stale = np.isin(_ravel(mixed // BLOCK, level.nb - 1), _ravel(touched, level.nb - 1))
+            rescanned_block = np.zeros(level.nb**3, dtype=bool)
+            rescanned_block[_ravel(touched, level.nb - 1)] = True
+            stale = rescanned_block[_ravel(mixed // BLOCK, level.nb - 1)]
             mixed = np.concatenate([mixed[~stale], rescanned])
         return mixed, rounds
+
+    def surface_cell_corners(self):
+        """The distinct corners of the final surface cells: the values any method must know to
+        build this mesh (a lower bound on points_evaluated; for benchmarks, not computed by default)."""
+        corners = (self.mixed_cells[:, None, :] + CORNERS[None, :, :]).reshape(-1, 3)
+        return len(np.unique(_ravel(corners, self.resolution)))
 
     def dense(self):
         """(R+1, R+1, R+1) float32: evaluated values where queried, elsewhere a value with the
@@ -535,6 +538,7 @@ class _Level:
         """(K, 3) blocks -> (U, 3) unique blocks owning a cell with a corner in one of them."""
         if len(blocks) == 0:
             return np.zeros((0, 3), np.int64)
+        blocks = _unique_coords(blocks, self.nb)  # callers pass one row per changed sample
         near = (blocks[:, None, :] - CORNERS[None, :, :]).reshape(-1, 3)
         near = near[np.all((near >= 0) & (near < self.nb_cells), axis=1)]
         return _unique_coords(near, self.nb)
@@ -620,8 +624,12 @@ def _unravel(keys, n):
 
 
 def _unique_coords(coords, size):
-    """(N, 3) int coords in [0, size) -> (U, 3) unique rows, sorted x-major (faster than np.unique(axis=0))."""
-    return _unravel(np.unique(_ravel(coords, size - 1)), size - 1)
+    """(N, 3) block coords in [0, size) -> (U, 3) unique rows, sorted x-major.
+
+    Marks a dense (size^3,) table: O(N), and block grids are small (65^3 at 2048)."""
+    mark = np.zeros(size**3, dtype=bool)
+    mark[_ravel(coords, size - 1)] = True
+    return _unravel(np.flatnonzero(mark), size - 1)
 
 
 # The twelve edges of a cell as pairs of rows of CORNERS that differ on one axis.
