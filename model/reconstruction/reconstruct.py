@@ -181,7 +181,8 @@ def image_vertex_colors(vertices: np.ndarray, normals: np.ndarray, image: torch.
     colors[visible] = sampled[visible]
     hidden = np.flatnonzero(~visible)
     if len(hidden):
-        nearest = cKDTree(vertices[visible]).query(vertices[hidden])[1]
+        # Exact nearest visible vertex, on the threads torch may use (the k-d tree query is most of this function).
+        nearest = cKDTree(vertices[visible]).query(vertices[hidden], workers=torch.get_num_threads())[1]
         colors[hidden] = sampled[visible][nearest]
     rgb = np.clip((colors + 1) * 127.5, 0, 255).round().astype(np.uint8)
     return np.concatenate((rgb, np.full((len(rgb), 1), 255, np.uint8)), axis=1)
