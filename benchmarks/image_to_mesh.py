@@ -27,16 +27,12 @@ import numpy as np
 import torch
 
 import model
+from model.reconstruction.reconstruct import cpu_has_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 # The official code on this kind of 2-core machine, a trained full model (../shared/notes/pifuhd.md).
 OFFICIAL_SECONDS = {256: 45.0, 512: 168.0}
 TARGET_SPEEDUP = {256: 4.0, 512: 10.0}
-
-
-def bf16_supported() -> bool:
-    flags = open("/proc/cpuinfo").read()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _autocast(precision: str):
@@ -124,7 +120,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    precisions = ["fp32"] + (["bf16"] if bf16_supported() else [])
+    precisions = ["fp32"] + (["bf16"] if cpu_has_bf16() else [])
     print(f"{args.threads} threads; precisions {precisions}; full preset costs on random weights, "
           f"points and extraction on the shipped model's field of examples/person.png")
     costs = {p: full_network_costs(p, args.points) for p in precisions}

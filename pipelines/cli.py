@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also fit the anny body to each person and write NAME_body.FORMAT (always on for a "
                        "body-guided model, which reads it)")
     recon.add_argument("--format", choices=("obj", "ply", "glb"), default="obj")
-    recon.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network arithmetic (bf16: ~2x faster)")
+    recon.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                       help="network arithmetic; auto: bf16 where the CPU (avx512_bf16, AMX) or GPU has it natively "
+                       "(~2x faster, the mesh moves < 0.1 voxel), else fp32")
     recon.add_argument("--color", choices=("image", "normal", "none"), default="image", help="vertex colours")
     recon.add_argument("--keep-all-components", action="store_true", help="keep every connected component")
     recon.add_argument("--overwrite", action="store_true", help="redo inputs already reconstructed with this checkpoint")

@@ -11,6 +11,7 @@ so the bulk pipeline can run them in different stages; `reconstruct` runs both.
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,27 @@ from model.reconstruction.surface import check_sparse_resolution, evaluate_grid,
 
 MESH_FORMATS = ("obj", "ply", "glb")
 COLOR_MODES = ("image", "normal", "none")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (avx512_bf16 or AMX; read from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """ "fp32" or "bf16" for a ReconstructionConfig.precision on `device` ("auto" decided here)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
 @dataclass(frozen=True)
@@ -44,9 +66,10 @@ class ReconstructionConfig:
     batch_points: int = 100_000  # query batch: bounds memory (about 10 KiB per point at full size)
     largest_component: bool = True
     color: str = "image"  # vertex colours: "image", "normal" (as the official output) or "none"
-    # "bf16": autocast the network to bfloat16 (about 2x faster on CPUs with avx512_bf16 or AMX and
-    # on GPUs; occupancies move by up to ~4e-3, see benchmarks/network.py).
-    precision: str = "fp32"
+    # Network arithmetic. "bf16" autocasts to bfloat16: about 2x faster on CPUs with avx512_bf16 or
+    # AMX and on GPUs; on the shipped model's field the mesh moves 0.03 voxel at 256 and 0.06 at 512
+    # (benchmarks/image_to_mesh.py). "auto": bf16 where the device computes it natively, else fp32.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in ("sparse", "dense"):
@@ -63,8 +86,8 @@ class ReconstructionConfig:
             raise ValueError(f"batch_points must be positive, got {self.batch_points}")
         if self.color not in COLOR_MODES:
             raise ValueError(f"color must be one of {COLOR_MODES}, not {self.color!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
 
 
 @dataclass
@@ -125,7 +148,7 @@ def sample_surfaces(net: PIFuHD, prepared: list[PreparedImage], config: Reconstr
 
         bodies = [body_field(p) for p in prepared]
     start = time.perf_counter()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolved_precision(config.precision, device) == "bf16")
     with torch.inference_mode(), autocast:
         coarse = torch.stack([p.images[net.config.coarse_size] for p in prepared]).to(device)
         fine = torch.stack([p.images[net.config.fine_size] for p in prepared]).to(device)
