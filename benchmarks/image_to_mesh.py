@@ -4,8 +4,9 @@
 
 No full-size trained weights ship here, so the figure is composed as in the issue, from parts
 each measured in this run:
-- the full preset's filters (normal nets, coarse and fine hourglass; one 512 / 1024 image) and
-  its cost per query point (random weights: speed does not depend on the values);
+- the full preset's filters (normal nets, coarse and fine hourglass; one 512 / 1024 image, in the
+  memory layout `sample_surfaces` uses) and its cost per query point (random weights: speed does
+  not depend on the values);
 - the trained field's surface: the shipped model on `examples/person.png`, whose sparse
   extraction gives the points to query, the extraction's own seconds (its bookkeeping apart from
   the network) and peak memory (numpy, tracemalloc), and marching cubes;
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 import model
-from model.reconstruction.reconstruct import cpu_has_bf16
+from model.reconstruction.reconstruct import cpu_has_bf16, use_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 # The official code on this kind of 2-core machine, a trained full model (../shared/notes/pifuhd.md).
@@ -52,8 +53,10 @@ def full_network_costs(precision: str, points: int) -> dict:
     """Seconds of the full preset's filters per image and seconds per query point."""
     torch.manual_seed(0)
     net = model.PIFuHD.from_config(model.preset("full")).eval()
-    image = torch.rand(1, 3, 512, 512) * 2 - 1
-    fine = torch.nn.functional.interpolate(image, size=1024)
+    layout = torch.channels_last if precision == "bf16" else torch.contiguous_format  # as sample_surfaces lays it out
+    use_layout(net, layout)
+    image = (torch.rand(1, 3, 512, 512) * 2 - 1).contiguous(memory_format=layout)
+    fine = torch.nn.functional.interpolate(image, size=1024).contiguous(memory_format=layout)
     queries = torch.rand(1, 3, points) * 2 - 1
     with torch.inference_mode(), _autocast(precision):
         filters = _best(lambda: net.encode(image, fine))

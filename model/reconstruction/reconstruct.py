@@ -135,6 +135,13 @@ def occupancy_function(net: PIFuHD, features, body=None):
     return occupancy
 
 
+def use_layout(net: PIFuHD, layout: torch.memory_format) -> None:
+    """Lay the network's 4-D weights out in `layout` unless they are already."""
+    weight = next(p for p in net.parameters() if p.dim() == 4)
+    if not weight.is_contiguous(memory_format=layout):
+        net.to(memory_format=layout)
+
+
 def sample_surfaces(net: PIFuHD, prepared: list[PreparedImage], config: ReconstructionConfig) -> list[SurfaceSamples]:
     """Encode a batch of prepared images in one pass, then evaluate each one's occupancy grid.
 
@@ -147,11 +154,15 @@ def sample_surfaces(net: PIFuHD, prepared: list[PreparedImage], config: Reconstr
         from model.body.guidance import body_field
 
         bodies = [body_field(p) for p in prepared]
+    bf16 = resolved_precision(config.precision, device) == "bf16"
+    # bf16 convolutions run ~25 % faster channels-last (benchmarks/network.py): the network's weights
+    # are laid out so once (same values), the images per call.
+    layout = torch.channels_last if bf16 else torch.contiguous_format
+    use_layout(net, layout)
     start = time.perf_counter()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolved_precision(config.precision, device) == "bf16")
-    with torch.inference_mode(), autocast:
-        coarse = torch.stack([p.images[net.config.coarse_size] for p in prepared]).to(device)
-        fine = torch.stack([p.images[net.config.fine_size] for p in prepared]).to(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        coarse = torch.stack([p.images[net.config.coarse_size] for p in prepared]).to(device, memory_format=layout)
+        fine = torch.stack([p.images[net.config.fine_size] for p in prepared]).to(device, memory_format=layout)
         features = net.encode(coarse, fine)
         encode_seconds = (time.perf_counter() - start) / len(prepared)
         samples = []
