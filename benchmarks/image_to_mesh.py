@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import model
-from model.reconstruction.reconstruct import cpu_has_bf16, use_layout
+from model.reconstruction.reconstruct import cpu_has_bf16, memory_layout, use_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 # The official code on this kind of 2-core machine, a trained full model (../shared/notes/pifuhd.md).
@@ -53,7 +53,7 @@ def full_network_costs(precision: str, points: int) -> dict:
     """Seconds of the full preset's filters per image and seconds per query point."""
     torch.manual_seed(0)
     net = model.PIFuHD.from_config(model.preset("full")).eval()
-    layout = torch.channels_last if precision == "bf16" else torch.contiguous_format  # as sample_surfaces lays it out
+    layout = memory_layout(precision == "bf16")  # as sample_surfaces lays it out
     use_layout(net, layout)
     image = (torch.rand(1, 3, 512, 512) * 2 - 1).contiguous(memory_format=layout)
     fine = torch.nn.functional.interpolate(image, size=1024).contiguous(memory_format=layout)

@@ -261,7 +261,7 @@ class SubjectWorker:
 
         job, s = self.job, self.job.settings
         ids = list(batch["subject_id"])
-        status = {"subject_id": [], "split": [], "ok": [], "reason": [], "source": [], "rows": [], "seconds": [], "body": []}
+        status = {"subject_id": [], "split": [], "ok": [], "reason": [], "source": [], "rows": [], "seconds": [], "no_body": []}
         by_split: dict[str, list[dict]] = {}
         for i, sid in enumerate(ids):
             item = {k: batch[k][i] for k in batch}
@@ -291,15 +291,15 @@ class SubjectWorker:
             status["source"].append(source)
             status["rows"].append(len(rows))
             status["seconds"].append(time.perf_counter() - start)
-            # "" without a subject; else whether its rows carry a body, and why not.
-            status["body"].append("" if subject is None else "yes" if subject.body is not None
-                                  else f"no: {subject.info.get('body_error', 'not fitted')}")
+            # Why a made subject's rows carry no body ("" when they do, or when it failed).
+            status["no_body"].append("" if subject is None or subject.body is not None
+                                     else subject.info.get("body_error", "not fitted (--no-body)"))
         # Shards last: a subject counts as finished only once its rows are written.
         for split, rows in by_split.items():
             name = hashlib.sha1(",".join(sorted({r["subject_id"] for r in rows})).encode()).hexdigest()[:16]
             shard = storage.join(job.out, "shards", split, f"part-{name}.parquet")
             storage.write_bytes_atomic(shard, fmt.table_bytes(fmt.rows_to_table(rows)))
-        return {k: np.array(v, dtype=object if k in ("subject_id", "split", "reason", "source", "body") else None) for k, v in status.items()}
+        return {k: np.array(v, dtype=object if k in ("subject_id", "split", "reason", "source", "no_body") else None) for k, v in status.items()}
 
 
 def _is_scan_error(exc: BaseException) -> bool:
@@ -382,7 +382,7 @@ def run_job(job: JobConfig) -> dict:
         "failed": len(failed),
         "failures": failed,
         "rows_written": int(sum(int(s["rows"]) for s in made)),
-        "with_body": sum(s["body"] == "yes" for s in made),
+        "with_body": sum(not s["no_body"] for s in made),
         "seconds": round(time.perf_counter() - started, 2),
         "seconds_per_subject": round(float(np.mean(seconds)), 3) if seconds else None,
         "dataset": card["counts"],
@@ -395,8 +395,8 @@ def run_job(job: JobConfig) -> dict:
     for f in failed:
         log(f"  failed {f['subject_id']} ({f['source']}): {f['reason']}")
     for s in made:
-        if s["body"] != "yes":
-            log(f"  {s['subject_id']}: rows without a body ({s['body'].removeprefix('no: ')})")
+        if s["no_body"]:
+            log(f"  {s['subject_id']}: rows without a body ({s['no_body']})")
     return summary
 
 

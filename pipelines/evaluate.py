@@ -554,7 +554,7 @@ class PairWorker:
         if not people:
             raise ValueError(f"{item['key']}: no person found to fit a body to")
         # The stored view is the network's square: the crop of the whole S x S image.
-        whole = dataclasses.replace(prepared, crop=Crop(0, 0, size, size, size, size))
+        whole = dataclasses.replace(prepared, crop=Crop.whole_square(size))
         fitted, fit = with_fitted_body(whole, people[0].landmarks, people[0].world_landmarks, view["mask"][0] > 0.5, name=item["key"])
         row["body_mask_iou"] = fit.mask_iou
         return fitted.body
@@ -609,7 +609,7 @@ def prepared_view(image: np.ndarray, mask: np.ndarray, coarse_size: int, fine_si
         name=name,
         images={size: resize_square(image, size)[0] for size in (coarse_size, fine_size)},
         mask=resize_square(mask, fine_size)[0].clamp(0, 1),
-        crop=Crop(0, 0, fine_size, fine_size, fine_size, fine_size),
+        crop=Crop.whole_square(fine_size),
         rgb=np.zeros((0, 0, 3), np.float32),
         person_box=Box(0, 0, fine_size, fine_size),
         box_source="mask",

@@ -90,11 +90,11 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(full_uri(fs, f) for f in fs.find(path) if f.endswith(suffix))
 
 
-def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet file (or the given columns of it)."""
+def read_parquet(uri: str, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
+    """One Parquet file (or the given columns of it), read as `schema` when given."""
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, columns=columns)
+        return pq.read_table(handle, columns=columns, schema=schema)
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
@@ -149,12 +149,11 @@ def read_parquet_parts(uri: str, schema: pa.Schema | None = None) -> list[pa.Tab
     warning that names it (one torn file never hides the others)."""
     fs, path = filesystem(uri)
     tables = []
-    for part in sorted(fs.glob(path.rstrip("/") + "/*.parquet")):
+    for part in sorted(full_uri(fs, p) for p in fs.glob(path.rstrip("/") + "/*.parquet")):
         try:
-            with fs.open(part, "rb") as handle:
-                tables.append(pq.read_table(handle, schema=schema))
+            tables.append(read_parquet(part, schema=schema))
         except (OSError, pa.ArrowException) as exc:
-            log.warning("skipping unreadable Parquet part %s: %s", redact(full_uri(fs, part)), redact(str(exc)))
+            log.warning("skipping unreadable Parquet part %s: %s", redact(part), redact(str(exc)))
     return tables
 
 

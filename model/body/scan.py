@@ -11,11 +11,12 @@ inference, so a training row's body carries the same kind of depth error as a fi
 from __future__ import annotations
 
 import numpy as np
+import trimesh
 
 from model.body.fit import BodyFit, FitConfig, UnusableLandmarks, fit_body
 from model.data.humans import Part, Subject
 from model.reconstruction.preprocess import Crop, pixel_to_world
-from model.data.render import View, get_renderer, rotation_x, rotation_y, studio_lighting
+from model.data.render import View, get_renderer, studio_lighting
 
 RENDER_SIZE = 512  # the person finder works at 256; the mask term at 128
 BACKGROUND_GREY = 128
@@ -37,10 +38,9 @@ def fit_scan_body(subject: Subject, finder, config: FitConfig = FitConfig(), vie
     fit = fit_body(people[0].landmarks, (size, size), mask=mask, world_landmarks=people[0].world_landmarks,
                    config=config, name=subject.subject_id)
     # Render pixels -> view frame (box units): the render frames the view's [-1, 1] square.
-    in_view = pixel_to_world(fit.vertices, Crop(0, 0, size, size, size, size))
+    in_view = pixel_to_world(fit.vertices, Crop.whole_square(size))
     scan_depth = view.apply(np.concatenate([p.vertices for p in subject.parts]).astype(np.float64))[:, 2]
     in_view[:, 2] += (scan_depth.max() + scan_depth.min() - in_view[:, 2].max() - in_view[:, 2].min()) / 2
-    rotation = rotation_x(view.pitch_deg) @ rotation_y(view.yaw_deg)
-    canonical = in_view / view.units_per_cm @ rotation  # the inverse of View.apply
+    canonical = trimesh.transform_points(in_view, np.linalg.inv(view.world_from_canonical()))
     colors = np.tile(np.asarray(BODY_COLOR, np.float32), (len(canonical), 1))
     return Part("anny", canonical.astype(np.float32), np.asarray(fit.faces, np.int32), colors), fit

@@ -86,7 +86,7 @@ def rendered_body(seed: int, family: str = "stand", yaw_deg: float = 0.0, size: 
     lighting = studio_lighting()
     render = get_renderer(size).render([part], view, lighting)
 
-    crop = Crop(0, 0, size, size, size, size)
+    crop = Crop.whole_square(size)
     vertices_px = world_to_pixel(to_view(vertices_m), crop)
     hidden = ("nose", "left_eye", "right_eye") if abs(((yaw_deg + 180) % 360) - 180) > 120 else ()  # seen from behind
     landmarks, world = _view_landmarks(to_view(points_m), crop, hidden)
@@ -119,7 +119,7 @@ def rendered_subject(seed: int, yaw_deg: float = 0.0, size: int = 512) -> Render
     view = View(yaw_deg=yaw_deg)
     lighting = studio_lighting()
     render = get_renderer(size).render(subject.parts, view, lighting)
-    crop = Crop(0, 0, size, size, size, size)
+    crop = Crop.whole_square(size)
     merged = subject.merged()
     regress = lm.anny_landmarks()
     dressed = torch.tensor(subject.parts[0].vertices, dtype=torch.float32)[None]

@@ -127,6 +127,12 @@ class Crop:
     image_width: int
     image_height: int
 
+    @classmethod
+    def whole_square(cls, size: int) -> Crop:
+        """The crop that is a whole size x size image, as renders and stored dataset views are:
+        its network frame is the view frame, [-1, 1] across the image."""
+        return cls(0, 0, size, size, size, size)
+
     @property
     def pixels_per_unit(self) -> float:
         """Original pixels per network world unit: side * (S - 1) / (2 S)."""

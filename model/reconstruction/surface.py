@@ -364,9 +364,7 @@ class SparseGrid(_GridBase):
             changed = np.concatenate([missing // BLOCK, level.blocks[first_new:]])
             touched = level.cell_owners(changed)
             rescanned, missing = level.scan(touched)
-            rescanned_block = np.zeros(level.nb**3, dtype=bool)
-            rescanned_block[_ravel(touched, level.nb - 1)] = True
-            stale = rescanned_block[_ravel(mixed // BLOCK, level.nb - 1)]
+            stale = _block_marks(touched, level.nb)[_ravel(mixed // BLOCK, level.nb - 1)]
             mixed = np.concatenate([mixed[~stale], rescanned])
         return mixed, rounds
 
@@ -623,13 +621,18 @@ def _unravel(keys, n):
     return np.stack([keys // (m * m), (keys // m) % m, keys % m], axis=1)
 
 
-def _unique_coords(coords, size):
-    """(N, 3) block coords in [0, size) -> (U, 3) unique rows, sorted x-major.
+def _block_marks(coords, size):
+    """(N, 3) block coords in [0, size) -> (size^3,) bool, True at each given block's key (`_ravel`).
 
-    Marks a dense (size^3,) table: O(N), and block grids are small (65^3 at 2048)."""
-    mark = np.zeros(size**3, dtype=bool)
-    mark[_ravel(coords, size - 1)] = True
-    return _unravel(np.flatnonzero(mark), size - 1)
+    A dense table: O(N) where sorting is O(N log N), and block grids are small (65^3 at 2048)."""
+    marks = np.zeros(size**3, dtype=bool)
+    marks[_ravel(coords, size - 1)] = True
+    return marks
+
+
+def _unique_coords(coords, size):
+    """(N, 3) block coords in [0, size) -> (U, 3) unique rows, sorted x-major."""
+    return _unravel(np.flatnonzero(_block_marks(coords, size)), size - 1)
 
 
 # The twelve edges of a cell as pairs of rows of CORNERS that differ on one axis.
