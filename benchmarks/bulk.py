@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from model.reconstruction.reconstruct import ReconstructionConfig
-from pipelines.bulk import BulkConfig, read_manifest, run_bulk
+from pipelines.bulk import BulkConfig, run_bulk
+from pipelines.formats import read_manifest
 from pipelines.checkpoints import default_checkpoint
 from pipelines.ray_runtime import connect_ray
 

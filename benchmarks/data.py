@@ -38,7 +38,7 @@ def bench_subject(subject, rng, views: int, points: int, stats: dict) -> None:
     from model.data.render import get_renderer, png_bytes, procedural_background, random_lighting, sample_views
     from model.data.sampling import SamplingConfig
     from model.data.sampling import label_views
-    from pipelines.dataset import rows_to_table, table_bytes
+    from pipelines.formats import dataset_shard_bytes
 
     renderer = get_renderer(1024)
     vs = sample_views(rng, views)
@@ -57,7 +57,7 @@ def bench_subject(subject, rng, views: int, points: int, stats: dict) -> None:
         rows.append({"subject_id": subject.subject_id, "view": 0, "image_512": enc512[0], "mask_512": enc512[1], "normal_front_512": enc512[2],
                      "normal_back_512": enc512[3], "points": p.points, "labels": p.labels, "surface_points": p.surface, "surface_normals": p.surface_normals,
                      "calib": np.eye(4, dtype=np.float32).reshape(-1), "num_points": len(p.labels)})
-    timed(stats, "parquet bytes (per subject, 512)", lambda: table_bytes(rows_to_table(rows)))
+    timed(stats, "parquet bytes (per subject, 512)", lambda: dataset_shard_bytes(rows))
 
 
 def write_scan_like_obj(folder: Path) -> Path:

@@ -27,7 +27,8 @@ from PIL import Image
 from model.person import PersonFinder, PersonFinderConfig
 from model.reconstruction.reconstruct import ReconstructionConfig
 from model.data.render import procedural_background
-from pipelines.bulk import BulkConfig, read_manifest, run_bulk
+from pipelines.bulk import BulkConfig, run_bulk
+from pipelines.formats import read_manifest
 from pipelines.checkpoints import default_checkpoint
 from pipelines.ray_runtime import connect_ray
 

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from pipelines.dataset import iter_batches
+from pipelines.formats import read_training_metrics
 from pipelines.ray_runtime import connect_ray
-from pipelines.train import TrainConfig, _optimizer, build_stage, initial_network, read_metrics, run_training, to_tensors
+from pipelines.train import TrainConfig, _optimizer, build_stage, initial_network, run_training, to_tensors
 
 
 REPORT = 5  # steps per timed block
@@ -56,7 +57,7 @@ def plain_loop(config: TrainConfig, warmup: int, steps: int) -> float:
 def ray_train(config: TrainConfig, warmup: int) -> float:
     """Median seconds per step inside the Ray Train workers over the report intervals after warm-up."""
     run_training(config)
-    metrics = read_metrics(f"{config.out}/{config.run_name}").sort_values("step")
+    metrics = read_training_metrics(f"{config.out}/{config.run_name}").sort_values("step")
     metrics = metrics[metrics["step"] >= warmup]
     return float(np.median(np.diff(metrics["seconds"]) / np.diff(metrics["step"])))
 

@@ -413,8 +413,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         return parser
 
     start = with_dir(actions.add_parser("up", help="start Prometheus and Pushgateway on 127.0.0.1"))
-    start.add_argument("--prometheus-port", type=int, default=9090)
-    start.add_argument("--pushgateway-port", type=int, default=9091)
+    start.add_argument("--prometheus-port", type=int, default=9090, help="Prometheus listens on 127.0.0.1:PORT")
+    start.add_argument("--pushgateway-port", type=int, default=9091, help="the Pushgateway listens on 127.0.0.1:PORT")
     start.add_argument("--scrape-interval", default="15s", help="Prometheus duration, e.g. 1s, 15s")
     start.add_argument(
         "--ray-temp-dir",

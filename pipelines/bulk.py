@@ -20,7 +20,7 @@ finished mesh; a re-run skips inputs whose marker has the same content hash and 
 (resume after a killed driver or worker).
 
 Manifest (Parquet, `OUT/manifest/run-<run_id>-<part>.parquet`, append-only, one row per input
-per run, or per person with `all_people`): see `MANIFEST_SCHEMA`.
+per run, or per person with `all_people`): see `pipelines.formats.MANIFEST_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -39,61 +39,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
-import pyarrow as pa
 
 from model.body.fit import FitConfig
 from model.errors import InputError
 from model.person import PersonInput, PersonOptions
 from model.reconstruction.reconstruct import MESH_FORMATS, ReconstructionConfig
+from pipelines.formats import ManifestWriter
 from pipelines.inputs import InputItem, list_inputs
 from pipelines.telemetry import BulkMetrics
-from pipelines.storage import (filesystem, join, read_parquet_parts, remove_stale_temporaries, safe_stem, write_bytes_atomic,
-                               write_parquet_atomic)
+from pipelines.storage import filesystem, join, remove_stale_temporaries, safe_stem, write_bytes_atomic
 from pipelines.uris import check_uri, redact
 
 log = logging.getLogger(__name__)
-
-# The columns every job's manifest starts with (reconstruct's here, fit's in pipelines/fit.py).
-INPUT_RESULT_FIELDS = [
-        ("run_id", pa.string()),
-        ("input_uri", pa.string()),
-        ("content_hash", pa.string()),  # sha256 of the image and its sidecars
-        ("status", pa.string()),  # ok | failed | skipped
-        ("error_class", pa.string()),
-        ("error_message", pa.string()),
-        ("mesh_uri", pa.string()),
-]
-MANIFEST_SCHEMA = pa.schema(
-    [
-        *INPUT_RESULT_FIELDS,
-        ("person_index", pa.int64()),  # rank of the person among those found (0 = most prominent)
-        ("persons_found", pa.int64()),  # people the finder found (null when it did not run)
-        ("person_score", pa.float64()),  # the reconstructed person's detection score
-        ("person_mask_area", pa.float64()),  # fraction of the image's pixels in its mask
-        ("body_uri", pa.string()),  # the fitted anny body (--body, body-guided models), else null
-        ("body_mask_iou", pa.float64()),  # its projection's IoU with the person mask
-        # Why no body could be fitted; with a body-guided checkpoint the fallback checkpoint made the mesh.
-        ("body_error", pa.string()),
-        ("preview_uri", pa.string()),
-        ("vertices", pa.int64()),
-        ("faces", pa.int64()),
-        ("bbox_min", pa.list_(pa.float64(), 3)),  # user (pixel) frame
-        ("bbox_max", pa.list_(pa.float64(), 3)),
-        ("points_evaluated", pa.int64()),
-        ("seconds_read", pa.float64()),
-        ("seconds_prepare", pa.float64()),
-        ("seconds_encode", pa.float64()),
-        ("seconds_surface", pa.float64()),
-        ("seconds_mesh", pa.float64()),
-        ("seconds_write", pa.float64()),
-        ("node", pa.string()),
-        ("worker", pa.string()),
-        ("checkpoint_id", pa.string()),
-        ("checkpoint_version", pa.string()),
-        ("finished_at", pa.timestamp("ms", tz="UTC")),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class NetworkInputs:
@@ -539,67 +496,6 @@ def finish_rows(batch: dict, reconstruction: ReconstructionConfig, mesh_format: 
 # ---- driver --------------------------------------------------------------------------------
 
 
-class ManifestWriter:
-    """Appends manifest rows to Parquet parts, one every `flush_rows` rows or `flush_seconds`.
-
-    `constants` are set on every row (e.g. {"checkpoint_version": ...}; a plain string is the
-    checkpoint version); `schema` defaults to the reconstruction manifest's (`pipelines.fit`
-    has its own).
-    """
-
-    def __init__(self, output: str, run_id: str, flush_rows: int, constants: dict | str,
-                 schema: pa.Schema = MANIFEST_SCHEMA, flush_seconds: float = 60.0):
-        self.folder = join(output, "manifest")
-        self.run_id = run_id
-        self.flush_rows = flush_rows
-        self.flush_seconds = flush_seconds
-        self.constants = {"checkpoint_version": constants} if isinstance(constants, str) else dict(constants)
-        self.schema = schema
-        self.pending: list[dict] = []
-        self.files: list[str] = []
-        self.last_flush = time.monotonic()
-
-    def add(self, record: dict) -> dict:
-        row = {name: record.get(name) for name in self.schema.names}
-        row.update(self.constants)
-        finished_at = record.get("finished_at")  # the row's own finishing time (`_batch`)
-        if isinstance(finished_at, datetime):
-            row["finished_at"] = finished_at
-        else:
-            row["finished_at"] = datetime.fromtimestamp(finished_at or time.time(), timezone.utc)
-        for column in self.schema:
-            value = row[column.name]
-            if value is None:
-                continue
-            if pa.types.is_integer(column.type):
-                row[column.name] = int(value)
-            elif pa.types.is_list(column.type) and any(v is None or v != v for v in value):
-                row[column.name] = None  # a NaN bounding box (empty mesh) is stored as missing
-        self.pending.append(row)
-        if len(self.pending) >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
-            self.flush()
-        return row
-
-    def flush(self) -> None:
-        self.last_flush = time.monotonic()
-        if not self.pending:
-            return
-        uri = join(self.folder, f"run-{self.run_id}-{len(self.files):05d}.parquet")
-        write_parquet_atomic(uri, pa.Table.from_pylist(self.pending, schema=self.schema))
-        self.files.append(uri)
-        self.pending = []
-
-
-def read_manifest(output: str, schema: pa.Schema = MANIFEST_SCHEMA):
-    """All manifest rows of an output folder as a pandas DataFrame (every run; unreadable parts skipped)."""
-    import pandas as pd
-
-    tables = read_parquet_parts(join(output, "manifest"), schema=schema)
-    if not tables:
-        return pd.DataFrame(columns=schema.names)
-    return pa.concat_tables(tables).to_pandas()
-
-
 def check_writable(output: str) -> None:
     """InputError unless a file can be written and removed under `output` (before any compute)."""
     probe = join(output, f".write-check-{uuid.uuid4().hex[:8]}")
@@ -816,11 +712,11 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     start = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     local_checkpoint = fetch_checkpoint(config.checkpoint)
-    _, net_config, metadata = read_checkpoint(local_checkpoint)  # fail fast on a bad checkpoint
+    _, net_config, metadata = read_checkpoint(local_checkpoint, tensors=False)  # fail fast on a bad header
     checkpoint_id, checkpoint_version = checkpoint_identity(local_checkpoint, metadata)
     network = NetworkInputs((net_config.coarse_size, net_config.fine_size), net_config.body_guided)
     if config.fallback_checkpoint is not None:
-        _, fallback, _ = read_checkpoint(fetch_checkpoint(config.fallback_checkpoint))
+        _, fallback, _ = read_checkpoint(fetch_checkpoint(config.fallback_checkpoint), tensors=False)
         if fallback.body_guided or (fallback.coarse_size, fallback.fine_size) != network.sizes:
             raise CheckpointError(f"fallback checkpoint {redact(config.fallback_checkpoint)}: it must take no body input and "
                                   f"the same input sizes {network.sizes} as the job's checkpoint")

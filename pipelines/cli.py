@@ -29,7 +29,7 @@ def _checkpoint_inspect(args: argparse.Namespace) -> int:
 
     from model.network.pifuhd import PIFuHD
 
-    state, config, metadata = read_checkpoint(args.path)
+    state, config, metadata = read_checkpoint(args.path, tensors=False)
     with torch.device("meta"):
         counts = PIFuHD(config).parameter_counts()
     report = {
@@ -64,14 +64,13 @@ def _checkpoint_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reconstruct(args: argparse.Namespace) -> int:
+def _reconstruct_config(args: argparse.Namespace):
     from model.person import PersonOptions
     from model.reconstruction.reconstruct import ReconstructionConfig
-    from pipelines.bulk import BulkConfig, run_bulk
-    from pipelines.ray_runtime import connect_ray
+    from pipelines.bulk import BulkConfig
     from pipelines.checkpoints import SHIPPED_PLAIN_CHECKPOINT, default_checkpoint
 
-    config = build_config(
+    return build_config(
         BulkConfig,
         inputs=tuple(args.inputs),
         output=args.output,
@@ -94,17 +93,23 @@ def _reconstruct(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         pushgateway=args.pushgateway,
     )
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from pipelines.bulk import run_bulk
+    from pipelines.ray_runtime import connect_ray
+
+    config = _reconstruct_config(args)
     if not args.in_process:
         connect_ray(args.address)
     summary = run_bulk(config, in_process=args.in_process, progress=not args.quiet)
     return summary.print_report(args.fail_on_error)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from pipelines.ray_runtime import connect_ray
-    from pipelines.train import TrainConfig, describe, run_training
+def _train_config(args: argparse.Namespace):
+    from pipelines.train import TrainConfig
 
-    config = build_config(
+    return build_config(
         TrainConfig,
         stage=args.stage, data=args.data, out=args.out, name=args.name or "", preset=args.preset, init=args.init,
         workers=args.workers, cpus_per_worker=args.cpus_per_worker,
@@ -116,6 +121,13 @@ def _train(args: argparse.Namespace) -> int:
         grey_composite=args.grey_composite, z_size=args.z_size, body_guided=args.body_guided,
         max_failures=args.max_failures, pushgateway=args.pushgateway,
     )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipelines.ray_runtime import connect_ray
+    from pipelines.train import describe, run_training
+
+    config = _train_config(args)
     connect_ray(args.address, log_to_driver=True)
     print(describe(run_training(config)))
     return 0
@@ -168,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("-o", "--output", required=True, type=uri_argument, help="output folder or s3:// prefix")
     recon.add_argument("--checkpoint", type=uri_argument, help="pifuhd.pt or project checkpoint, local or s3:// (default: the shipped model)")
     recon.add_argument("--resolution", type=int, default=256, help="grid cells per axis (32 x 2^k; default 256)")
-    recon.add_argument("--method", choices=("sparse", "dense"), default="sparse")
+    recon.add_argument("--method", choices=("sparse", "dense"), default="sparse",
+                       help="sparse: query only near the surface, coarse to fine; dense: every grid point (a reference)")
     recon.add_argument("--dilation", type=int, help="sparse: also query a ring of K cells around the surface band")
     recon.add_argument("--person", choices=("auto", "sidecar", "off"), default="auto",
                        help="auto: a mask or alpha when given, else the person finder (a rect or keypoints still fix the "
@@ -182,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--body", action="store_true",
                        help="also fit the anny body to each person and write NAME_body.FORMAT (always on for a "
                        "body-guided model, which reads it)")
-    recon.add_argument("--format", choices=("obj", "ply", "glb"), default="obj")
+    recon.add_argument("--format", choices=("obj", "ply", "glb"), default="obj", help="mesh file format")
     recon.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="network arithmetic; auto: bf16 where the CPU (avx512_bf16, AMX) or GPU has it natively "
                        "(~2x faster, the mesh moves < 0.1 voxel), else fp32")
@@ -199,10 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT during the run")
     recon.add_argument("--pushgateway", help="push metrics to this Pushgateway (host:port) at the end")
     recon.add_argument("--quiet", action="store_true", help="no progress bar")
-    recon.set_defaults(handler=_reconstruct)
+    recon.set_defaults(handler=_reconstruct, config=_reconstruct_config)
 
     train = commands.add_parser("train", help="train one stage (normal, coarse, fine) with Ray Train")
-    train.add_argument("--stage", required=True, choices=("normal", "coarse", "fine"))
+    train.add_argument("--stage", required=True, choices=("normal", "coarse", "fine"),
+                       help="what to train: the normal nets, the coarse level, or the fine level on a trained coarse one")
     train.add_argument("--data", required=True, type=uri_argument, help="dataset URI (pifuhd data synth/scans output)")
     train.add_argument("-o", "--out", "--output", dest="out", required=True, type=uri_argument, help="storage root, local or s3://; the run lives in OUT/NAME")
     train.add_argument("--name", help="run name (default PRESET-STAGE); the same name again resumes")
@@ -213,14 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPUs Ray reserves per worker; below 1 leaves some for the tasks reading the data")
     train.add_argument("--threads", type=int, help="torch threads per worker (default: one per CPU Ray reserves)")
     train.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
-    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--steps", type=int, default=1000, help="optimiser steps")
     train.add_argument("--batch-size", type=int, default=2, help="samples per worker per step")
     train.add_argument("--points", type=int, default=4096, help="query points per sample per step")
-    train.add_argument("--optimizer", choices=("rmsprop", "adam"), default="rmsprop")
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--optimizer", choices=("rmsprop", "adam"), default="rmsprop", help="optimiser (PIFuHD used RMSprop)")
+    train.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     train.add_argument("--lr-decay-steps", type=int, nargs="*", help="multiply the learning rate by 0.1 at these steps")
-    train.add_argument("--checkpoint-every", type=int, default=100)
-    train.add_argument("--validate-every", type=int, default=100)
+    train.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (a resume starts from the last)")
+    train.add_argument("--validate-every", type=int, default=100, help="steps between validation meshes and metrics")
     train.add_argument("--val-resolution", type=int, default=64, help="grid resolution of validation meshes")
     train.add_argument("--predicted-normals", action="store_true", help="coarse and fine stages: train on predicted normal maps")
     train.add_argument("--grey-composite", type=float, default=0.5,
@@ -232,11 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="coarse and fine stages: the body-guided variant (the MLP also reads the distance to "
                        "and normal of a body fitted to the photo; trained on the data's true bodies, disturbed)")
     train.add_argument("--vgg-weights", help="normal stage: VGG19 weights file enabling the perceptual loss")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="fixes initial weights, data order and point draws")
     train.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint")
     train.add_argument("--pushgateway", help="push training metrics to this Pushgateway (host:port)")
     train.add_argument("--address", help="Ray cluster address (default: a private local instance)")
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=_train, config=_train_config)
 
     from cluster.jobs import register_cli as register_jobs
     from cluster.metrics_stack import register_cli as register_metrics
@@ -251,7 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     register_report(commands)
     register_jobs(commands)
     register_metrics(commands)
+    _show_defaults(parser)
     return parser
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default, where there is one to show and the text does not
+    already say it (the default itself lives once: in the option, which tests hold to the config)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default not in (None, False, argparse.SUPPRESS) and "default" not in text
+                and "%(default)" not in text):
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+            text += f" (default: {shown})"
+        return text
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _DefaultsFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
 
 
 def _version() -> str:

@@ -140,8 +140,8 @@ def _id_key(subject_id: str) -> int:
 
 
 def subject_rows(subject, split: str, source: str, rng: np.random.Generator, settings: SampleSettings) -> list[dict]:
-    """Render and label every view of one subject: a list of rows of pipelines.dataset.SCHEMA."""
-    from pipelines import dataset as fmt
+    """Render and label every view of one subject: a list of rows of `pipelines.formats.DATASET_SCHEMA`."""
+    from pipelines.formats import DATASET_SCHEMA_VERSION
     from model.data.render import get_renderer, image_background, network_calib, png_bytes, procedural_background, random_lighting, sample_views
     from model.data.sampling import label_views
 
@@ -166,7 +166,7 @@ def subject_rows(subject, split: str, source: str, rng: np.random.Generator, set
         full = renderer.render(subject.parts, view, lighting, background)
         half = full.downsample()
         row = {
-            "schema_version": fmt.SCHEMA_VERSION,
+            "schema_version": DATASET_SCHEMA_VERSION,
             "subject_id": subject.subject_id,
             "view": index,
             "split": split,
@@ -257,7 +257,7 @@ class SubjectWorker:
             load_body_model()
 
     def __call__(self, batch: dict) -> dict:
-        from pipelines import dataset as fmt, storage
+        from pipelines import dataset as fmt, formats, storage
 
         job, s = self.job, self.job.settings
         ids = list(batch["subject_id"])
@@ -298,7 +298,7 @@ class SubjectWorker:
         for split, rows in by_split.items():
             name = hashlib.sha1(",".join(sorted({r["subject_id"] for r in rows})).encode()).hexdigest()[:16]
             shard = storage.join(job.out, "shards", split, f"part-{name}.parquet")
-            storage.write_bytes_atomic(shard, fmt.table_bytes(fmt.rows_to_table(rows)))
+            storage.write_bytes_atomic(shard, formats.dataset_shard_bytes(rows))
         return {k: np.array(v, dtype=object if k in ("subject_id", "split", "reason", "source", "no_body") else None) for k, v in status.items()}
 
 
@@ -414,9 +414,9 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-share", type=float, default=None, help="share of points on camera rays through the surface (default 0.2)")
     p.add_argument("--pitch-jitter", type=float, default=5.0, help="max |pitch| in degrees")
     p.add_argument("--backgrounds", default=None, help="folder of background images (default: procedural)")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--test-fraction", type=float, default=0.05)
-    p.add_argument("--subjects-per-shard", type=int, default=4)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of subjects in the validation split")
+    p.add_argument("--test-fraction", type=float, default=0.05, help="share of subjects in the test split")
+    p.add_argument("--subjects-per-shard", type=int, default=4, help="subjects per Parquet shard (one unit of work)")
     p.add_argument("--workers", type=int, default=None, help="actors (default: one per CPU)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a private local instance)")
 
@@ -435,25 +435,26 @@ def _settings(args) -> SampleSettings:
     )
 
 
-def _run_synth(args) -> int:
-    job = build_config(
+def _synth_job(args) -> JobConfig:
+    return build_config(
         JobConfig,
         out=args.out, kind="synth", seed=args.seed, settings=_settings(args), count=args.count,
         human=_human_config(children=args.children), subjects_per_shard=args.subjects_per_shard,
         workers=args.workers, address=args.address,
     )
-    run_job(job)
-    return 0
 
 
-def _run_scans(args) -> int:
-    job = build_config(
+def _scans_job(args) -> JobConfig:
+    return build_config(
         JobConfig,
         out=args.out, kind="scans", seed=args.seed, settings=_settings(args), inputs=tuple(args.inputs),
         scan=_scan_config(up_axis=args.up_axis, fit_body=args.fit_body), subjects_per_shard=args.subjects_per_shard,
         workers=args.workers, address=args.address,
     )
-    run_job(job)
+
+
+def _run(args) -> int:
+    run_job(args.config(args))
     return 0
 
 
@@ -465,12 +466,12 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     synth.add_argument("--count", type=int, required=True, help="number of subjects")
     synth.add_argument("--children", action="store_true", help="also draw children (a quarter of subjects)")
     _common_arguments(synth)
-    synth.set_defaults(handler=_run_synth)
+    synth.set_defaults(handler=_run, config=_synth_job)
     scans = actions.add_parser("scans", help="real scans: OBJ(+MTL+texture), PLY (vertex colours), GLB")
     scans.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", type=uri_argument, help="mesh files or folders holding them")
     scans.add_argument("--up-axis", choices=("y", "z"), default="y", help="the scans' up axis (default y)")
     scans.add_argument("--no-body", dest="fit_body", action="store_false",
                        help="do not fit the anny body to each scan's front render (rows then carry no body)")
     _common_arguments(scans)
-    scans.set_defaults(handler=_run_scans)
+    scans.set_defaults(handler=_run, config=_scans_job)
     return data

@@ -1,9 +1,9 @@
-"""The training-data format: Parquet shards on any filesystem, their writer helpers and the reader.
+"""Training data on any filesystem: its layout, writer helpers and reader (schema: `pipelines.formats`).
 
 Layout under a dataset URI (a local folder or s3://bucket/prefix):
 
     dataset.json                  the card: counts, splits, generator settings (see `write_card`)
-    shards/{split}/part-*.parquet one row per (subject, view), SCHEMA below; split = train|val|test
+    shards/{split}/part-*.parquet one row per (subject, view), DATASET_SCHEMA; split = train|val|test
     meshes/{subject_id}.ply       the ground-truth mesh per subject, canonical frame (cm, y up,
                                   facing +z, centred, 180 cm), vertex colours; a row's
                                   `view_from_canonical` maps it into that row's view frame
@@ -31,44 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.formats import DATASET_FAILURE_SCHEMA, DATASET_SCHEMA_VERSION, SPLITS
 from pipelines.storage import join  # noqa: F401 - part of this module's API (fmt.join)
 from pipelines.uris import check_uri
 
-SCHEMA_VERSION = 1
-SPLITS = ("train", "val", "test")
-IMAGE_KINDS = ("image", "mask", "normal_front", "normal_back")
-
 if TYPE_CHECKING:
     import ray
-
-_f32_list = pa.list_(pa.float32())
-SCHEMA = pa.schema(
-    [
-        ("schema_version", pa.int16()),
-        ("subject_id", pa.string()),
-        ("view", pa.int16()),
-        ("split", pa.string()),
-        ("source", pa.string()),  # "synth" or the scan's URI
-        ("yaw_deg", pa.float32()),
-        ("pitch_deg", pa.float32()),
-        ("units_per_cm", pa.float32()),
-        ("calib", _f32_list),  # 16, row-major (4, 4)
-        ("view_from_canonical", _f32_list),  # 16, row-major (4, 4): GT mesh (cm) -> this view
-        ("lighting_sh", _f32_list),  # 27, (9, 3) SH radiance coefficients
-        ("background", pa.string()),
-        *[(f"{k}_512", pa.binary()) for k in IMAGE_KINDS],
-        *[(f"{k}_1024", pa.binary()) for k in IMAGE_KINDS],  # null when rendered at 512 only
-        ("num_points", pa.int32()),
-        ("points", _f32_list),  # num_points * 3, xyz interleaved: (N, 3) row-major, view frame
-        ("labels", pa.list_(pa.uint8())),  # num_points, 1 inside
-        ("surface_points", _f32_list),  # M * 3, points on the surface (view frame)
-        ("surface_normals", _f32_list),  # M * 3, their unit outward normals
-        ("mesh_path", pa.string()),  # relative to the dataset root
-        # Synthetic subjects: the body under the clothes at every labelled point (null for scans):
-        ("body_sdf", _f32_list),  # num_points, signed distance in box units, negative inside the body
-        ("body_normals", _f32_list),  # num_points * 3, outward normal of the closest body face
-    ]
-)
 
 
 # ---- locations ------------------------------------------------------------------------------
@@ -103,31 +71,6 @@ def subject_split(subject_id: str, seed: int, val_fraction: float = 0.05, test_f
 
 
 # ---- writing ----------------------------------------------------------------------------------
-
-
-def rows_to_table(rows: list[dict]) -> pa.Table:
-    """Rows (dicts with numpy arrays for list columns) -> a table of SCHEMA."""
-    columns = {}
-    for field in SCHEMA:
-        values = [r.get(field.name) for r in rows]
-        if pa.types.is_list(field.type):
-            values = [None if v is None else np.asarray(v).reshape(-1) for v in values]
-            dtype = field.type.value_type.to_pandas_dtype()
-            offsets = np.cumsum([0] + [0 if v is None else len(v) for v in values]).astype(np.int32)
-            flat = np.concatenate([v.astype(dtype) for v in values if v is not None]) if any(v is not None for v in values) else np.zeros(0, dtype)
-            mask = pa.array([v is None for v in values])
-            columns[field.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=field.type.value_type), mask=mask)
-        else:
-            columns[field.name] = pa.array(values, type=field.type)
-    return pa.Table.from_pydict(columns, schema=SCHEMA)
-
-
-def table_bytes(table: pa.Table) -> bytes:
-    """Parquet bytes; one row group per shard keeps a shard one unit of work for readers."""
-    sink = pa.BufferOutputStream()
-    # Images are PNG already and points are noise: compression buys little, zstd stays cheap.
-    pq.write_table(table, sink, compression="zstd", row_group_size=max(len(table), 1))
-    return sink.getvalue().to_pybytes()
 
 
 def ply_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> bytes:
@@ -168,9 +111,6 @@ def shard_counts(uri: str) -> dict:
     return {s: {"subjects": sorted(c["subjects"]), "rows": c["rows"], "shards": c["shards"]} for s, c in counts.items()}
 
 
-FAILURE_SCHEMA = pa.schema([("subject_id", pa.string()), ("source", pa.string()), ("reason", pa.string()), ("time", pa.string())])
-
-
 def update_failures(uri: str, failed: list[dict], succeeded: set[str]) -> int:
     """Merge this run's failures into failures.parquet (latest reason per subject; subjects that
     now succeeded are dropped). Returns the number of failed subjects recorded."""
@@ -186,7 +126,7 @@ def update_failures(uri: str, failed: list[dict], succeeded: set[str]) -> int:
         table.pop(sid, None)
     rows = sorted(table.values(), key=lambda r: r["subject_id"])
     if rows or storage.exists(path):
-        storage.write_parquet_atomic(path, pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA))
+        storage.write_parquet_atomic(path, pa.Table.from_pylist(rows, schema=DATASET_FAILURE_SCHEMA))
     return len(rows)
 
 
@@ -205,7 +145,7 @@ def write_card(uri: str, kind: str, settings: dict, split_seed: int, fractions: 
     previous = read_card(uri) or {}
     counts = shard_counts(uri)
     card = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": DATASET_SCHEMA_VERSION,
         "kind": kind,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "frame": {

@@ -67,6 +67,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 from pipelines import exit_codes, storage
+from pipelines.exit_codes import build_config
+from pipelines.formats import beats_baseline, summarize, write_results
 from pipelines.uris import uri_argument
 
 log = logging.getLogger(__name__)
@@ -74,16 +76,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
 MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".off", ".stl")
 MODES = ("checkpoint", "folder", "manifest")
-# The per-pair metrics, in the order tables show them; lower is better except where noted.
-METRICS = ("chamfer_cm", "p2s_cm", "s2p_cm", "normal_consistency", "normal_image_error", "fscore_1cm", "fscore_2cm",
-           "depth_ratio")
 BASELINES = ("silhouette",)
 # Where a body-guided checkpoint's per-view body comes from: "fitted" to the view's image (person
 # finder landmarks, stored mask: what the product does), or the subject's "true" body (the bound).
 BODY_SOURCES = ("fitted", "true")
-HIGHER_IS_BETTER = ("normal_consistency", "fscore_1cm", "fscore_2cm")
-# depth_ratio: the prediction's extent along z (toward the camera) over the truth's, 2nd to 98th
-# percentile of surface samples; 1 is right, a blob from the silhouette alone is well above 1.
 _BULK_SUFFIX = re.compile(r"-[0-9a-f]{10}$")
 
 
@@ -157,44 +153,6 @@ class EvalResult:
 
     def line(self) -> str:
         return format_summary(self.summary)
-
-
-def result_schema():
-    """The Parquet schema of OUT/results.parquet: one row per evaluated pair."""
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("run_id", pa.string()),
-            ("mode", pa.string()),  # checkpoint | folder | manifest
-            ("key", pa.string()),  # unique per row: the stem, or SUBJECT-viewN (+ "-BASELINE" for baseline rows)
-            ("method", pa.string()),  # "model", or the baseline's name
-            ("subject_id", pa.string()),
-            ("view", pa.int32()),  # dataset view index (checkpoint mode), else null
-            ("status", pa.string()),  # ok | failed
-            ("error_class", pa.string()),
-            ("error_message", pa.string()),
-            ("pred_uri", pa.string()),  # the compared prediction (checkpoint mode: the mesh written)
-            ("gt_uri", pa.string()),
-            ("preview_uri", pa.string()),  # input | normals | mesh strip (bulk's or ours), if any
-            ("comparison_uri", pa.string()),  # normal renders: truth (top) over prediction (bottom)
-            *[(name, pa.float64()) for name in METRICS],
-            ("normal_image_error_views", pa.list_(pa.float64())),  # per yaw 0/90/180/270
-            ("icp", pa.bool_()),
-            ("icp_rotation_deg", pa.float64()),  # angle of the rotation ICP applied
-            ("icp_translation_cm", pa.float64()),
-            ("icp_rms_cm", pa.float64()),
-            ("pred_vertices", pa.int64()),
-            ("pred_faces", pa.int64()),
-            ("gt_faces", pa.int64()),
-            ("num_samples", pa.int64()),
-            ("checkpoint_id", pa.string()),
-            ("body_source", pa.string()),  # body-guided checkpoints: "fitted" or "true", else null
-            ("body_mask_iou", pa.float64()),  # a fitted body's IoU with the view's mask
-            ("seconds", pa.float64()),
-            ("finished_at", pa.timestamp("ms", tz="UTC")),
-        ]
-    )
 
 
 # ---- what to compare -----------------------------------------------------------------------
@@ -305,7 +263,7 @@ def _text(value) -> str | None:
 def manifest_items(output: str, gt_meshes: dict[str, str]) -> tuple[list[dict], int]:
     """(one item per GT mesh, manifest inputs without a GT) pairing the latest manifest row of
     each input with the GT mesh of the input's file-name stem."""
-    from pipelines.bulk import read_manifest
+    from pipelines.formats import read_manifest
 
     manifest = read_manifest(output)
     latest: dict[str, dict] = {}
@@ -656,44 +614,6 @@ def _json_default(value):
 # ---- summary -------------------------------------------------------------------------------
 
 
-def summarize(table) -> dict:
-    """The model's rows summarised (`summarize_rows`), and each baseline's under "baselines"."""
-    methods = table["method"].fillna("model") if len(table) and "method" in table else None
-    if methods is None:
-        return summarize_rows(table)
-    summary = summarize_rows(table[methods == "model"])
-    summary["baselines"] = {str(m): summarize_rows(table[methods == m]) for m in sorted(set(methods) - {"model"})}
-    return summary
-
-
-def beats_baseline(summary: dict, name: str) -> dict:
-    """Model / baseline ratios of the mean Chamfer and P2S, and whether both are below 1."""
-    base = summary["baselines"][name]["metrics"]
-    ratios = {}
-    for metric in ("chamfer_cm", "p2s_cm"):
-        a, b = summary["metrics"][metric]["mean"], base[metric]["mean"]
-        ratios[metric] = a / b if a is not None and b else None
-    return {"ratios": ratios, "beats": all(r is not None and r < 1 for r in ratios.values())}
-
-
-def summarize_rows(table) -> dict:
-    """ok / failed counts, failure classes, and mean / median / n of each metric over ok rows."""
-    ok = table[table["status"] == "ok"] if len(table) else table
-    failed = table[table["status"] != "ok"] if len(table) else table
-    metrics = {}
-    for name in METRICS:
-        values = ok[name].to_numpy(dtype=float) if len(ok) else np.zeros(0)
-        values = values[np.isfinite(values)]
-        metrics[name] = {
-            "mean": float(values.mean()) if len(values) else None,
-            "median": float(np.median(values)) if len(values) else None,
-            "count": int(len(values)),
-        }
-    reasons = failed["error_class"].fillna("unknown").value_counts().to_dict() if len(failed) else {}
-    return {"pairs": int(len(table)), "ok": int(len(ok)), "failed": int(len(failed)), "metrics": metrics,
-            "failures": {str(k): int(v) for k, v in reasons.items()}}
-
-
 def format_summary(summary: dict) -> str:
     """The summary as a plain-text table; each baseline's mean and median beside the model's."""
     baselines = summary.get("baselines") or {}
@@ -725,27 +645,6 @@ def protocol_line(config: EvalConfig) -> str:
     nie = f"normal image {config.normal_image_size}px x4 yaws" if config.normal_image_size else "no normal image"
     return (f"PIFuHD protocol: {config.num_samples} samples, P2S prediction->GT, cm, {nie}, "
             f"ICP {'on' if config.icp else 'off'}")
-
-
-def write_results(rows: list[dict], out: str) -> tuple[str, object]:
-    """Write OUT/results.parquet (replacing an earlier one); returns (its URI, the pandas table)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = result_schema()
-    clean = []
-    for row in rows:
-        record = {name: row.get(name) for name in schema.names}
-        for name in METRICS + ("icp_rotation_deg", "icp_translation_cm", "icp_rms_cm", "seconds"):
-            value = record[name]
-            record[name] = None if value is None else float(value)
-        clean.append(record)
-    table = pa.Table.from_pylist(clean, schema=schema)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    uri = storage.join(out, "results.parquet")
-    storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
-    return uri, table.to_pandas()
 
 
 # ---- driver --------------------------------------------------------------------------------
@@ -796,7 +695,7 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
         except Exception as exc:
             raise FileNotFoundError(f"no --pred given and this installation ships no checkpoint ({exc})") from exc
         local = fetch_checkpoint(checkpoint)
-        _, _, metadata = read_checkpoint(local)  # a bad checkpoint stops the job before any work
+        _, _, metadata = read_checkpoint(local, tensors=False)  # a bad checkpoint stops the job before any work
         checkpoint_id, _ = checkpoint_identity(local, metadata)
         if not is_dataset(config.gt):
             raise FileNotFoundError(f"--gt {config.gt}: checkpoint mode needs a dataset (pifuhd data synth|scans output)")
@@ -840,16 +739,21 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
 # ---- command line --------------------------------------------------------------------------
 
 
+def _config(args: argparse.Namespace) -> EvalConfig:
+    return build_config(
+        EvalConfig,
+        pred=args.pred, gt=args.gt, out=args.output, split=args.split, icp=args.icp, num_samples=args.num_samples,
+        resolution=args.resolution, scale=args.scale, normal_image_size=args.normal_image_size, seed=args.seed,
+        limit=args.limit, workers=args.workers, address=args.address, baseline=args.baseline, bodies=args.bodies,
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     from model.errors import PifuhdError
     from pipelines.ray_runtime import connect_ray
 
+    config = _config(args)
     try:
-        config = EvalConfig(
-            pred=args.pred, gt=args.gt, out=args.output, split=args.split, icp=args.icp, num_samples=args.num_samples,
-            resolution=args.resolution, scale=args.scale, normal_image_size=args.normal_image_size, seed=args.seed,
-            limit=args.limit, workers=args.workers, address=args.address, baseline=args.baseline, bodies=args.bodies,
-        )
         if not args.in_process:
             connect_ray(args.address)
         result = run_evaluation(config, in_process=args.in_process, progress=not args.quiet)
@@ -895,5 +799,5 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--in-process", action="store_true", help="evaluate in this process, without Ray")
     parser.add_argument("--fail-on-error", action="store_true", help="exit 3 if any pair failed")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(handler=_run)
+    parser.set_defaults(handler=_run, config=_config)
     return parser

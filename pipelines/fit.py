@@ -27,44 +27,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
-import pyarrow as pa
 
 from model.body.export import MESH_FORMATS
 from model.body.fit import FitConfig
 from model.errors import InputError
 from pipelines.bulk import (
-    INPUT_RESULT_FIELDS, MAX_IMAGE_BYTES, MAX_TEXT_SIDECAR_BYTES, ManifestWriter, Summary, _batch, _fail, _finished_marker,
+    MAX_IMAGE_BYTES, MAX_TEXT_SIDECAR_BYTES, Summary, _batch, _fail, _finished_marker,
     _read, _rows, _where,
 )
+from pipelines.formats import FIT_MANIFEST_SCHEMA, ManifestWriter
 from pipelines.inputs import InputItem, list_inputs
 from pipelines.exit_codes import build_config
 from pipelines.uris import uri_argument
 from pipelines.storage import join, redact, safe_stem, write_bytes_atomic
-
-FIT_MANIFEST_SCHEMA = pa.schema(
-    [
-        *INPUT_RESULT_FIELDS,
-        ("params_uri", pa.string()),  # STEM_body.json
-        ("rigged_uri", pa.string()),
-        ("vertices", pa.int64()),
-        ("faces", pa.int64()),
-        ("bbox_min", pa.list_(pa.float64(), 3)),  # pixel frame
-        ("bbox_max", pa.list_(pa.float64(), 3)),
-        ("mask_iou", pa.float64()),
-        ("landmark_error_px", pa.float64()),
-        ("low_quality", pa.bool_()),
-        ("quality_note", pa.string()),
-        ("landmark_source", pa.string()),
-        ("seconds_read", pa.float64()),
-        ("seconds_fit", pa.float64()),
-        ("seconds_write", pa.float64()),
-        ("node", pa.string()),
-        ("worker", pa.string()),
-        ("fitter_id", pa.string()),  # hash of the fit settings and the anny version
-        ("finished_at", pa.timestamp("ms", tz="UTC")),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class FitJobConfig:
@@ -286,14 +261,13 @@ def register_cli(commands) -> None:
     fit.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     fit.add_argument("--in-process", action="store_true", help="run the same stage in this process, without Ray")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
-    fit.set_defaults(handler=_fit_command)
+    fit.set_defaults(handler=_fit_command, config=_fit_config)
 
 
-def _fit_command(args) -> int:
+def _fit_config(args) -> FitJobConfig:
     from model.data.humans import ADULT_AGE, CHILD_AGE
-    from pipelines.ray_runtime import connect_ray
 
-    config = build_config(
+    return build_config(
         FitJobConfig,
         inputs=tuple(args.inputs),
         output=args.output,
@@ -302,6 +276,12 @@ def _fit_command(args) -> int:
         rigged=args.rigged,
         overwrite=args.overwrite,
     )
+
+
+def _fit_command(args) -> int:
+    from pipelines.ray_runtime import connect_ray
+
+    config = _fit_config(args)
     if not args.in_process:
         connect_ray(args.address)
     summary = run_fit(config, in_process=args.in_process, progress=not args.quiet)

@@ -82,18 +82,14 @@ def _kind_of_table(columns) -> str | None:
 def load_sources(uri: str) -> list[Source]:
     """The sources one input holds (a folder may hold several); ValueError if none."""
     import pandas as pd
-    import pyarrow.parquet as pq
-
-    from pipelines.bulk import read_manifest
-    from pipelines.train import read_metrics
+    from pipelines.formats import read_manifest, read_results, read_training_metrics
 
     fs, path = storage.filesystem(uri)
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     if not fs.exists(path):
         raise FileNotFoundError(f"{uri}: no such file or folder")
     if not fs.isdir(path):
-        with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle).to_pandas()
+        table = storage.read_parquet(uri).to_pandas()
         kind = _kind_of_table(table.columns)
         if kind is None:
             raise ValueError(f"{uri}: not a manifest, evaluation results or training metrics table")
@@ -102,15 +98,14 @@ def load_sources(uri: str) -> list[Source]:
     if fs.isdir(path + "/manifest"):
         sources.append(Source("manifest", uri, read_manifest(uri), name))
     if fs.exists(path + "/results.parquet"):
-        with fs.open(path + "/results.parquet", "rb") as handle:
-            sources.append(Source("evaluation", uri, pq.read_table(handle).to_pandas(), name))
+        sources.append(Source("evaluation", uri, read_results(uri), name))
     runs = [uri] if fs.isdir(path + "/metrics") else []
     if not sources and not runs:
         # A training storage root: one run per sub-folder.
         runs = [storage.join(uri, p.rstrip("/").rsplit("/", 1)[-1]) for p in sorted(fs.ls(path, detail=False))
                 if fs.isdir(p + "/metrics")]
     for run in runs:
-        table = read_metrics(run)
+        table = read_training_metrics(run)
         if len(table):
             sources.append(Source("training", run, pd.DataFrame(table), run.rstrip("/").rsplit("/", 1)[-1]))
     if not sources:
@@ -410,7 +405,7 @@ def _failures_table(table) -> str:
 
 def evaluation_section(source: Source, config: ReportConfig, page: Page) -> str:
     """Summary, metric distributions, failures and the worst cases of one evaluation."""
-    from pipelines.evaluate import HIGHER_IS_BETTER, METRICS, beats_baseline, summarize
+    from pipelines.formats import HIGHER_IS_BETTER, METRICS, beats_baseline, summarize
 
     table = source.table
     parts = [f"<h2>Evaluation: {_esc(source.uri)}</h2>"]
@@ -587,7 +582,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", type=uri_argument)
     parser.add_argument("-o", "--output", required=True, type=uri_argument, help="the HTML file to write (local or s3://)")
-    parser.add_argument("--title", default="pifuhd-ray report")
+    parser.add_argument("--title", default="pifuhd-ray report", help="the page title")
     parser.add_argument("--worst", type=int, default=8, help="worst evaluation cases to show with images (default 8)")
     parser.set_defaults(handler=_run)
     return parser

@@ -137,11 +137,16 @@ def remove_stale_temporaries(root: str, max_age_s: float = 3600.0) -> int:
     return removed
 
 
-def write_parquet_atomic(uri: str, table: pa.Table) -> None:
-    """Write a Parquet file whole (`write_bytes_atomic`): a crash leaves no truncated part."""
+def parquet_bytes(table: pa.Table, **options) -> bytes:
+    """A table as Parquet file bytes; `options` go to `pyarrow.parquet.write_table`."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    write_bytes_atomic(uri, buffer.getvalue())
+    pq.write_table(table, buffer, **options)
+    return buffer.getvalue()
+
+
+def write_parquet_atomic(uri: str, table: pa.Table, **options) -> None:
+    """Write a Parquet file whole (`write_bytes_atomic`): a crash leaves no truncated part."""
+    write_bytes_atomic(uri, parquet_bytes(table, **options))
 
 
 def read_parquet_parts(uri: str, schema: pa.Schema | None = None) -> list[pa.Table]:

@@ -38,6 +38,8 @@ from model.training.augment import BodyNoise, MaskNoise
 from model.training.losses import VGG19Features
 from model.training.stages import (STAGES, TRAINED_PARTS, CoarseStage, FineStage, NormalStage, body_inputs,
                                    freeze_for, stage_inputs)
+from pipelines.formats import read_training_metrics, write_training_metrics
+from pipelines.storage import filesystem, is_remote, join, pyarrow_filesystem, write_bytes_atomic
 from pipelines.uris import redact
 
 log = logging.getLogger(__name__)
@@ -206,7 +208,6 @@ def _load_validation(config: TrainConfig) -> tuple[list[dict], dict, dict]:
     import trimesh
 
     from pipelines.dataset import iter_batches
-    from pipelines.storage import filesystem, join
 
     if config.val_samples <= 0:
         return [], {}, {}
@@ -257,34 +258,11 @@ def _save(directory: str, net: PIFuHD, optimizer: torch.optim.Optimizer, step: i
 def _maybe_inject_failure(config: TrainConfig, step: int, rank: int) -> None:
     if config.inject_failure_at_step != step or rank != 0:
         return
-    from pipelines.storage import filesystem, join
 
     fs, marker = filesystem(join(config.out, config.run_name, "injected-failure"))
     if not fs.exists(marker):
         fs.pipe_file(marker, b"1")
         raise RuntimeError(f"injected failure at step {step} (inject_failure_at_step)")
-
-
-def _append_metrics(config: TrainConfig, row: dict) -> None:
-    import pyarrow as pa
-
-    from pipelines.storage import join, write_parquet_atomic
-
-    write_parquet_atomic(join(config.out, config.run_name, "metrics", f"step-{row['step']:09d}.parquet"), pa.Table.from_pylist([row]))
-
-
-def read_metrics(run_uri: str):
-    """The metrics table of a run folder (OUT/NAME) as a pandas DataFrame, one row per report.
-
-    Parts differ in columns (validation rows carry more), so they are read one by one;
-    an unreadable part is skipped with a warning.
-    """
-    import pandas as pd
-
-    from pipelines.storage import join, read_parquet_parts
-
-    parts = [table.to_pandas() for table in read_parquet_parts(join(run_uri, "metrics"))]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["step", "loss", "stage"])
 
 
 def to_tensors(decoded: dict, device: torch.device) -> dict:
@@ -360,7 +338,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
                 report.update(validate(net, config, *validation))
                 validation_seconds += time.perf_counter() - validation_start
             if rank == 0:
-                _append_metrics(config, report)
+                write_training_metrics(join(config.out, config.run_name), report)
                 metrics.observe(report, config.pushgateway)
             with tempfile.TemporaryDirectory() as directory:
                 if rank == 0 and due_checkpoint:
@@ -375,7 +353,6 @@ def train_loop_per_worker(config_dict: dict) -> None:
 
 def _storage(config: TrainConfig):
     """(storage_path, storage_filesystem) for RunConfig: the project's filesystem, for pyarrow."""
-    from pipelines.storage import is_remote, pyarrow_filesystem
 
     if not is_remote(config.out):
         return os.path.abspath(config.out), None
@@ -402,7 +379,6 @@ def run_training(config: TrainConfig) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from pipelines.dataset import open_shards
-    from pipelines.storage import join, write_bytes_atomic
 
     # Raw rows (PNG bytes) travel to the workers, which decode them: a decoded sample is ~12 MB
     # of float32, and moving that through the object store cost more than the training step.
@@ -451,7 +427,6 @@ def package_model(run_uris: list[str], output: str, recipe: str = "", half: bool
     the runs trained keep that model's weights, and its stage records and recipe are kept too.
     """
     from pipelines.checkpoints import fetch_checkpoint
-    from pipelines.storage import join, write_bytes_atomic
 
     net = load_checkpoint(fetch_checkpoint(join(run_uris[-1], "model.safetensors")))
     stages = []
@@ -460,7 +435,7 @@ def package_model(run_uris: list[str], output: str, recipe: str = "", half: bool
         meta = trained.checkpoint_metadata
         for name in TRAINED_PARTS.get(meta.get("stage"), ()):
             net.get_submodule(name).load_state_dict(trained.get_submodule(name).state_dict())
-        metrics = read_metrics(run)
+        metrics = read_training_metrics(run)
         validated = metrics.dropna(axis=1, how="all")
         last_val = {k: float(v) for k, v in validated.iloc[-1].items() if str(k).startswith("val_")} if len(validated) else {}
         stages.append({"stage": meta.get("stage"), "steps": meta.get("steps"), "training_data": meta.get("training_data"),

@@ -16,7 +16,8 @@ import s3fs
 import trimesh
 from PIL import Image
 
-from pipelines.bulk import BulkConfig, read_manifest, run_bulk
+from pipelines.bulk import BulkConfig, run_bulk
+from pipelines.formats import read_manifest
 from model.reconstruction.reconstruct import ReconstructionConfig
 from pipelines.storage import safe_stem
 from tests.helpers import person_image, write_tiny_checkpoint

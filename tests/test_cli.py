@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import re
 import subprocess
 import sys
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import PRESET_NAMES, main
+from pipelines.cli import PRESET_NAMES, build_parser, main
 
 
 def test_a_bad_resolution_is_a_usage_error_before_any_work(tmp_path, capsys):
@@ -60,14 +62,29 @@ def test_preset_names_match_the_model_presets():
     assert result.stdout.strip() == "False", result.stderr
 
 
-def test_reading_results_loads_neither_torch_nor_ray():
-    """The storage layer, URI checks and report reader import without the heavy stacks."""
-    code = ("import sys, pipelines.storage, pipelines.uris, pipelines.report, model.errors; "
-            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+def test_the_formats_write_and_read_every_table_without_torch_or_ray(tmp_path):
+    """Every job table round-trips through `pipelines.formats`, and neither it, the storage layer,
+    the URI checks nor the report reader loads the heavy stacks."""
+    code = f"""
+import sys
+import pipelines.dataset, pipelines.report, pipelines.storage, pipelines.uris
+from pipelines import formats
+out = {str(tmp_path)!r}
+writer = formats.ManifestWriter(out, "r1", flush_rows=1, constants="v1")
+writer.add({{"input_uri": "a.png", "status": "ok", "vertices": 3.0, "finished_at": 0}})
+manifest = formats.read_manifest(out)
+formats.write_results([{{"key": "k", "status": "ok", "chamfer_cm": 1}}], out)
+results = formats.read_results(out)
+formats.write_training_metrics(out + "/run", {{"step": 7, "loss": 0.5, "stage": "coarse"}})
+metrics = formats.read_training_metrics(out + "/run")
+summary = formats.summarize(results)
+print(manifest["vertices"].tolist(), manifest["checkpoint_version"].tolist(), summary["metrics"]["chamfer_cm"]["mean"],
+      metrics["step"].tolist(), sorted(m for m in ("torch", "ray") if m in sys.modules))
+"""
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.strip() == "[3] ['v1'] 1.0 [7] []"
 
 
 def test_exit_codes_say_what_went_wrong(tmp_path, capsys):
@@ -98,3 +115,53 @@ def test_a_ray_job_prints_its_progress_and_summary_without_ray_info_lines(tmp_pa
     assert "reconstruct: 100%" in result.stderr  # the progress bar on stderr
     noise = [line for line in result.stderr.replace("\r", "\n").splitlines() if re.search(r"\bINFO\b|Warning", line)]
     assert not noise, noise
+
+
+# The arguments each config-building command needs, and the config fields they set.
+MINIMAL_ARGUMENTS = {
+    ("reconstruct",): (["in.png", "-o", "out"], {"inputs", "output", "checkpoint", "fallback_checkpoint"}),
+    ("train",): (["--stage", "coarse", "--data", "d", "-o", "o"], {"stage", "data", "out"}),
+    ("evaluate",): (["--gt", "g", "-o", "o"], {"gt", "out"}),
+    ("data", "synth"): (["--count", "1", "-o", "o"], {"out", "kind", "count"}),
+    ("data", "scans"): (["x.obj", "-o", "o"], {"out", "kind", "inputs"}),
+    ("fit",): (["in.png", "-o", "o"], {"inputs", "output"}),
+}
+
+
+def _subparsers(parser, path=()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subparsers(sub, (*path, name))
+
+
+def _departures(config, given=frozenset(), prefix="") -> list[str]:
+    """Fields of a (nested) config whose value is not its class's default, outside `given`."""
+    found = []
+    for f in dataclasses.fields(config):
+        if f.name in given:
+            continue
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            found += _departures(value, prefix=f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if value != default:
+            found.append(f"{prefix}{f.name}: option default {value!r}, config default {default!r}")
+    return found
+
+
+def test_every_option_has_help_and_the_configs_defaults():
+    """The command line holds each default once, the config's: an option left out builds a config
+    equal to the config's own defaults; every option says what it does, and --help shows defaults."""
+    parser = build_parser()
+    undocumented = [f"{' '.join(path)} {action.option_strings[0]}" for path, sub in _subparsers(parser)
+                    for action in sub._actions if action.option_strings and not action.help]
+    assert undocumented == []
+    for command, (argv, given) in MINIMAL_ARGUMENTS.items():
+        args = parser.parse_args([*command, *argv])
+        assert _departures(args.config(args), frozenset(given)) == [], command
+    help_text = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "--steps STEPS" in help_text and "(default: 1000)" in help_text

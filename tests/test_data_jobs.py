@@ -12,7 +12,7 @@ import trimesh
 from PIL import Image
 
 from model.data.scans import ScanError, ScanRef, find_scans, load_scan
-from pipelines import dataset as fmt
+from pipelines import dataset as fmt, formats
 from pipelines.data_jobs import JobConfig, SampleSettings, make_job_subject, register_cli, subject_rows
 from model.data.sampling import SamplingConfig
 
@@ -40,7 +40,7 @@ def test_synth_to_s3_split_resume_and_read(ray_local, s3_bucket, body_model):
 
     fs = s3fs.S3FileSystem()
     card = json.loads(fs.cat(f"{s3_bucket}/synth/dataset.json"))
-    assert card["schema_version"] == fmt.SCHEMA_VERSION and card["kind"] == "synth"
+    assert card["schema_version"] == formats.DATASET_SCHEMA_VERSION and card["kind"] == "synth"
     assert card["counts"]["subjects"] == 3 and card["counts"]["rows"] == 6 and card["counts"]["failed"] == 0
     assert card["generator"]["settings"]["views"] == 2 and card["frame"]["units_per_cm"] == 0.01
 
@@ -55,7 +55,7 @@ def test_synth_to_s3_split_resume_and_read(ray_local, s3_bucket, body_model):
         assert sid in card["splits"]["subjects"][split]
         assert fs.exists(f"{s3_bucket}/synth/meshes/{sid}.ply")
     row = df.iloc[0]
-    assert row["schema_version"] == fmt.SCHEMA_VERSION and row["num_points"] == 3400
+    assert row["schema_version"] == formats.DATASET_SCHEMA_VERSION and row["num_points"] == 3400
     assert row["points"].dtype == np.float32 and len(row["points"]) == 3 * 3400 and len(row["labels"]) == 3400
     assert row["image_512"][:8] == b"\x89PNG\r\n\x1a\n" and row["image_1024"] is None
     np.testing.assert_array_equal(np.asarray(row["calib"]).reshape(4, 4), np.diag([1, -1, 1, 1]))
@@ -72,7 +72,7 @@ def test_synth_to_s3_split_resume_and_read(ray_local, s3_bucket, body_model):
     assert card["counts"]["subjects"] == 4 and card["counts"]["rows"] == 8 and len(card["runs"]) == 2
 
     # The reader decodes samples with the training shapes and dtypes.
-    split = max(fmt.SPLITS, key=lambda s: card["counts"]["by_split"][s]["rows"])
+    split = max(formats.SPLITS, key=lambda s: card["counts"]["by_split"][s]["rows"])
     samples = list(fmt.iter_samples(uri, split))
     assert len(samples) == card["counts"]["by_split"][split]["rows"]
     s = samples[0]
@@ -98,7 +98,7 @@ def test_same_seed_same_bytes(body_model):
     made = []
     for _ in range(2):
         subject, source, rng = make_job_subject(job, {"subject_id": "synth-3-000007", "index": 7}, "/tmp")
-        made.append(fmt.table_bytes(fmt.rows_to_table(subject_rows(subject, "train", source, rng, job.settings))))
+        made.append(formats.dataset_shard_bytes(subject_rows(subject, "train", source, rng, job.settings)))
     assert made[0] == made[1]
 
 
@@ -249,7 +249,7 @@ def test_scans_found_and_fetched_from_s3(s3_bucket, tmp_path):
 def test_rows_at_1024_decode_both_sizes(body_model):
     job = JobConfig(out="unused", kind="synth", seed=1, count=1, settings=SampleSettings(views=1, resolution=1024, sampling=SamplingConfig(num_points=1700, num_surface_points=50)))
     subject, source, rng = make_job_subject(job, {"subject_id": "synth-1-000000", "index": 0}, "/tmp")
-    table = fmt.rows_to_table(subject_rows(subject, "train", source, rng, job.settings))
+    table = formats.dataset_table(subject_rows(subject, "train", source, rng, job.settings))
     batch = fmt.decode_table(table)
     assert batch["image_1024"].shape == (1, 3, 1024, 1024) and batch["image_512"].shape == (1, 3, 512, 512)
     assert batch["mask_1024"].shape == (1, 1, 1024, 1024) and batch["normal_back_1024"].shape == (1, 3, 1024, 1024)

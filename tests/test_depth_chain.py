@@ -97,7 +97,7 @@ def test_silhouette_slab_has_the_outline_and_a_thickness_from_the_edge_distance(
 @pytest.mark.slow
 def test_small_preset_overfits_one_view_with_the_right_depth(body_model):
     """Training sample -> loss -> network -> mesh: one view learnt by heart comes back in cm."""
-    from pipelines import dataset as fmt
+    from pipelines import dataset as fmt, formats
     from pipelines.data_jobs import SampleSettings, subject_rows
     from pipelines.evaluate import depth_extent
     from model.training.stages import stage_inputs
@@ -108,7 +108,7 @@ def test_small_preset_overfits_one_view_with_the_right_depth(body_model):
     subject = make_subject("overfit", 11, family="stand")
     settings = SampleSettings(views=1, resolution=512, sampling=SamplingConfig(num_points=8000, num_surface_points=100))
     rows = subject_rows(subject, "train", "synth", np.random.default_rng(3), settings)
-    batch = to_tensors(fmt.decode_table(fmt.rows_to_table(rows)), torch.device("cpu"))
+    batch = to_tensors(fmt.decode_table(formats.dataset_table(rows)), torch.device("cpu"))
     torch.manual_seed(0)
     net = model.PIFuHD.from_config(model.preset("small"))
     stage = build_stage(net, TrainConfig(stage="coarse", data="unused", out="unused", points_per_sample=4096, grey_composite=0.0))

@@ -123,7 +123,7 @@ def test_folder_mode_reads_and_writes_object_storage(s3_bucket, tmp_path):
 
 
 def test_manifest_mode_pairs_by_input_stem(tmp_path):
-    from pipelines.bulk import ManifestWriter
+    from pipelines.formats import ManifestWriter
 
     gt = tmp_path / "gt"
     gt.mkdir()

@@ -115,7 +115,8 @@ def checkpoint(tmp_path):
 
 
 def test_input_that_kills_its_worker_becomes_a_failed_row(ray_local, tmp_path, checkpoint):
-    from pipelines.bulk import read_manifest, run_bulk
+    from pipelines.bulk import run_bulk
+    from pipelines.formats import read_manifest
     from tests.helpers import person_image
 
     good = [person_image(tmp_path / "in" / f"p{i}.png") for i in range(2)]
@@ -162,7 +163,7 @@ def _tree_text(root) -> str:
 
 
 def test_only_local_file_and_s3_uris_are_read_and_no_secret_is_shown(tmp_path, checkpoint, capfd, caplog):
-    from pipelines.bulk import read_manifest
+    from pipelines.formats import read_manifest
     from pipelines.uris import redact
 
     chained = tmp_path / "in" / "odd::name.png"  # '::' in a file name is part of the name, not a URL chain
@@ -210,7 +211,7 @@ def test_output_and_checkpoint_uris_outside_the_allow_list_are_usage_errors(tmp_
 
 
 def test_file_names_that_are_not_utf8(tmp_path, checkpoint):
-    from pipelines.bulk import read_manifest
+    from pipelines.formats import read_manifest
     from tests.helpers import person_image
 
     folder = tmp_path / "in"
@@ -231,8 +232,8 @@ def test_file_names_that_are_not_utf8(tmp_path, checkpoint):
 def test_a_torn_parquet_part_is_skipped_with_a_warning_naming_it(tmp_path, checkpoint, caplog):
     import pandas as pd
 
-    from pipelines.bulk import read_manifest
-    from pipelines.train import read_metrics
+    from pipelines.formats import read_manifest
+    from pipelines.formats import read_training_metrics
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "text.png").write_bytes(b"not an image")
@@ -250,7 +251,7 @@ def test_a_torn_parquet_part_is_skipped_with_a_warning_naming_it(tmp_path, check
     pd.DataFrame([{"step": 10, "loss": 0.5, "stage": "normal"}]).to_parquet(metrics / "step-000000010.parquet")
     (metrics / "step-000000020.parquet").write_bytes(b"PAR1 torn")
     with caplog.at_level("WARNING"):
-        assert read_metrics(str(tmp_path / "run"))["step"].tolist() == [10]
+        assert read_training_metrics(str(tmp_path / "run"))["step"].tolist() == [10]
     assert "step-000000020.parquet" in caplog.text
 
 
@@ -299,7 +300,8 @@ def test_output_inside_the_input_folder_is_not_read_back(tmp_path, checkpoint):
 
 
 def test_sidecars_are_size_limited_and_deep_json_is_an_input_error(tmp_path, checkpoint):
-    from pipelines.bulk import MAX_TEXT_SIDECAR_BYTES, read_manifest
+    from pipelines.bulk import MAX_TEXT_SIDECAR_BYTES
+    from pipelines.formats import read_manifest
     from tests.helpers import person_image
 
     for name in ("deep", "huge"):
@@ -332,7 +334,8 @@ def test_output_names_hash_the_whole_uri_with_128_bits():
 def test_finished_at_is_when_the_row_finished_not_when_the_driver_saw_it(tmp_path):
     from datetime import datetime, timezone
 
-    from pipelines.bulk import ManifestWriter, _batch, _rows, prepare_rows
+    from pipelines.bulk import _batch, _rows, prepare_rows
+    from pipelines.formats import ManifestWriter
 
     pending = {"run_id": "r", "input_uri": str(tmp_path / "missing.png"), "status": "pending", "marker_uri": str(tmp_path / "m.json"),
                "item": {"uri": str(tmp_path / "missing.png"), "name": "missing.png"}}
@@ -349,7 +352,8 @@ def test_finished_at_is_when_the_row_finished_not_when_the_driver_saw_it(tmp_pat
 
 
 def test_manifest_parts_are_sized_by_rows_and_time(tmp_path):
-    from pipelines.bulk import BulkConfig, ManifestWriter
+    from pipelines.bulk import BulkConfig
+    from pipelines.formats import ManifestWriter
 
     assert BulkConfig.manifest_flush_rows >= 10_000 and BulkConfig.manifest_flush_seconds <= 60
     writer = ManifestWriter(str(tmp_path / "out"), "r", 10_000, "v", flush_seconds=0.3)
@@ -447,7 +451,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_terminated_driver_keeps_its_rows_and_leaves_no_process_or_temporary(tmp_path, checkpoint):
-    from pipelines.bulk import read_manifest
+    from pipelines.formats import read_manifest
     from tests.helpers import person_image
 
     count = 40  # enough that the job is still running when the signal comes, on a quiet machine too

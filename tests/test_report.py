@@ -29,7 +29,7 @@ def _png(path: Path, colour: tuple[int, int, int], size=(1280, 256)) -> str:
 @pytest.fixture
 def report_inputs(tmp_path) -> dict:
     """A bulk output (2 runs, a failure), an evaluation (in process, real metrics) and a training run."""
-    from pipelines.bulk import ManifestWriter
+    from pipelines.formats import ManifestWriter
     from pipelines.evaluate import EvalConfig, run_evaluation
 
     bulk = tmp_path / "bulk"

@@ -8,7 +8,8 @@ import torch
 
 import model
 from model.training.stages import TRAINED_PARTS, window_calib
-from pipelines.train import TrainConfig, build_stage, initial_network, package_model, read_metrics, run_training, to_tensors
+from pipelines.formats import read_training_metrics
+from pipelines.train import TrainConfig, build_stage, initial_network, package_model, run_training, to_tensors
 
 
 def _fixed_batch(uri: str, size: int = 2) -> dict:
@@ -75,7 +76,7 @@ def test_checkpoints_on_s3_resume_exactly(ray_local, s3_bucket, tiny_dataset):
     # A longer target continues from step 4, not from scratch.
     longer = run_training(TrainConfig(steps=6, **base))
     assert longer.steps == 6
-    metrics = read_metrics(f"s3://{s3_bucket}/runs/resume")
+    metrics = read_training_metrics(f"s3://{s3_bucket}/runs/resume")
     assert sorted(metrics["step"]) == [2, 4, 6]
     assert "val_point_iou" in metrics.columns and metrics["val_point_iou"].notna().any()
     meta = model.load_checkpoint(_local(longer.model_uri)).checkpoint_metadata
@@ -114,7 +115,7 @@ def test_injected_worker_failure_recovers_from_last_checkpoint(ray_local, tmp_pa
     result = run_training(config)
     assert result.steps == 4
     assert (tmp_path / "drill" / "injected-failure").exists()  # the failure did happen
-    steps = sorted(read_metrics(str(tmp_path / "drill"))["step"])
+    steps = sorted(read_training_metrics(str(tmp_path / "drill"))["step"])
     assert steps == [2, 4]  # step 2 reported once, then the restart resumed from it
 
 

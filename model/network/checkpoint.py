@@ -88,10 +88,13 @@ def _read_safetensors_header(path: Path) -> dict:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({exc})") from exc
 
 
-def _read_safetensors_state(path: Path) -> dict:
+def _read_safetensors_state(path: Path, tensors: bool = True) -> dict:
+    """{key: tensor}; with tensors=False meta tensors of the stored shapes (nothing is read but the header)."""
     try:
         with safe_open(path, framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            if tensors:
+                return {key: handle.get_tensor(key) for key in handle.keys()}
+            return {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({exc})") from exc
 
@@ -272,10 +275,12 @@ def build_from_state(state: dict, config: PIFuHDConfig) -> PIFuHD:
     return net.eval()
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict, PIFuHDConfig, dict]:
+def read_checkpoint(path: str | os.PathLike, tensors: bool = True) -> tuple[dict, PIFuHDConfig, dict]:
     """(state dict, config, metadata) of a checkpoint file, without building the network.
 
     metadata holds at least "format" ("pifuhd-ray", "released-torch" or "released-safetensors").
+    tensors=False reads a safetensors file's header only (the state holds meta tensors of the
+    stored shapes, enough to check the config): what a job's driver needs before the workers load.
     """
     path = Path(path)
     kind = _sniff(path)
@@ -287,7 +292,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, PIFuHDConfig, dict]:
             raise CheckpointError(f"{path}: {exc}") from exc
         return state, config, {"format": "released-torch", "options": options}
     header = _read_safetensors_header(path)
-    state = _read_safetensors_state(path)
+    state = _read_safetensors_state(path, tensors)
     if header.get("format") == FORMAT:
         try:
             config = PIFuHDConfig.from_dict(json.loads(header["config"]))
