@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import trimesh
 from PIL import Image
 
 from model.reconstruction.preprocess import prepare_image_file
-from model.reconstruction.reconstruct import ReconstructionConfig, SurfaceSamples, encode_outputs, finish, reconstruct
+from model.reconstruction.reconstruct import (ReconstructionConfig, SurfaceSamples, encode_outputs, finish, obj_bytes,
+                                              reconstruct)
 from model.reconstruction.surface import evaluate_grid
 from tests.helpers import alpha_box, person_image, tiny_network, write_tiny_checkpoint
 
@@ -91,6 +93,19 @@ def test_outputs_are_readable(tmp_path, fmt):
     (tmp_path / "preview.png").write_bytes(files["preview"])
     assert Image.open(tmp_path / "preview.png").size == (5 * 256, 256)
     assert result.stats["points_evaluated"] > 0 and result.stats["vertices"] == len(result.mesh.vertices)
+
+
+def test_obj_keeps_vertices_colours_and_faces():
+    mesh = trimesh.creation.icosphere(subdivisions=2)
+    mesh.vertices *= 321.5
+    rng = np.random.default_rng(0)
+    mesh.visual.vertex_colors = np.concatenate([rng.integers(0, 256, (len(mesh.vertices), 3)), np.full((len(mesh.vertices), 1), 255)], 1)
+    loaded = trimesh.load(io.BytesIO(obj_bytes(mesh)), file_type="obj", process=False)
+    assert np.abs(loaded.vertices - mesh.vertices).max() < 1e-5
+    assert (loaded.faces == mesh.faces).all()
+    assert np.abs(loaded.visual.vertex_colors.astype(int) - mesh.visual.vertex_colors.astype(int)).max() <= 1
+    bare = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    assert obj_bytes(bare).split(b"\n")[0].count(b" ") == 3  # no colour columns without colours
 
 
 def test_preview_rasterises_the_mesh_front_and_side():

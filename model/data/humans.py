@@ -53,7 +53,8 @@ class HumanConfig:
 class Part:
     """One closed triangle mesh: vertices (V, 3) float32 cm, faces (F, 3) int32, colors (V, 3) float32 in [0, 1].
 
-    `uv` (V, 2) float32 and `texture` (H, W, 3) uint8 are set for textured scans only.
+    `uv` (V, 2) float32 and `texture` (H, W, 3) uint8 are set for textured scans only; `normals`
+    (V, 3) unit vertex normals where the caller has them already (else the renderer computes them).
     """
 
     name: str
@@ -62,6 +63,7 @@ class Part:
     colors: np.ndarray
     uv: np.ndarray | None = None
     texture: np.ndarray | None = None
+    normals: np.ndarray | None = None
 
 
 @dataclass

@@ -356,7 +356,10 @@ class Renderer:
         resources, meshes = [], []
         for part in parts:
             v = view.apply(part.vertices.astype(np.float64))
-            n = vertex_normals(v, part.faces.astype(np.int64))
+            if part.normals is None:
+                n = vertex_normals(v, part.faces.astype(np.int64))
+            else:
+                n = view.rotate(part.normals.astype(np.float64))
             uv = part.uv if part.uv is not None else np.zeros((len(v), 2))
             data = np.concatenate([v, n, part.colors, uv], 1).astype(np.float32)
             vbo = ctx.buffer(data.tobytes())

@@ -154,17 +154,20 @@ def render_normal_images(
     The mesh is in cm; it is moved by -centre, turned by each yaw about +y and scaled by
     units_per_cm into the renderer's [-1, 1] box (orthographic, model/data/render.py's EGL renderer).
     """
-    from model.data.humans import Part
+    from model.data.humans import Part, vertex_normals
     from model.data.render import View, get_renderer
 
     images = np.zeros((len(yaws), size, size, 3), np.float32)
     if len(mesh.faces) == 0:
         return images
+    vertices = np.asarray(mesh.vertices, dtype=np.float64) - centre
+    faces = np.asarray(mesh.faces, dtype=np.int64)
     part = Part(
         name="mesh",
-        vertices=(np.asarray(mesh.vertices, dtype=np.float64) - centre).astype(np.float32),
-        faces=np.asarray(mesh.faces, dtype=np.int32),
-        colors=np.zeros((len(mesh.vertices), 3), np.float32),
+        vertices=vertices.astype(np.float32),
+        faces=faces.astype(np.int32),
+        colors=np.zeros((len(vertices), 3), np.float32),
+        normals=vertex_normals(vertices, faces),  # once for every yaw: the renderer's own normals, turned
     )
     renderer = get_renderer(size)
     for index, yaw in enumerate(yaws):

@@ -48,7 +48,9 @@ def shaded_mesh(mesh, yaw_degrees: float, size: int = PANEL) -> np.ndarray:
     if len(mesh.faces) == 0:
         return background
     vertices = np.asarray(mesh.vertices, np.float32)
-    part = Part("mesh", vertices, np.asarray(mesh.faces, np.int32), np.full((len(vertices), 3), 0.8, np.float32))
+    # The mesh's own (cached) normals: both panels and the vertex colours share one computation.
+    part = Part("mesh", vertices, np.asarray(mesh.faces, np.int32), np.full((len(vertices), 3), 0.8, np.float32),
+                normals=np.asarray(mesh.vertex_normals, np.float32))
     return get_renderer(size).render([part], View(yaw_degrees, units_per_cm=1.0), studio_lighting(), background).rgb
 
 

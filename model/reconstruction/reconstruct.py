@@ -265,7 +265,21 @@ def encode_outputs(result: Reconstruction, prepared: PreparedImage, mesh_format:
     """
     if mesh_format not in MESH_FORMATS:
         raise ValueError(f"mesh format must be one of {MESH_FORMATS}, not {mesh_format!r}")
-    mesh = result.mesh.export(file_type=mesh_format)
+    mesh = obj_bytes(result.mesh) if mesh_format == "obj" else result.mesh.export(file_type=mesh_format)
     buffer = io.BytesIO()
     preview_image(prepared, result).save(buffer, format="PNG")
-    return {"mesh": mesh.encode() if isinstance(mesh, str) else mesh, "preview": buffer.getvalue()}
+    return {"mesh": mesh, "preview": buffer.getvalue()}
+
+
+def obj_bytes(mesh: trimesh.Trimesh) -> bytes:
+    """Wavefront OBJ of a triangle mesh: `v x y z [r g b]` (colours in [0, 1], as trimesh and MeshLab
+    read them) and `f a b c` (1-based). trimesh writes the same lines with str.format per value,
+    which at 512 (270k vertices) took 1.2 s; one %-format over all values takes about half that."""
+    vertices = np.asarray(mesh.vertices, np.float64)
+    line = "v %.6f %.6f %.6f"
+    if mesh.visual.kind == "vertex":
+        vertices = np.hstack([vertices, np.asarray(mesh.visual.vertex_colors)[:, :3] / 255.0])
+        line += " %.4f %.4f %.4f"
+    faces = np.asarray(mesh.faces, np.int64) + 1
+    text = (line + "\n") * len(vertices) % tuple(vertices.ravel()) + "f %d %d %d\n" * len(faces) % tuple(faces.ravel())
+    return text.encode()
