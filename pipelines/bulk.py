@@ -6,8 +6,9 @@
       -> marching cubes, colour, export     CPU tasks        (`finish_rows`; a GPU never waits for meshing)
       -> manifest rows streamed back to the driver, which appends them to Parquet and counts metrics
 
-Every row carries a JSON `record` (the manifest fields) and a `payload` (pickled arrays for the
-next stage). With `PersonOptions.all_people` the prepare stage turns one input into one row per
+Stages pass Arrow tables of `STAGE_SCHEMA`: a row's record in typed columns (the manifest's, then
+where its other outputs go and what the driver checks) and a binary `payload` (the arrays the next
+stage needs, pickled). With `PersonOptions.all_people` the prepare stage turns one input into one row per
 person found (outputs `NAME_p<k>.*`, k = 0 the most prominent). Any failure inside a stage
 becomes status "failed" with the error class and message on that row; later stages pass failed
 and skipped rows through untouched, so one bad image never stops the job. An input that kills
@@ -39,12 +40,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 
 from model.body.fit import FitConfig
 from model.errors import InputError
 from model.person import PersonInput, PersonOptions
 from model.reconstruction.reconstruct import MESH_FORMATS, ReconstructionConfig
-from pipelines.formats import ManifestWriter
+from pipelines.formats import MANIFEST_SCHEMA, ManifestWriter
 from pipelines.inputs import InputItem, list_inputs
 from pipelines.telemetry import BulkMetrics
 from pipelines.storage import filesystem, join, remove_stale_temporaries, safe_stem, write_bytes_atomic
@@ -149,25 +151,68 @@ class Summary:
 # ---- rows --------------------------------------------------------------------------------
 
 
-def _rows(batch: dict) -> list[tuple[dict, bytes]]:
-    return [(json.loads(r), p) for r, p in zip(batch["record"], batch["payload"])]
+def stage_schema(manifest: pa.Schema, *extra: tuple[str, pa.DataType]) -> pa.Schema:
+    """The columns a job's rows travel in between stages: its manifest's, `extra`, the input item and the payload.
+
+    The item's URIs are bytes: a file name need not be UTF-8 (`os.fsdecode` keeps such bytes as
+    surrogates, which an Arrow string cannot hold)."""
+    item = pa.struct([(f.name, pa.binary()) for f in dataclasses.fields(InputItem)])
+    return pa.schema([*manifest, *extra, ("item", item), ("payload", pa.binary())])
 
 
-def _batch(rows: list[tuple[dict, bytes]]) -> dict:
+STAGE_SCHEMA = stage_schema(
+    MANIFEST_SCHEMA,
+    *[(name, pa.string()) for name in ("output_stem", "person_mask_uri", "person_json_uri", "body_mesh_uri",
+                                       "body_params_uri", "marker_uri")],
+    ("person_indices", pa.list_(pa.int64())),  # the people the prepare stage produced (the driver checks each came back)
+    ("first_of_input", pa.bool_()),
+)
+
+
+def _rows(batch: pa.Table) -> list[tuple[dict, bytes]]:
+    """A stage table -> (record, payload) per row; every column of the schema is a key (None where unset)."""
+    rows = batch.to_pylist()
+    for row in rows:
+        row["item"] = {k: v.decode("utf-8", "surrogateescape") for k, v in row["item"].items()}
+    return [(row, row.pop("payload", None) or b"") for row in rows]
+
+
+def _batch(rows: list[tuple[dict, bytes]], schema: pa.Schema = STAGE_SCHEMA) -> pa.Table:
+    """(record, payload) rows -> a stage table; a record key the schema lacks is a bug, not data to drop."""
     for record, _ in rows:
-        if record["status"] != "pending":  # the row's own finishing time, not its arrival at the driver
-            record.setdefault("finished_at", time.time())
-    return {
-        "record": np.array([json.dumps(r) for r, _ in rows], dtype=object),
-        "payload": np.array([p for _, p in rows], dtype=object),
-    }
+        unknown = set(record) - set(schema.names)
+        if unknown:
+            raise KeyError(f"record fields without a column: {sorted(unknown)}")
+        if record["status"] != "pending" and record.get("finished_at") is None:
+            record["finished_at"] = datetime.now(timezone.utc)  # the row's own finishing time, not its arrival
+    return pa.Table.from_pylist([{**record, "payload": payload, "item": _item_bytes(record["item"])}
+                                 for record, payload in rows], schema=schema)
+
+
+def _item_bytes(item: dict) -> dict:
+    return {k: v.encode("utf-8", "surrogateescape") for k, v in InputItem(**item).to_dict().items()}
+
+
+def _stage_dataset(records: list[dict], schema: pa.Schema):
+    """A Ray Dataset of pending records, in small blocks so that the stages overlap early."""
+    import ray
+
+    blocks = max(1, min(len(records), 256))
+    return ray.data.from_arrow([_batch([(r, b"") for r in records[i::blocks]], schema) for i in range(blocks)])
+
+
+def _stage_results(dataset):
+    """The records a stage dataset yields, as they come (the payloads left behind)."""
+    for table in dataset.drop_columns(["payload"]).iter_batches(batch_format="pyarrow", batch_size=None):
+        yield from (record for record, _ in _rows(table))
 
 
 def _failed(record: dict, error_class: str, message: str) -> dict:
     """Mark a record failed. It names no outputs: none of this run's are complete, and
     files there may be stale ones of an earlier run."""
-    record.update(status="failed", error_class=error_class, error_message=redact(message)[:2000],
-                  mesh_uri=None, preview_uri=None)
+    record.update(status="failed", error_class=error_class, error_message=redact(message)[:2000], mesh_uri=None)
+    if "preview_uri" in record:
+        record["preview_uri"] = None
     return record
 
 
@@ -259,17 +304,19 @@ def _finished_marker(marker_uri: str, required: dict = _MARKER_TYPES) -> dict | 
     return marker
 
 
-MARKER_FIELDS = ("input_uri", "content_hash", "checkpoint_id", "mesh_uri", "preview_uri", "vertices", "faces",
+MARKER_FIELDS = ("run_id", "input_uri", "content_hash", "checkpoint_id", "mesh_uri", "preview_uri", "vertices", "faces",
                  "bbox_min", "bbox_max", "person_index", "persons_found", "person_score", "person_mask_area")
 
 
 def _finished(record: dict) -> bool:
     """Whether this record's outputs exist for the same content and checkpoint (then it is
-    marked skipped, with its numbers from the marker)."""
+    marked skipped, with its numbers from the marker; or ok, when this very run wrote them and
+    only the row was lost, with the node that held it)."""
     marker = _finished_marker(record["marker_uri"])
     if not (marker and marker.get("content_hash") == record["content_hash"] and marker.get("checkpoint_id") == record["checkpoint_id"]):
         return False
-    record.update(status="skipped", **{k: marker.get(k) for k in MARKER_FIELDS if k not in record or record[k] is None})
+    status = "ok" if marker.get("run_id") == record["run_id"] else "skipped"
+    record.update(status=status, **{k: marker.get(k) for k in MARKER_FIELDS if k not in record or record[k] is None})
     return True
 
 
@@ -305,7 +352,7 @@ class InputPreparer:
         self.body_optional = body_optional  # a failed fit is noted in the row, not a failed row
         self.finder = PersonFinder() if person.mode == "auto" else None
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for record, _ in _rows(batch):
             out.extend(self.prepare(record))
@@ -423,7 +470,7 @@ class SurfaceSampler:
             self.fallback = self._load(self.fallback_checkpoint)
         return self.fallback
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         from model.reconstruction.reconstruct import sample_surfaces
 
         rows = _rows(batch)
@@ -456,7 +503,7 @@ class SurfaceSampler:
 # ---- stage 3: mesh, colour, export, write (CPU) ------------------------------------------
 
 
-def finish_rows(batch: dict, reconstruction: ReconstructionConfig, mesh_format: str) -> dict:
+def finish_rows(batch: pa.Table, reconstruction: ReconstructionConfig, mesh_format: str) -> pa.Table:
     from model.reconstruction.reconstruct import encode_outputs, finish
 
     out = []
@@ -509,14 +556,9 @@ def check_writable(output: str) -> None:
 
 def _pipeline_results(records: list[dict], config: BulkConfig, network: NetworkInputs, use_gpu: bool):
     """Yield finished records as the Ray Data pipeline produces them; a block whose worker died is dropped."""
-    import ray
-
-    # Small blocks so the stages overlap early; each stage handles one image per call and Ray
-    # Data's streaming backpressure keeps the number of images in flight bounded.
-    dataset = ray.data.from_items(
-        [{"record": json.dumps(r), "payload": b""} for r in records],
-        override_num_blocks=max(1, min(len(records), 256)),
-    )
+    # Each stage handles one image per call and Ray Data's streaming backpressure keeps the number
+    # of images in flight bounded.
+    dataset = _stage_dataset(records, STAGE_SCHEMA)
     # No retries here (Ray Data's default is forever): a dead worker drops its block and
     # `_retry_alone` finds out which of the block's inputs is to blame. Ray 2.60 takes retry counts
     # only as extra remote args, which it warns are deprecated, with no named parameter yet: that
@@ -525,8 +567,7 @@ def _pipeline_results(records: list[dict], config: BulkConfig, network: NetworkI
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         dataset = _stages(dataset, config, network, use_gpu)
     dataset.context.max_errored_blocks = -1  # only dead workers raise here: every UDF catches its own errors
-    for row in dataset.select_columns(["record"]).iter_rows():
-        yield json.loads(row["record"])
+    yield from _stage_results(dataset)
 
 
 def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool):
@@ -535,7 +576,7 @@ def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool):
 
     mib = 1 << 20
     dataset = dataset.map_batches(
-        InputPreparer, batch_size=1, num_cpus=0.5, memory=config.prepare_memory_mb * mib,
+        InputPreparer, batch_size=1, batch_format="pyarrow", num_cpus=0.5, memory=config.prepare_memory_mb * mib,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.prepare_actors),
         max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
         fn_constructor_kwargs=_preparer_kwargs(config, network),
@@ -543,6 +584,7 @@ def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool):
     dataset = dataset.map_batches(
         SurfaceSampler,
         batch_size=config.batch_size,
+        batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.model_actors),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
@@ -551,7 +593,7 @@ def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool):
         fn_constructor_kwargs=_sampler_kwargs(config, use_gpu),
     )
     dataset = dataset.map_batches(
-        finish_rows, batch_size=1, num_cpus=0.5, memory=config.finish_memory_mb * mib, max_retries=0,
+        finish_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.5, memory=config.finish_memory_mb * mib, max_retries=0,
         fn_kwargs={"reconstruction": config.reconstruction, "mesh_format": config.mesh_format},
     )
     return dataset
@@ -581,8 +623,8 @@ def _preparer(kwargs: dict) -> InputPreparer:
     return _PREPARERS[key]
 
 
-def prepare_rows(batch: dict, sizes: tuple[int, ...], overwrite: bool, max_pixels: int,
-                 person: PersonOptions | None = None, mesh_format: str = "obj") -> dict:
+def prepare_rows(batch: pa.Table, sizes: tuple[int, ...], overwrite: bool, max_pixels: int,
+                 person: PersonOptions | None = None, mesh_format: str = "obj") -> pa.Table:
     """The prepare stage as a plain function (one `InputPreparer` per process, reused)."""
     preparer = _preparer({"sizes": tuple(sizes), "overwrite": overwrite, "max_pixels": max_pixels,
                           "person": person or PersonOptions(), "mesh_format": mesh_format})
@@ -665,7 +707,7 @@ def _results_on_ray(records: list[dict], config: BulkConfig, network: NetworkInp
         for record in _pipeline_results(records, config, network, use_gpu):
             uri = record["item"]["uri"]
             received.setdefault(uri, set()).add(record.get("person_index"))
-            if "person_indices" in record:
+            if record.get("person_indices") is not None:
                 expected[uri] = record["person_indices"]
                 found[uri] = record.get("persons_found")
             yield record
@@ -739,7 +781,8 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
             for record in results:
                 row = manifest.add(record)
                 metrics.observe(row)
-                first_of_input = record.get("first_of_input", True)  # with all_people, the other people are extra rows of one input
+                # With all_people, the other people are extra rows of one input (None: a row from before the people were found).
+                first_of_input = record.get("first_of_input") is not False
                 if first_of_input:
                     metrics.in_flight.labels(metrics.pipeline).dec()
                 setattr(summary, row["status"], getattr(summary, row["status"]) + 1)

@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 
 from model.body.export import MESH_FORMATS
 from model.body.fit import FitConfig
 from model.errors import InputError
 from pipelines.bulk import (
-    MAX_IMAGE_BYTES, MAX_TEXT_SIDECAR_BYTES, Summary, _batch, _fail, _finished_marker,
-    _read, _rows, _where,
+    MAX_IMAGE_BYTES, MAX_TEXT_SIDECAR_BYTES, Summary, _batch, _fail, _finished_marker, _read, _rows, _stage_dataset,
+    _stage_results, _where, stage_schema,
 )
 from pipelines.formats import FIT_MANIFEST_SCHEMA, ManifestWriter
 from pipelines.inputs import InputItem, list_inputs
@@ -136,6 +137,7 @@ def initial_rows(items: list[InputItem], config: FitJobConfig, run_id: str, fitt
     return records
 
 
+FIT_STAGE_SCHEMA = stage_schema(FIT_MANIFEST_SCHEMA)
 FIT_MARKER_TYPES = {"content_hash": str, "fitter_id": str, "vertices": int, "faces": int}
 
 
@@ -187,7 +189,7 @@ def _fit_one(record: dict, config: FitJobConfig) -> dict:
     return record
 
 
-def fit_rows(batch: dict, config: FitJobConfig) -> dict:
+def fit_rows(batch: pa.Table, config: FitJobConfig) -> pa.Table:
     """Ray Data stage: fit every pending row of the batch; any failure is that row's failed status."""
     out = []
     node, worker = _where()
@@ -197,25 +199,19 @@ def fit_rows(batch: dict, config: FitJobConfig) -> dict:
             out.append((_fit_one(record, config), b""))
         except Exception as exc:  # noqa: BLE001 - one bad image is one failed row
             out.append(_fail(record, exc))
-    return _batch(out)
+    return _batch(out, FIT_STAGE_SCHEMA)
 
 
 def _results_on_ray(records: list[dict], config: FitJobConfig):
-    import ray
-
-    dataset = ray.data.from_items(
-        [{"record": json.dumps(r), "payload": b""} for r in records],
-        override_num_blocks=max(1, min(len(records), 256)),
-    )
+    dataset = _stage_dataset(records, FIT_STAGE_SCHEMA)
     # One CPU per fit: the descent is sequential and single-threaded is its fastest setting.
-    dataset = dataset.map_batches(fit_rows, batch_size=1, num_cpus=1, fn_kwargs={"config": config})
-    for row in dataset.select_columns(["record"]).iter_rows():
-        yield json.loads(row["record"])
+    dataset = dataset.map_batches(fit_rows, batch_size=1, batch_format="pyarrow", num_cpus=1, fn_kwargs={"config": config})
+    yield from _stage_results(dataset)
 
 
 def _results_in_process(records: list[dict], config: FitJobConfig):
     for record in records:
-        yield _rows(fit_rows(_batch([(record, b"")]), config))[0][0]
+        yield _rows(fit_rows(_batch([(record, b"")], FIT_STAGE_SCHEMA), config))[0][0]
 
 
 def run_fit(config: FitJobConfig, in_process: bool = False, progress: bool = True) -> Summary:

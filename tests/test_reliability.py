@@ -296,6 +296,24 @@ def test_output_inside_the_input_folder_is_not_read_back(tmp_path, checkpoint):
     assert (first.total, first.ok) == (1, 1) and (second.total, second.skipped) == (1, 1)
 
 
+def test_an_input_whose_row_was_lost_after_its_files_were_written_is_ok_not_skipped(tmp_path):
+    """A node that dies after an input's files (marker last) are written loses only its row: the
+    retry finds this run's marker and reports the input ok; another run's marker means skipped."""
+    import json
+
+    from pipelines.bulk import _finished
+
+    marker = tmp_path / "a.json"
+    marker.write_text(json.dumps({"run_id": "run-1", "content_hash": "h", "checkpoint_id": "c", "vertices": 10, "faces": 16,
+                                  "bbox_min": [0, 0, 0], "bbox_max": [1, 1, 1]}))
+    statuses = []
+    for run_id in ("run-1", "run-2"):
+        record = {"run_id": run_id, "marker_uri": str(marker), "content_hash": "h", "checkpoint_id": "c", "faces": None}
+        assert _finished(record)
+        statuses.append((record["status"], record["faces"]))
+    assert statuses == [("ok", 16), ("skipped", 16)]
+
+
 # ---- row 12: sidecars ----------------------------------------------------------------------
 
 
