@@ -40,28 +40,35 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def _best(fn, repeat: int = 2) -> float:
+def _best(fn, repeat: int = 2, device: torch.device = torch.device("cpu")) -> float:
+    """The fastest of `repeat` calls, in seconds (a GPU's queue drained before each clock read)."""
     best = float("inf")
     for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def full_network_costs(precision: str, points: int) -> dict:
-    """Seconds of the full preset's filters per image and seconds per query point."""
+def full_network_costs(precision: str, points: int, device: torch.device = torch.device("cpu"), batch: int = 1,
+                       preset: str = "full") -> dict:
+    """Seconds of the preset's filters per image (encoding `batch` images at once) and seconds per query point."""
     torch.manual_seed(0)
-    net = model.PIFuHD.from_config(model.preset("full")).eval()
+    net = model.PIFuHD.from_config(model.preset(preset)).eval().to(device)
     layout = memory_layout(precision == "bf16")  # as sample_surfaces lays it out
     use_layout(net, layout)
-    image = (torch.rand(1, 3, 512, 512) * 2 - 1).contiguous(memory_format=layout)
-    fine = torch.nn.functional.interpolate(image, size=1024).contiguous(memory_format=layout)
-    queries = torch.rand(1, 3, points) * 2 - 1
-    with torch.inference_mode(), _autocast(precision):
-        filters = _best(lambda: net.encode(image, fine))
-        features = net.encode(image, fine)
-        per_point = _best(lambda: net.query(features, queries)) / points
+    size = net.config.coarse_size
+    image = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=layout)
+    fine = torch.nn.functional.interpolate(image, size=net.config.fine_size).contiguous(memory_format=layout)
+    queries = torch.rand(1, 3, points, device=device) * 2 - 1
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        filters = _best(lambda: net.encode(image, fine), device=device) / batch
+        features = net.encode(image[:1], fine[:1])
+        per_point = _best(lambda: net.query(features, queries), device=device) / points
     return {"filters": filters, "per_point": per_point}
 
 
