@@ -23,6 +23,7 @@ on an H200-class GPU.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,8 +58,6 @@ def bare_loop(checkpoint: str, resolution: int, images: int, batch: int, device:
 
 def pipeline(checkpoint: str, resolution: int, images: int, batch: int, use_gpu: bool, workdir: Path) -> float:
     """images/s of the Ray Data job on `images` copies of the example (Ray already connected)."""
-    import os
-
     from model.reconstruction.reconstruct import ReconstructionConfig
     from pipelines.bulk import BulkConfig, run_bulk
 
