@@ -14,7 +14,7 @@ import torch
 import trimesh
 from scipy.spatial import cKDTree
 
-from model.reconstruction.surface import allowed_resolutions, evaluate_grid, extract_surface
+from model.reconstruction.surface import MERGE_QUANTUM, allowed_resolutions, evaluate_grid, extract_surface, merge_vertices
 
 RES = 128
 VOXEL = 2.0 / RES  # bbox [-1, 1]^3
@@ -262,3 +262,24 @@ def test_largest_component_keeps_the_bigger_sphere():
     assert big.is_watertight
     assert big.volume == pytest.approx(4 / 3 * math.pi * 0.35**3, rel=0.02)
     assert big.bounds[1, 0] < 0.0
+
+
+def test_merge_vertices_joins_copies_and_drops_faces_that_collapse():
+    # Two triangles sharing the edge (1,0,0)-(0,1,0), written twice as two blocks would (copies
+    # off by float rounding); a third triangle collapses once its two copies of (5,5,5) merge;
+    # a vertex one quantum away from a copy stays apart.
+    vertices = np.array([
+        [0, 0, 0], [1, 0, 0], [0, 1, 0],                       # triangle A
+        [1 + 1e-13, 0, 0], [1, 1, 0], [0, 1 - 1e-13, 0],       # triangle B, with copies of A's edge
+        [5, 5, 5], [5, 5, 5 + 1e-12], [6, 5, 5],               # degenerate after merging
+        [0, 0, 2 * MERGE_QUANTUM], [0, 0, 9], [0, 9, 0],       # near (0,0,0) but not equal at the quantum
+    ], dtype=np.float64)
+    faces = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]])
+    merged_vertices, merged_faces = merge_vertices(vertices, faces)
+    assert len(merged_faces) == 3  # the collapsed triangle is gone
+    assert len(merged_vertices) == 7  # A's 3, B's new corner, the last triangle's 3: (5,5,5) and (6,5,5) unused
+    triangles = {tuple(map(tuple, np.round(merged_vertices[f], 9))) for f in merged_faces}
+    assert ((0, 0, 0), (1, 0, 0), (0, 1, 0)) in triangles
+    assert ((1, 0, 0), (1, 1, 0), (0, 1, 0)) in triangles  # B uses A's first copies
+    shared = set(merged_faces[0]) & set(merged_faces[1])
+    assert len(shared) == 2
