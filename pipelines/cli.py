@@ -80,7 +80,7 @@ def _reconstruct_config(args: argparse.Namespace):
             ReconstructionConfig,
             resolution=args.resolution, method=args.method, dilation=args.dilation, color=args.color,
             precision=args.precision,
-            largest_component=not args.keep_all_components,
+            largest_component=not args.keep_all_components, carve=not args.no_carve,
         ),
         person=PersonOptions(mode=args.person, all_people=args.all_people, min_score=args.min_person_score),
         mesh_format=args.format,
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(~2x faster, the mesh moves < 0.1 voxel), else fp32")
     recon.add_argument("--color", choices=("image", "normal", "none"), default="image", help="vertex colours")
     recon.add_argument("--keep-all-components", action="store_true", help="keep every connected component")
+    recon.add_argument("--no-carve", action="store_true", help="let the surface leave the person mask (by default, "
+                       "with a mask, points outside it are outside the mesh and never queried)")
     recon.add_argument("--overwrite", action="store_true", help="redo inputs already reconstructed with this checkpoint")
     recon.add_argument("--fail-on-error", action="store_true", help="exit 3 if any input failed")
     recon.add_argument("--batch-size", type=int, default=1, help="images per model call")

@@ -127,6 +127,7 @@ class EvalConfig:
     # from the mask (model/evaluation/baselines.py), the floor a model must beat.
     baseline: str | None = None
     bodies: str = "fitted"  # body-guided checkpoints: BODY_SOURCES
+    carve: bool = True  # checkpoint mode: ReconstructionConfig.carve (the view's mask as visual hull)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -477,7 +478,7 @@ class PairWorker:
             raise MissingGroundTruth(str(exc)) from exc
         truth.apply_transform(view["view_from_canonical"])
         prepared = prepared_view(view["image"], view["mask"], self.net.config.coarse_size, self.net.config.fine_size, item["key"])
-        reconstruction = ReconstructionConfig(resolution=self.config.resolution, color="none")
+        reconstruction = ReconstructionConfig(resolution=self.config.resolution, color="none", carve=self.config.carve)
         if item.get("method", "model") == "model":
             if self.net.config.body_guided:
                 prepared = dataclasses.replace(prepared, body=self._view_body(view, item, row, prepared))
@@ -745,6 +746,7 @@ def _config(args: argparse.Namespace) -> EvalConfig:
         pred=args.pred, gt=args.gt, out=args.output, split=args.split, icp=args.icp, num_samples=args.num_samples,
         resolution=args.resolution, scale=args.scale, normal_image_size=args.normal_image_size, seed=args.seed,
         limit=args.limit, workers=args.workers, address=args.address, baseline=args.baseline, bodies=args.bodies,
+        carve=not args.no_carve,
     )
 
 
@@ -794,6 +796,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--bodies", choices=BODY_SOURCES, default="fitted",
                         help="body-guided checkpoints: fit a body to each view's image (default), or read the "
                         "subject's true body (an upper bound)")
+    parser.add_argument("--no-carve", action="store_true", help="checkpoint mode: let the model's surface leave the "
+                        "view's mask (by default points outside it are outside the mesh, as in reconstruct)")
     parser.add_argument("--workers", type=int, help="evaluation actors (default: one per CPU)")
     parser.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     parser.add_argument("--in-process", action="store_true", help="evaluate in this process, without Ray")

@@ -151,3 +151,34 @@ def test_bf16_precision_gives_nearly_the_same_mesh(tmp_path):
     assert np.allclose(half.mesh.bounds, full.mesh.bounds, atol=0.05 * np.ptp(full.mesh.bounds))
     with pytest.raises(ValueError, match="precision"):
         ReconstructionConfig(precision="fp8")
+
+
+def test_points_outside_the_person_mask_are_outside_and_never_queried(tmp_path):
+    from scipy.ndimage import distance_transform_edt
+
+    from model.reconstruction.reconstruct import CARVE_MARGIN, occupancy_function
+
+    path = person_image(tmp_path / "p.png")
+    prepared = prepare_image_file(path, sizes=(128, 256))
+    net = tiny_network()
+    queried = []
+    query = net.query
+    net.query = lambda features, points, **kw: queried.append(points.shape[-1]) or query(features, points, **kw)
+    points = torch.rand(20_000, 3) * 2 - 1
+    with torch.inference_mode():
+        features = net.encode(prepared.images[128][None], prepared.images[256][None]).select(0)
+        carved = occupancy_function(net, features, silhouette=prepared.mask)(points)
+        net.query = query
+        plain = occupancy_function(net, features)(points)
+    # Each point's nearest pixel of the (S, S) crop mask (world y up, image rows down).
+    mask = prepared.mask[0].numpy() > 0.5
+    size = len(mask)
+    columns = ((points[:, 0] + 1) / 2 * (size - 1)).round().long().numpy()
+    rows = ((1 - points[:, 1]) / 2 * (size - 1)).round().long().numpy()
+    inside = torch.from_numpy(mask[rows, columns])
+    far = torch.from_numpy(distance_transform_edt(~mask)[rows, columns] > CARVE_MARGIN * size + 2)
+    assert far.sum() > 5000 and inside.sum() > 1000
+    assert (carved[far] == 0).all()  # outside the person's shadow: outside the person
+    assert torch.allclose(carved[inside], plain[inside], atol=1e-5)  # inside it: the network's own values
+    assert sum(queried) <= len(points) - int(far.sum())  # the carved points never reached the network
+    assert (plain[far] > 0.5).any()  # the raw network does put occupancy there

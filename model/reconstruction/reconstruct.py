@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import trimesh
 from scipy.spatial import cKDTree
 
@@ -31,6 +32,7 @@ from model.reconstruction.surface import check_sparse_resolution, evaluate_grid,
 MESH_FORMATS = ("obj", "ply", "glb")
 COLOR_MODES = ("image", "normal", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
+CARVE_MARGIN = 0.004  # of the crop's side (4 pixels at 1024): the mask's edge is soft and may be a little tight
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,6 +73,9 @@ class ReconstructionConfig:
     # AMX and on GPUs; on the shipped model's field the mesh moves 0.03 voxel at 256 and 0.06 at 512
     # (benchmarks/image_to_mesh.py). "auto": bf16 where the device computes it natively, else fp32.
     precision: str = "auto"
+    # Points outside the person mask (when the photo has one: given, alpha or the person finder's)
+    # are outside the mesh and never queried: the single view's visual hull (`occupancy_function`).
+    carve: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in ("sparse", "dense"):
@@ -123,12 +128,28 @@ def _device_of(net: PIFuHD) -> torch.device:
     return next(net.parameters()).device
 
 
-def occupancy_function(net: PIFuHD, features, body=None):
+def occupancy_function(net: PIFuHD, features, body=None, silhouette: torch.Tensor | None = None):
     """(N, 3) world points -> (N,) fine occupancy of one image's features, for `model.reconstruction.surface`.
-    body: a body-guided model's `model.data.sampling.BodyField` of the image's fitted body."""
+    body: a body-guided model's `model.data.sampling.BodyField` of the image's fitted body.
+    silhouette: (1, S, S) person mask in [0, 1] over the crop, or None. Points seen outside it (it
+    dilated by CARVE_MARGIN of the crop) are outside the person, whatever the network says: the
+    camera is orthographic, so the mask is the person's exact shadow. They are not queried."""
     device = _device_of(net)
+    if silhouette is not None:
+        margin = max(1, round(CARVE_MARGIN * silhouette.shape[-1]))
+        silhouette = F.max_pool2d(silhouette[None].float().cpu(), 2 * margin + 1, stride=1, padding=margin)
 
     def occupancy(points: torch.Tensor) -> torch.Tensor:
+        if silhouette is not None:
+            xy = (points[:, :2] * torch.tensor([1.0, -1.0])).T[None]  # world y up -> image rows down
+            inside = sample_features(silhouette, xy.float())[0, :, 0] > 0.5
+            values = torch.zeros(len(points))
+            if inside.any():
+                values[inside] = occupancy_of(points[inside])
+            return values
+        return occupancy_of(points)
+
+    def occupancy_of(points: torch.Tensor) -> torch.Tensor:
         points = points.to(device)
         body_input = None if body is None else body.network_input(points)
         return net.query(features, points.T[None], body=body_input)[0].float().cpu()
@@ -161,6 +182,7 @@ def sample_surfaces(net: PIFuHD, prepared: list[PreparedImage], config: Reconstr
         from model.body.guidance import body_field
 
         bodies = [body_field(p) for p in prepared]
+    silhouettes = [p.mask if config.carve and p.has_segmentation else None for p in prepared]
     bf16 = resolved_precision(config.precision, device) == "bf16"
     layout = memory_layout(bf16)
     use_layout(net, layout)  # once per network; the images per call
@@ -175,7 +197,7 @@ def sample_surfaces(net: PIFuHD, prepared: list[PreparedImage], config: Reconstr
             one = features.select(index)
             start = time.perf_counter()
             grid = evaluate_grid(
-                occupancy_function(net, one, bodies[index]),
+                occupancy_function(net, one, bodies[index], silhouettes[index]),
                 resolution=config.resolution,
                 method=config.method,
                 threshold=config.threshold,
@@ -243,7 +265,8 @@ def finish(samples: SurfaceSamples, prepared: PreparedImage, config: Reconstruct
     # Area-weighted normals, cached on the mesh for the colours and the preview (trimesh's own
     # took 0.23 s at 512 against 0.06 s).
     normals = vertex_normals(vertices, np.asarray(mesh_world.faces))
-    mesh_world.vertex_normals = normals
+    if len(vertices):  # trimesh refuses to cache an empty array
+        mesh_world.vertex_normals = normals
     if config.color == "image":
         fine_image = prepared.images[max(prepared.images)]
         colors = image_vertex_colors(vertices, normals, fine_image)
