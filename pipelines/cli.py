@@ -259,11 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.data_jobs import register_cli as register_data
     from pipelines.evaluate import register_cli as register_evaluate
     from pipelines.fit import register_cli as register_fit
+    from pipelines.lifter import register_cli as register_lifter
     from pipelines.report import register_cli as register_report
 
     register_data(commands)
     register_evaluate(commands)
     register_fit(commands)
+    register_lifter(commands)
     register_report(commands)
     register_jobs(commands)
     register_metrics(commands)

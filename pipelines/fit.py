@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from model.body.export import MESH_FORMATS
-from model.body.fit import FitConfig
+from model.body.fit import WORLD_SOURCES, FitConfig
 from model.errors import InputError
 from pipelines.bulk import (
     MAX_IMAGE_BYTES, MAX_TEXT_SIDECAR_BYTES, Summary, _batch, _fail, _finished_marker, _read, _rows, _stage_dataset,
@@ -252,6 +252,9 @@ def register_cli(commands) -> None:
     fit.add_argument("--format", choices=MESH_FORMATS, default="obj", help="body mesh format")
     fit.add_argument("--rigged", action="store_true", help="also write STEM_body_rigged.glb (anny skeleton and skin weights)")
     fit.add_argument("--children", action="store_true", help="allow children's ages (default: adults)")
+    fit.add_argument("--world-source", choices=WORLD_SOURCES, default="lifter",
+                     help="the 3D pose the fit follows: the lifter's depths from the 2D landmarks, the given world "
+                     "landmarks (the person finder's or the keypoints file's), or none")
     fit.add_argument("--overwrite", action="store_true", help="redo inputs already fitted with these settings")
     fit.add_argument("--fail-on-error", action="store_true", help="exit 3 if any input failed")
     fit.add_argument("--address", help="Ray cluster address (default: a private local instance)")
@@ -267,7 +270,8 @@ def _fit_config(args) -> FitJobConfig:
         FitJobConfig,
         inputs=tuple(args.inputs),
         output=args.output,
-        fit=FitConfig(age_range=(CHILD_AGE[0], ADULT_AGE[1]) if args.children else ADULT_AGE),
+        fit=build_config(FitConfig, age_range=(CHILD_AGE[0], ADULT_AGE[1]) if args.children else ADULT_AGE,
+                         world_source=args.world_source),
         mesh_format=args.format,
         rigged=args.rigged,
         overwrite=args.overwrite,

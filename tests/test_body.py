@@ -6,6 +6,8 @@ import dataclasses
 import io
 import json
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,7 +24,8 @@ from model.errors import CheckpointError, InputError
 SIZE = 512
 torch.set_num_threads(1)  # the fit's setting: one core (more threads only spin on a busy machine)
 FRONT = [(101, "stand"), (102, "walk"), (103, "gesture")]  # own seeds, not the generator's
-QUICK = FitConfig(camera_steps=10, pose_steps=15, shape_steps=5)
+QUICK = FitConfig(camera_steps=10, pose_steps=15, shape_steps=5, world_source="given")
+GIVEN = FitConfig(world_source="given")  # these renders give the true world landmarks: the fit's use of them
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,8 @@ def bodies():
 
 @pytest.fixture(scope="module")
 def fits(bodies):
-    return {key: fit_body(b.landmarks, (SIZE, SIZE), mask=b.mask, world_landmarks=b.world_landmarks) for key, b in bodies.items()}
+    return {key: fit_body(b.landmarks, (SIZE, SIZE), mask=b.mask, world_landmarks=b.world_landmarks, config=GIVEN)
+            for key, b in bodies.items()}
 
 
 def test_front_views_meet_the_targets(bodies, fits):
@@ -60,7 +64,7 @@ def test_noisy_landmarks_without_world_pose_still_fit(bodies):
     body = bodies[(102, "walk", 0)]
     noisy = body.landmarks.copy()
     noisy[:, :2] += np.random.default_rng(0).normal(0, 2.0, (lm.COUNT, 2))  # 2 px of detector noise
-    fit = fit_body(noisy, (SIZE, SIZE), mask=body.mask)
+    fit = fit_body(noisy, (SIZE, SIZE), mask=body.mask, config=FitConfig(world_source="none"))
     assert fit.landmark_error < 0.02 and fit.mask_iou > 0.8
     assert vertex_error_cm(fit.vertices, body.vertices, body.pixels_per_cm) < 5.0  # depth from 2D and priors only
 
@@ -69,7 +73,7 @@ def test_fitted_body_lies_under_the_clothes():
     import igl
 
     subject = rendered_subject(106, 0.0, SIZE)
-    fit = fit_body(subject.landmarks, (SIZE, SIZE), mask=subject.mask, world_landmarks=subject.world_landmarks)
+    fit = fit_body(subject.landmarks, (SIZE, SIZE), mask=subject.mask, world_landmarks=subject.world_landmarks, config=GIVEN)
     vertices = np.ascontiguousarray(subject.vertices, dtype=np.float64)
     faces = np.ascontiguousarray(subject.faces, dtype=np.int64)
     points = fit.vertices.copy()
@@ -292,3 +296,41 @@ def test_reconstruct_with_a_body_guided_model_fits_and_reads_the_body(tmp_path, 
     assert "no person found" in rows.loc[str(tmp_path / "in" / "drawing.png"), "body_error"]
     with pytest.raises(CheckpointError, match="fallback checkpoint"):
         run_bulk(dataclasses.replace(config, fallback_checkpoint=str(checkpoint)), in_process=True, progress=False)
+
+
+def test_the_lifter_gives_the_depth_order_of_a_side_view(bodies):
+    from model.body.lifter import LIFTED, lift_world_landmarks
+
+    body = bodies[(104, "walk", 90)]  # seen from the side: every limb's depth shows in the truth
+    world = lift_world_landmarks(body.landmarks)
+    rows = [i for i in LIFTED if body.landmarks[i, 2] > 0.5]
+    lifted = world[rows, 2] / (body.pixels_per_cm * 100)  # pixels -> metres, as the truth
+    truth = body.world_landmarks[rows, 2]
+    error = np.abs(lifted - truth).mean()
+    assert error < 0.05, error  # metres
+    assert error < 0.5 * np.abs(truth).mean()  # far better than a flat body
+
+
+def test_the_fit_follows_the_lifter_by_default():
+    assert FitConfig().world_source == "lifter"
+    with pytest.raises(ValueError, match="world_source"):
+        FitConfig(world_source="mediapipe")
+
+
+def test_train_lifter_command_writes_a_loadable_lifter(tmp_path):
+    from model.body.lifter import lift_world_landmarks, load_lifter
+
+    out = tmp_path / "lifter.safetensors"
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "train-lifter", "-o", str(out), "--family-poses", "5",
+                             "--uniform-poses", "5", "--steps", "3"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 2" in result.stdout and out.is_file()
+    net = load_lifter(str(out))
+    assert sum(p.numel() for p in net.parameters()) > 1000
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as handle:
+        assert json.loads(handle.metadata()["recipe"])["uniform_poses"] == 5
+    landmarks = np.zeros((lm.COUNT, 3), np.float32)
+    landmarks[list(lm.BODY), :2] = np.random.default_rng(0).uniform(100, 400, (len(lm.BODY), 2))
+    landmarks[list(lm.BODY), 2] = 1.0
+    assert np.isfinite(lift_world_landmarks(landmarks)).all()

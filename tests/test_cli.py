@@ -125,6 +125,7 @@ MINIMAL_ARGUMENTS = {
     ("data", "synth"): (["--count", "1", "-o", "o"], {"out", "kind", "count"}),
     ("data", "scans"): (["x.obj", "-o", "o"], {"out", "kind", "inputs"}),
     ("fit",): (["in.png", "-o", "o"], {"inputs", "output"}),
+    ("train-lifter",): (["-o", "o.safetensors"], set()),
 }
 
 

@@ -52,6 +52,9 @@ from model.errors import InputError
 from model.data.humans import ADULT_AGE, ANNY_TO_CANONICAL
 
 
+WORLD_SOURCES = ("lifter", "given", "none")
+
+
 class UnusableLandmarks(InputError):
     """The landmarks cannot support a body fit (too few visible, torso cropped, ...)."""
 
@@ -79,6 +82,10 @@ class FitConfig:
     vertex_stride: int = 5  # the silhouette terms look at every vertex_stride-th vertex
     min_iou: float = 0.6
     max_landmark_error: float = 0.03  # fraction of the image height
+    # The 3D pose the world term follows: "lifter" (`model.body.lifter`, from the 2D landmarks; on
+    # clothed renders it cuts the fitted body's error against the finder's own world landmarks,
+    # see the README), "given" (the world landmarks passed in: the person finder's or a keypoints file's) or "none".
+    world_source: str = "lifter"
 
     def __post_init__(self) -> None:
         if min(self.camera_steps, self.pose_steps, self.shape_steps) < 0:
@@ -94,6 +101,8 @@ class FitConfig:
             raise ValueError(f"age_range must satisfy 0 <= lo < hi <= 1, got {self.age_range}")
         if self.silhouette_size < 16 or self.coverage_points < 1 or self.vertex_stride < 1:
             raise ValueError("silhouette_size must be >= 16, coverage_points and vertex_stride >= 1")
+        if self.world_source not in WORLD_SOURCES:
+            raise ValueError(f"world_source must be one of {WORLD_SOURCES}, not {self.world_source!r}")
 
 
 @dataclass
@@ -347,6 +356,12 @@ def fit_body(
         if not mask.any():
             raise InputError(f"{name}: the person mask is empty")
     usable = usable_landmarks(landmarks, (width, height), config, name)
+    if config.world_source == "lifter":
+        from model.body.lifter import lift_world_landmarks
+
+        world_landmarks = lift_world_landmarks(landmarks, config.min_visibility)
+    elif config.world_source == "none":
+        world_landmarks = None
 
     body = load_body_model()
     posed = PosedAnny(body)

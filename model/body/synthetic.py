@@ -103,8 +103,9 @@ def rendered_body(seed: int, family: str = "stand", yaw_deg: float = 0.0, size: 
     )
 
 
-def rendered_subject(seed: int, yaw_deg: float = 0.0, size: int = 512) -> RenderedBody:
-    """A clothed synthetic subject (`model.data.humans.make_subject`) rendered like `rendered_body`.
+def rendered_subject(seed: int, yaw_deg: float = 0.0, size: int = 512, family: str | None = None) -> RenderedBody:
+    """A clothed synthetic subject (`model.data.humans.make_subject`, of `family` if given, else the
+    seed's draw) rendered like `rendered_body`.
 
     `vertices`/`faces` are the clothed surface (all parts merged) in the pixel frame; landmarks are
     anny's regressor applied to the dressed body (same topology as the bare one; the eyes, which
@@ -115,7 +116,7 @@ def rendered_subject(seed: int, yaw_deg: float = 0.0, size: int = 512) -> Render
     from model.data.humans import make_subject
     from model.data.render import View, get_renderer, studio_lighting
 
-    subject = make_subject(f"subject-{seed}", seed)
+    subject = make_subject(f"subject-{seed}", seed, family=family)
     view = View(yaw_deg=yaw_deg)
     lighting = studio_lighting()
     render = get_renderer(size).render(subject.parts, view, lighting)

@@ -293,6 +293,17 @@ def sample_pose(rng: np.random.Generator, family: str, rest_heads: np.ndarray, b
     return _pose_transforms(_clip_and_mirror(angles), rest_heads, body)
 
 
+def sample_uniform_pose(rng: np.random.Generator, rest_heads: np.ndarray, body: BodyModel):
+    """One anny pose dict with every joint of JOINT_LIMITS (both sides) uniform within its limits:
+    poses of no family, for a prior that must not learn the families (`model.body.lifter`)."""
+    angles = {}
+    for joint, limits in JOINT_LIMITS.items():
+        lo, hi = np.array(limits).T
+        for side in (("L", "R") if joint not in ("spine03", "spine01", "neck01") else ("",)):
+            angles[f"{joint}.{side}" if side else joint] = rng.uniform(lo, hi)
+    return _pose_transforms(_clip_and_mirror(angles), rest_heads, body)
+
+
 # ---- garments ---------------------------------------------------------------------------------
 
 

@@ -1,0 +1,237 @@
+"""A 2D -> depth lifter: the depth of each body landmark from the 2D landmarks alone.
+
+The person finder's world landmarks get the depth of limbs wrong on many clothed views (an
+elbow in front of the body instead of behind it), and the fit follows them. The lifter is a small
+residual MLP trained on the synthetic generator's poses (`model.data.humans`: its five families,
+and as many poses with every joint uniform within its limits, which keep it right on poses of no
+family), seen from random yaws and small pitches and rolls under orthographic projection with
+noisy 2D points, as PIFuHD's cameras see people; the fit reads its output as world landmarks
+(`lift_world_landmarks`, `model.body.fit.FitConfig.world_source`). `LifterRecipe` is how the shipped
+file was trained (`pifuhd train-lifter`).
+
+Inputs: the LIFTED landmarks (19 of MediaPipe's 33: trunk, limbs, nose, ears, heels, toes), x, y
+centred on the hips and divided by their spread, with a visible flag (hidden ones are 0).
+Output: each one's depth toward the camera, relative to the hips' centre, in the same units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.body import landmarks as lm
+
+LIFTED = tuple(lm.INDEX[n] for n in (
+    "nose", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
+    "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+    "right_ankle", "left_heel", "right_heel", "left_foot_index", "right_foot_index",
+))
+_HIPS_IN_LIFTED = tuple(LIFTED.index(i) for i in lm.HIPS)
+LIFTER_FILE = Path(__file__).resolve().parents[1] / "weights" / "depth-lifter.safetensors"
+
+
+class DepthLifter(torch.nn.Module):
+    """(B, 3 * len(LIFTED)) features -> (B, len(LIFTED)) depths (see the module docstring)."""
+
+    def __init__(self, hidden: int = 256, blocks: int = 2):
+        super().__init__()
+        self.hidden, self.blocks = hidden, blocks
+        self.inp = torch.nn.Linear(3 * len(LIFTED), hidden)
+        self.res = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
+                                torch.nn.Linear(hidden, hidden))
+            for _ in range(blocks))
+        self.out = torch.nn.Sequential(torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, len(LIFTED)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.inp(features)
+        for block in self.res:
+            x = x + block(x)
+        return self.out(x)
+
+
+def lifter_features(xy: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B, K, 2) image points (y down) and (B, K) bool, K = len(LIFTED) -> (features (B, 3K) float32,
+    centre (B, 2), spread (B,)). Centre: the visible hips' mean; spread: the visible points' RMS
+    distance from it."""
+    visible = visible.astype(bool)
+    hips = visible[:, _HIPS_IN_LIFTED]
+    hip_xy = xy[:, _HIPS_IN_LIFTED]
+    centre = (hip_xy * hips[..., None]).sum(1) / np.maximum(hips.sum(1), 1)[:, None]
+    offsets = (xy - centre[:, None]) * visible[..., None]
+    spread = np.sqrt((offsets ** 2).sum((1, 2)) / np.maximum(visible.sum(1), 1))
+    spread = np.maximum(spread, 1e-6)
+    features = np.concatenate([offsets / spread[:, None, None], visible[..., None]], axis=2)
+    return features.reshape(len(xy), -1).astype(np.float32), centre, spread
+
+
+@functools.lru_cache(maxsize=1)
+def load_lifter(path: str = str(LIFTER_FILE)) -> DepthLifter:
+    """The shipped lifter (eval mode), read once per process."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, "pt") as handle:
+        shape = json.loads(handle.metadata()["architecture"])
+    net = DepthLifter(**shape)
+    net.load_state_dict(load_file(path))
+    return net.eval()
+
+
+def lift_world_landmarks(landmarks: np.ndarray, min_visibility: float = 0.5) -> np.ndarray:
+    """(33, 3) image landmarks (pixels + visibility) -> (33, 3) world landmarks in MediaPipe's axes
+    (x right, y down, z away from the camera), hips-centred, in image pixels (the fit reads bone
+    directions only). Rows not lifted, or not visible, are 0. Needs a visible hip."""
+    points = np.asarray(landmarks, np.float64)[list(LIFTED)]
+    visible = points[:, 2] >= min_visibility
+    features, centre, spread = lifter_features(points[None, :, :2], visible[None])
+    with torch.no_grad():
+        depth = load_lifter()(torch.from_numpy(features))[0].double().numpy() * spread[0]
+    world = np.zeros((lm.COUNT, 3))
+    rows = np.array(LIFTED)[visible]
+    world[rows, :2] = points[visible, :2] - centre[0]
+    world[rows, 2] = -depth[visible]  # toward the camera -> MediaPipe's z, away from it
+    return world.astype(np.float32)
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+
+def generator_landmarks(count: int, seed: int, families: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(count, 33, 3) float32 landmarks (cm, canonical frame: y up, facing +z) of the synthetic
+    generator's people, and (count,) family index into `model.data.humans.POSE_FAMILIES` (-1 for
+    "uniform": every joint uniform within its limits); pose i is of family
+    families[i % len(families)] (default: all), from seed + i."""
+    from model.data.humans import (ANNY_TO_CANONICAL, POSE_FAMILIES, HumanConfig, load_body_model, sample_phenotype,
+                                   sample_pose, sample_uniform_pose)
+
+    body = load_body_model()
+    regress = lm.anny_landmarks()
+    families = tuple(families or POSE_FAMILIES)
+    points = np.zeros((count, lm.COUNT, 3), np.float32)
+    index = np.zeros(count, np.int64)
+    for i in range(count):
+        rng = np.random.default_rng(seed + i)
+        family = families[i % len(families)]
+        phenotype = sample_phenotype(rng, HumanConfig())
+        with torch.no_grad():
+            rest = body.anny(phenotype_kwargs=phenotype)
+            heads = rest["rest_bone_heads"][0].numpy().astype(np.float64)
+            pose = sample_uniform_pose(rng, heads, body) if family == "uniform" else sample_pose(rng, family, heads, body)
+            posed = body.anny(pose_parameters=pose, phenotype_kwargs=phenotype)
+            metres = regress.on_mesh(posed["vertices"], posed["bone_poses"][:, :, :3, 3])[0].double().numpy()
+        points[i] = metres * 100 @ ANNY_TO_CANONICAL.T
+        index[i] = POSE_FAMILIES.index(family) if family != "uniform" else -1
+    return points, index
+
+
+def _rotation(yaw: np.ndarray, pitch: np.ndarray, roll: np.ndarray) -> np.ndarray:
+    """(B, 3, 3) rotations: yaw about y, then pitch about x, then roll about z (radians)."""
+    def axis(angle, i, j):
+        m = np.tile(np.eye(3), (len(angle), 1, 1))
+        c, s = np.cos(angle), np.sin(angle)
+        m[:, i, i], m[:, j, j], m[:, i, j], m[:, j, i] = c, c, -s, s
+        return m
+    return axis(roll, 0, 1) @ axis(pitch, 1, 2) @ axis(yaw, 2, 0)
+
+
+def training_views(points: np.ndarray, rng: np.random.Generator, noise: float = 0.02, hide: float = 0.05,
+                   pitch_deg: float = 6.0, roll_deg: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Orthographic views of (B, 33, 3) canonical landmarks -> (features (B, 3K), target depths (B, K)).
+
+    A random yaw, a small pitch and roll; 2D noise of up to `noise` x the 2D height (std, uniform per
+    sample); each point hidden with probability `hide` (one hip always kept), and the face points
+    half the time when the person faces away (a finder rarely sees them then)."""
+    batch = len(points)
+    yaw = rng.uniform(0, 2 * np.pi, batch)
+    pitch = np.radians(np.clip(rng.normal(0, pitch_deg, batch), -2.5 * pitch_deg, 2.5 * pitch_deg))
+    roll = np.radians(np.clip(rng.normal(0, roll_deg, batch), -2.5 * roll_deg, 2.5 * roll_deg))
+    camera = points[:, list(LIFTED)] @ _rotation(yaw, pitch, roll).transpose(0, 2, 1)
+    xy = camera[..., :2] * [1.0, -1.0]  # image y runs down
+    height = xy[..., 1].max(1) - xy[..., 1].min(1)
+    xy = xy + rng.normal(size=xy.shape) * (rng.uniform(0, noise, batch) * height)[:, None, None]
+    visible = rng.random(xy.shape[:2]) >= hide
+    away = np.cos(yaw) < -0.5
+    face = [LIFTED.index(lm.INDEX[n]) for n in ("nose", "left_ear", "right_ear")]
+    visible[np.ix_(away & (rng.random(batch) < 0.5), face)] = False
+    no_hip = ~visible[:, _HIPS_IN_LIFTED].any(1)
+    visible[no_hip, _HIPS_IN_LIFTED[0]] = True
+    features, _, spread = lifter_features(xy, visible)
+    hips = camera[:, list(_HIPS_IN_LIFTED), 2].mean(1)
+    return features, ((camera[..., 2] - hips[:, None]) / spread[:, None]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LifterRecipe:
+    """How the shipped lifter is trained (`pifuhd train-lifter`): poses of the generator's families and
+    as many with every joint uniform within its limits (these keep it right on poses of no family:
+    trained on four families plus uniform poses, it fits a left-out family better than the finder's
+    own world landmarks, see the README), fresh random views every step."""
+
+    family_poses: int = 8000  # pose i from seed family_seed + i, of family POSE_FAMILIES[i % 5]
+    uniform_poses: int = 8000  # pose i from seed uniform_seed + i
+    family_seed: int = 100_000
+    uniform_seed: int = 200_000
+    steps: int = 12_000
+    batch: int = 512
+    learning_rate: float = 1e-3  # Adam, cosine decay to 0
+    seed: int = 0  # weights and views
+
+    def __post_init__(self) -> None:
+        if self.family_poses < 0 or self.uniform_poses < 0 or self.family_poses + self.uniform_poses == 0:
+            raise ValueError("family_poses and uniform_poses must be >= 0, and not both 0")
+        if self.steps < 1 or self.batch < 1 or not self.learning_rate > 0:
+            raise ValueError("steps and batch must be positive, learning_rate > 0")
+
+
+def training_poses(recipe: LifterRecipe) -> np.ndarray:
+    """(N, 33, 3) canonical landmarks of the recipe's poses (13-25 ms of CPU per pose)."""
+    parts = []
+    if recipe.family_poses:
+        parts.append(generator_landmarks(recipe.family_poses, recipe.family_seed)[0])
+    if recipe.uniform_poses:
+        parts.append(generator_landmarks(recipe.uniform_poses, recipe.uniform_seed, ("uniform",))[0])
+    return np.concatenate(parts)
+
+
+def train_lifter(points: np.ndarray, recipe: LifterRecipe = LifterRecipe(), log=None) -> DepthLifter:
+    """Train a DepthLifter on (N, 33, 3) canonical landmarks (`training_poses`): Adam, cosine
+    decay, L1 on the depths; fresh random views every step. log(step, loss) every 1000 steps."""
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    net = DepthLifter()
+    optimiser = torch.optim.Adam(net.parameters(), lr=recipe.learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, recipe.steps)
+    for step in range(recipe.steps):
+        features, target = training_views(points[rng.integers(0, len(points), recipe.batch)], rng)
+        loss = (net(torch.from_numpy(features)) - torch.from_numpy(target)).abs().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        if log is not None and (step % 1000 == 0 or step == recipe.steps - 1):
+            log(step, loss.item())
+    return net.eval()
+
+
+def lifter_error(net: DepthLifter, points: np.ndarray, seed: int = 1) -> float:
+    """Mean absolute depth error of `net` on random views of (N, 33, 3) landmarks, in units of the
+    2D spread (one view per pose, fixed seed)."""
+    features, target = training_views(points, np.random.default_rng(seed))
+    with torch.no_grad():
+        return float((net(torch.from_numpy(features)) - torch.from_numpy(target)).abs().mean())
+
+
+def lifter_bytes(net: DepthLifter, recipe: LifterRecipe) -> bytes:
+    """The lifter as safetensors, its architecture and training recipe in the header."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in net.state_dict().items()},
+                metadata={"architecture": json.dumps({"hidden": net.hidden, "blocks": net.blocks}),
+                          "recipe": json.dumps(dataclasses.asdict(recipe))})
