@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from model.data.humans import POSE_FAMILIES
 from pipelines import storage
 from pipelines.exit_codes import build_config
 from pipelines.uris import uri_argument
@@ -18,7 +19,7 @@ def _recipe(args):
     from model.body.lifter import LifterRecipe
 
     return build_config(LifterRecipe, family_poses=args.family_poses, uniform_poses=args.uniform_poses,
-                        steps=args.steps, seed=args.seed)
+                        families=tuple(args.families), steps=args.steps, seed=args.seed)
 
 
 def _train(args) -> int:
@@ -50,6 +51,8 @@ def register_cli(commands) -> None:
     parser.add_argument("-o", "--output", required=True, type=uri_argument, help="the .safetensors file to write")
     parser.add_argument("--family-poses", type=int, default=8000, help="poses of the generator's five families")
     parser.add_argument("--uniform-poses", type=int, default=8000, help="poses with every joint uniform within its limits")
+    parser.add_argument("--families", nargs="+", choices=POSE_FAMILIES, default=list(POSE_FAMILIES),
+                        help="the families' poses drawn (leave one out to measure how the lifter does on it)")
     parser.add_argument("--steps", type=int, default=12_000, help="Adam steps of 512 random views")
     parser.add_argument("--seed", type=int, default=0, help="fixes the weights and the views")
     parser.set_defaults(handler=_train, config=_recipe)

@@ -311,10 +311,17 @@ def test_the_lifter_gives_the_depth_order_of_a_side_view(bodies):
     assert error < 0.5 * np.abs(truth).mean()  # far better than a flat body
 
 
-def test_the_fit_follows_the_lifter_by_default():
+def test_the_fit_follows_the_lifter_by_default(bodies):
     assert FitConfig().world_source == "lifter"
     with pytest.raises(ValueError, match="world_source"):
         FitConfig(world_source="mediapipe")
+    body = bodies[(101, "stand", 0)]
+    for source, given in (("lifter", None), ("given", body.world_landmarks), ("given", None), ("none", body.world_landmarks)):
+        config = dataclasses.replace(QUICK, world_source=source)
+        fit = fit_body(body.landmarks, (SIZE, SIZE), mask=body.mask, world_landmarks=given, config=config)
+        expected = source if source == "lifter" or given is not None and source == "given" else "none"
+        assert fit.world_source == expected, (source, given is None)
+        assert json.loads(body_json(fit))["quality"]["world_source"] == expected
 
 
 def test_train_lifter_command_writes_a_loadable_lifter(tmp_path):

@@ -41,6 +41,7 @@ def body_json(fit: BodyFit, extra: dict | None = None) -> str:
         "note": fit.quality_note,
         "seconds": fit.seconds,
         "steps": fit.steps,
+        "world_source": fit.world_source,
     }
     document.update(extra or {})
     return json.dumps(document, indent=1)

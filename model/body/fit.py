@@ -112,7 +112,7 @@ class BodyFit:
     vertices: (V, 3) float64 pixels; faces: (F, 3) int64; landmarks_2d: (33, 2) the body's
     landmarks in continuous image pixels (0 where anny has none); mask_iou: IoU of the projected
     body with the mask (None without a mask); landmark_error_px: mean distance over the landmarks
-    used; landmark_error: the same / image height.
+    used; landmark_error: the same / image height; world_source: what the world term followed.
     """
 
     params: BodyParameters
@@ -127,6 +127,7 @@ class BodyFit:
     seconds: float
     steps: int
     losses: dict[str, float]
+    world_source: str  # the 3D pose the world term followed: "lifter", "given" or "none"
 
 
 # ---- input checks -----------------------------------------------------------------------------
@@ -519,4 +520,5 @@ def fit_body(
         seconds=time.perf_counter() - start,
         steps=steps,
         losses={k: float(v) for k, v in final_terms.items()},
+        world_source=config.world_source if bones else "none",
     )

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from model.body import landmarks as lm
+from model.data.humans import POSE_FAMILIES
 
 LIFTED = tuple(lm.INDEX[n] for n in (
     "nose", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
@@ -174,8 +175,9 @@ class LifterRecipe:
     trained on four families plus uniform poses, it fits a left-out family better than the finder's
     own world landmarks, see the README), fresh random views every step."""
 
-    family_poses: int = 8000  # pose i from seed family_seed + i, of family POSE_FAMILIES[i % 5]
+    family_poses: int = 8000  # pose i from seed family_seed + i, of family families[i % len(families)]
     uniform_poses: int = 8000  # pose i from seed uniform_seed + i
+    families: tuple[str, ...] = POSE_FAMILIES  # fewer: to measure a left-out family
     family_seed: int = 100_000
     uniform_seed: int = 200_000
     steps: int = 12_000
@@ -186,6 +188,8 @@ class LifterRecipe:
     def __post_init__(self) -> None:
         if self.family_poses < 0 or self.uniform_poses < 0 or self.family_poses + self.uniform_poses == 0:
             raise ValueError("family_poses and uniform_poses must be >= 0, and not both 0")
+        if not self.families or set(self.families) - set(POSE_FAMILIES):
+            raise ValueError(f"families must be some of {POSE_FAMILIES}, got {self.families}")
         if self.steps < 1 or self.batch < 1 or not self.learning_rate > 0:
             raise ValueError("steps and batch must be positive, learning_rate > 0")
 
@@ -194,7 +198,7 @@ def training_poses(recipe: LifterRecipe) -> np.ndarray:
     """(N, 33, 3) canonical landmarks of the recipe's poses (13-25 ms of CPU per pose)."""
     parts = []
     if recipe.family_poses:
-        parts.append(generator_landmarks(recipe.family_poses, recipe.family_seed)[0])
+        parts.append(generator_landmarks(recipe.family_poses, recipe.family_seed, recipe.families)[0])
     if recipe.uniform_poses:
         parts.append(generator_landmarks(recipe.uniform_poses, recipe.uniform_seed, ("uniform",))[0])
     return np.concatenate(parts)
