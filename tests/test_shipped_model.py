@@ -50,5 +50,8 @@ def test_example_photo_becomes_a_person_shaped_mesh(shipped):
     extent = result.mesh.bounds[1, :2] - result.mesh.bounds[0, :2]
     assert 0.6 < extent[1] / (rows.max() - rows.min()) < 1.4  # as tall as the person
     assert extent[1] > 1.5 * extent[0]  # taller than wide, like a standing person
-    # Not a blob: the mesh is about as deep as a person, not as deep as it is wide or tall.
-    assert np.ptp(result.mesh.vertices[:, 2]) < 0.4 * extent[1]  # 0.29 here; the plain model 0.55
+    # Not a blob: the mesh is about as deep as a person, not as deep as it is wide or tall. Depth
+    # as `evaluate`'s depth_ratio takes it (2nd-98th percentile), over the height: the truth of this
+    # view is 0.23, the shipped model gives 0.30, the plain model 0.44.
+    depth = np.percentile(result.mesh.vertices[:, 2], 98) - np.percentile(result.mesh.vertices[:, 2], 2)
+    assert depth < 0.37 * extent[1], depth / extent[1]
