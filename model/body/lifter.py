@@ -74,7 +74,7 @@ def lifter_features(xy: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np
 
 @functools.lru_cache(maxsize=1)
 def load_lifter(path: str = str(LIFTER_FILE)) -> DepthLifter:
-    """The shipped lifter (eval mode), read once per process."""
+    """A lifter file (default: the shipped one) in eval mode, read once per process."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -104,19 +104,15 @@ def lift_world_landmarks(landmarks: np.ndarray, min_visibility: float = 0.5) -> 
 # ---- training ---------------------------------------------------------------------------------
 
 
-def generator_landmarks(count: int, seed: int, families: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def generator_landmarks(count: int, seed: int, families: tuple[str, ...] = POSE_FAMILIES) -> np.ndarray:
     """(count, 33, 3) float32 landmarks (cm, canonical frame: y up, facing +z) of the synthetic
-    generator's people, and (count,) family index into `model.data.humans.POSE_FAMILIES` (-1 for
-    "uniform": every joint uniform within its limits); pose i is of family
-    families[i % len(families)] (default: all), from seed + i."""
-    from model.data.humans import (ANNY_TO_CANONICAL, POSE_FAMILIES, HumanConfig, load_body_model, sample_phenotype,
-                                   sample_pose, sample_uniform_pose)
+    generator's people; pose i from seed + i, of family families[i % len(families)], where the
+    family "uniform" draws every joint uniform within its limits."""
+    from model.data.humans import ANNY_TO_CANONICAL, HumanConfig, load_body_model, sample_phenotype, sample_pose, sample_uniform_pose
 
     body = load_body_model()
     regress = lm.anny_landmarks()
-    families = tuple(families or POSE_FAMILIES)
     points = np.zeros((count, lm.COUNT, 3), np.float32)
-    index = np.zeros(count, np.int64)
     for i in range(count):
         rng = np.random.default_rng(seed + i)
         family = families[i % len(families)]
@@ -128,8 +124,7 @@ def generator_landmarks(count: int, seed: int, families: tuple[str, ...] | None 
             posed = body.anny(pose_parameters=pose, phenotype_kwargs=phenotype)
             metres = regress.on_mesh(posed["vertices"], posed["bone_poses"][:, :, :3, 3])[0].double().numpy()
         points[i] = metres * 100 @ ANNY_TO_CANONICAL.T
-        index[i] = POSE_FAMILIES.index(family) if family != "uniform" else -1
-    return points, index
+    return points
 
 
 def _rotation(yaw: np.ndarray, pitch: np.ndarray, roll: np.ndarray) -> np.ndarray:
@@ -198,9 +193,9 @@ def training_poses(recipe: LifterRecipe) -> np.ndarray:
     """(N, 33, 3) canonical landmarks of the recipe's poses (13-25 ms of CPU per pose)."""
     parts = []
     if recipe.family_poses:
-        parts.append(generator_landmarks(recipe.family_poses, recipe.family_seed, recipe.families)[0])
+        parts.append(generator_landmarks(recipe.family_poses, recipe.family_seed, recipe.families))
     if recipe.uniform_poses:
-        parts.append(generator_landmarks(recipe.uniform_poses, recipe.uniform_seed, ("uniform",))[0])
+        parts.append(generator_landmarks(recipe.uniform_poses, recipe.uniform_seed, ("uniform",)))
     return np.concatenate(parts)
 
 
@@ -222,14 +217,6 @@ def train_lifter(points: np.ndarray, recipe: LifterRecipe = LifterRecipe(), log=
         if log is not None and (step % 1000 == 0 or step == recipe.steps - 1):
             log(step, loss.item())
     return net.eval()
-
-
-def lifter_error(net: DepthLifter, points: np.ndarray, seed: int = 1) -> float:
-    """Mean absolute depth error of `net` on random views of (N, 33, 3) landmarks, in units of the
-    2D spread (one view per pose, fixed seed)."""
-    features, target = training_views(points, np.random.default_rng(seed))
-    with torch.no_grad():
-        return float((net(torch.from_numpy(features)) - torch.from_numpy(target)).abs().mean())
 
 
 def lifter_bytes(net: DepthLifter, recipe: LifterRecipe) -> bytes:
