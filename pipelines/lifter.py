@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 from model.data.humans import POSE_FAMILIES
-from pipelines import storage
 from pipelines.exit_codes import build_config
 from pipelines.uris import uri_argument
 
@@ -24,6 +23,7 @@ def _recipe(args):
 
 def _train(args) -> int:
     from model.body.lifter import lifter_bytes, train_lifter, training_poses
+    from pipelines import storage
 
     recipe = _recipe(args)
     start = time.perf_counter()
