@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from model.body import landmarks as lm
-from model.data.humans import POSE_FAMILIES
+from model.data.humans import POSE_FAMILIES, UNIFORM_POSES
 
 LIFTED = tuple(lm.INDEX[n] for n in (
     "nose", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
@@ -106,24 +106,14 @@ def lift_world_landmarks(landmarks: np.ndarray, min_visibility: float = 0.5) -> 
 
 def generator_landmarks(count: int, seed: int, families: tuple[str, ...] = POSE_FAMILIES) -> np.ndarray:
     """(count, 33, 3) float32 landmarks (cm, canonical frame: y up, facing +z) of the synthetic
-    generator's people; pose i from seed + i, of family families[i % len(families)], where the
-    family "uniform" draws every joint uniform within its limits."""
-    from model.data.humans import ANNY_TO_CANONICAL, HumanConfig, load_body_model, sample_phenotype, sample_pose, sample_uniform_pose
+    generator's people (`model.body.synthetic.true_body`); pose i from seed + i, of family
+    families[i % len(families)], which may be `model.data.humans.UNIFORM_POSES`."""
+    from model.body.synthetic import true_body
+    from model.data.humans import ANNY_TO_CANONICAL
 
-    body = load_body_model()
-    regress = lm.anny_landmarks()
     points = np.zeros((count, lm.COUNT, 3), np.float32)
     for i in range(count):
-        rng = np.random.default_rng(seed + i)
-        family = families[i % len(families)]
-        phenotype = sample_phenotype(rng, HumanConfig())
-        with torch.no_grad():
-            rest = body.anny(phenotype_kwargs=phenotype)
-            heads = rest["rest_bone_heads"][0].numpy().astype(np.float64)
-            pose = sample_uniform_pose(rng, heads, body) if family == "uniform" else sample_pose(rng, family, heads, body)
-            posed = body.anny(pose_parameters=pose, phenotype_kwargs=phenotype)
-            metres = regress.on_mesh(posed["vertices"], posed["bone_poses"][:, :, :3, 3])[0].double().numpy()
-        points[i] = metres * 100 @ ANNY_TO_CANONICAL.T
+        points[i] = true_body(seed + i, families[i % len(families)])[1] * 100 @ ANNY_TO_CANONICAL.T
     return points
 
 
@@ -195,7 +185,7 @@ def training_poses(recipe: LifterRecipe) -> np.ndarray:
     if recipe.family_poses:
         parts.append(generator_landmarks(recipe.family_poses, recipe.family_seed, recipe.families))
     if recipe.uniform_poses:
-        parts.append(generator_landmarks(recipe.uniform_poses, recipe.uniform_seed, ("uniform",)))
+        parts.append(generator_landmarks(recipe.uniform_poses, recipe.uniform_seed, (UNIFORM_POSES,)))
     return np.concatenate(parts)
 
 

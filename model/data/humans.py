@@ -31,6 +31,7 @@ from model.cache import CACHE_ROOT
 
 TOPOLOGY = "anny-noeyes-notongue"  # one closed part: eyes and tongue would sit inside the head
 POSE_FAMILIES = ("stand", "walk", "gesture", "reach", "crouch")
+UNIFORM_POSES = "uniform"  # sample_pose's family of no family
 
 # anny's "age" phenotype runs 0..1 over MakeHuman's anchors 1, 11, 25, 90 years at 0, 0.1875, 0.5, 1.
 ADULT_AGE = (0.36, 0.85)  # about 18 to 67 years
@@ -288,20 +289,22 @@ def _pose_transforms(angles: dict[str, np.ndarray], rest_heads: np.ndarray, body
 
 
 def sample_pose(rng: np.random.Generator, family: str, rest_heads: np.ndarray, body: BodyModel, scale: float = 1.0):
-    """One anny pose dict of the family; `scale` < 1 shrinks the angles (used when retrying after a collision)."""
-    angles = {k: v * scale for k, v in _family_angles(rng, family).items()}
+    """One anny pose dict of the family, or of UNIFORM_POSES (every joint of JOINT_LIMITS, both sides,
+    uniform within its limits: poses of no family, for a prior that must not learn the families,
+    `model.body.lifter`); `scale` < 1 shrinks the angles (used when retrying after a collision)."""
+    drawn = _uniform_angles(rng) if family == UNIFORM_POSES else _family_angles(rng, family)
+    angles = {k: v * scale for k, v in drawn.items()}
     return _pose_transforms(_clip_and_mirror(angles), rest_heads, body)
 
 
-def sample_uniform_pose(rng: np.random.Generator, rest_heads: np.ndarray, body: BodyModel):
-    """One anny pose dict with every joint of JOINT_LIMITS (both sides) uniform within its limits:
-    poses of no family, for a prior that must not learn the families (`model.body.lifter`)."""
+def _uniform_angles(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Rotation vectors (3,) per joint, each uniform within JOINT_LIMITS (stated for the left side)."""
     angles = {}
     for joint, limits in JOINT_LIMITS.items():
         lo, hi = np.array(limits).T
         for side in (("L", "R") if joint not in ("spine03", "spine01", "neck01") else ("",)):
             angles[f"{joint}.{side}" if side else joint] = rng.uniform(lo, hi)
-    return _pose_transforms(_clip_and_mirror(angles), rest_heads, body)
+    return angles
 
 
 # ---- garments ---------------------------------------------------------------------------------
