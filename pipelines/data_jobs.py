@@ -439,7 +439,7 @@ def _synth_job(args) -> JobConfig:
     return build_config(
         JobConfig,
         out=args.out, kind="synth", seed=args.seed, settings=_settings(args), count=args.count,
-        human=_human_config(children=args.children), subjects_per_shard=args.subjects_per_shard,
+        human=_human_config(children=args.children, families=tuple(args.families)), subjects_per_shard=args.subjects_per_shard,
         workers=args.workers, address=args.address,
     )
 
@@ -460,11 +460,16 @@ def _run(args) -> int:
 
 def register_cli(subparsers) -> argparse.ArgumentParser:
     """Add `data synth` and `data scans` to an argparse subparsers object (pipelines/cli.py)."""
+    from model.data.humans import HELD_OUT_FAMILIES, POSE_FAMILIES
+
     data = subparsers.add_parser("data", help="make training data (synthetic people, real scans) as Parquet shards")
     actions = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     synth = actions.add_parser("synth", help="synthetic clothed people from the anny body model")
     synth.add_argument("--count", type=int, required=True, help="number of subjects")
     synth.add_argument("--children", action="store_true", help="also draw children (a quarter of subjects)")
+    synth.add_argument("--families", nargs="+", choices=POSE_FAMILIES + HELD_OUT_FAMILIES, default=list(POSE_FAMILIES),
+                       help="pose families drawn (default: the training families; lunge is held out of them, "
+                       "for test subjects of a pose no shipped model saw)")
     _common_arguments(synth)
     synth.set_defaults(handler=_run, config=_synth_job)
     scans = actions.add_parser("scans", help="real scans: OBJ(+MTL+texture), PLY (vertex colours), GLB")

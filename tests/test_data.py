@@ -7,7 +7,7 @@ import pytest
 import trimesh
 from PIL import Image, ImageDraw
 
-from model.data.humans import POSE_FAMILIES, HumanConfig, make_subject
+from model.data.humans import HELD_OUT_FAMILIES, POSE_FAMILIES, HumanConfig, make_subject
 from model.data.render import Renderer, View, decode_normals, procedural_background, random_lighting
 from model.data.sampling import SamplingConfig, label_views, sample_query_points, winding_inside
 
@@ -71,6 +71,17 @@ def test_pose_families_differ(body_model):
             moved = np.linalg.norm(shapes[f] - shapes[g], axis=1)
             assert np.percentile(moved, 90) > 5.0, (f, g)  # cm: a real difference in pose
     assert np.ptp(shapes["crouch"][:, 1]) < np.ptp(shapes["stand"][:, 1]) - 15
+
+
+def test_held_out_family_is_drawn_only_when_asked(body_model):
+    subject = make_subject("held-out", 5, HumanConfig(families=HELD_OUT_FAMILIES))
+    assert subject.info["family"] == "lunge" and not subject.info["skirt"]
+    assert "lunge" not in HumanConfig().families
+    stand = make_subject("held-out", 5, family="stand").parts[0].vertices
+    lunge = subject.parts[0].vertices
+    assert np.ptp(lunge[:, 2]) > np.ptp(stand[:, 2]) + 20  # cm: a thigh forward, a leg back
+    with pytest.raises(ValueError, match="families must be some of"):
+        HumanConfig(families=("sit",))
 
 
 # ---- labels -----------------------------------------------------------------------------------

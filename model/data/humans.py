@@ -1,7 +1,8 @@
 """Synthetic clothed people from the `anny` body model, fully determined by a seed.
 
 One subject = a body shape (anny phenotypes, adults unless children are asked
-for), a pose from one of a few families (stand, walk, gesture, reach, crouch)
+for), a pose from one of a few families (stand, walk, gesture, reach, crouch;
+lunge only when asked for: it is held out of the shipped models' training data)
 checked by anny's self-interpenetration module, procedural garments (vertices
 pushed along their normals per body region with wrinkle noise: shirt, sleeves,
 trousers or shorts, shoes, hair cap; sometimes a skirt as its own closed mesh)
@@ -30,7 +31,10 @@ import numpy as np
 from model.cache import CACHE_ROOT
 
 TOPOLOGY = "anny-noeyes-notongue"  # one closed part: eyes and tongue would sit inside the head
-POSE_FAMILIES = ("stand", "walk", "gesture", "reach", "crouch")
+POSE_FAMILIES = ("stand", "walk", "gesture", "reach", "crouch")  # what the training data draws
+# Families no shipped model, lifter or dataset recipe ever drew: test subjects of a pose never seen in
+# training (`pifuhd data synth --families lunge`, README "Generalisation").
+HELD_OUT_FAMILIES = ("lunge",)
 UNIFORM_POSES = "uniform"  # sample_pose's family of no family
 
 # anny's "age" phenotype runs 0..1 over MakeHuman's anchors 1, 11, 25, 90 years at 0, 0.1875, 0.5, 1.
@@ -48,6 +52,11 @@ class HumanConfig:
     skirt_probability: float = 0.2
     max_pose_tries: int = 12  # re-draws when anny's self-interpenetration module finds a collision
     max_colliding_faces: int = 0
+
+    def __post_init__(self) -> None:
+        known = POSE_FAMILIES + HELD_OUT_FAMILIES
+        if not self.families or set(self.families) - set(known):
+            raise ValueError(f"families must be some of {known}, got {self.families}")
 
 
 @dataclass
@@ -233,8 +242,19 @@ def _family_angles(rng: np.random.Generator, family: str) -> dict[str, np.ndarra
             put("upperarm01", side, u(-1.3, -0.3), u(0.0, 0.6), u(-0.3, 0.3))
             put("lowerarm01", side, u(0.3, 1.5))
         put("spine03", "", depth * u(0.2, 0.6), u(-0.1, 0.1), u(-0.2, 0.2))
+    elif family == "lunge":  # one thigh forward and the knee bent, the other leg stretched back
+        put("upperleg01", lead, -u(0.9, 1.5), u(-0.15, 0.05), u(-0.15, 0.15))
+        put("lowerleg01", lead, u(0.9, 1.7))
+        put("upperleg01", back, u(0.3, 0.5), u(-0.1, 0.05), u(-0.1, 0.1))
+        put("lowerleg01", back, u(0.1, 0.8))
+        put("spine03", "", u(-0.15, 0.25), u(-0.15, 0.15), u(-0.2, 0.2))
+        for side in "LR":  # each arm hangs, points forward or goes up
+            choice = rng.integers(3)
+            if choice:
+                put("upperarm01", side, -u(0.8, 1.6) if choice == 1 else -u(2.0, 2.6), u(-0.4, 0.4), u(-0.3, 0.3))
+                put("lowerarm01", side, u(0.0, 0.8))
     elif family != "stand":
-        raise ValueError(f"unknown pose family {family!r}; choose from {POSE_FAMILIES}")
+        raise ValueError(f"unknown pose family {family!r}; choose from {POSE_FAMILIES + HELD_OUT_FAMILIES}")
     return a
 
 
@@ -526,7 +546,7 @@ def make_subject(subject_id: str, seed: int | np.random.SeedSequence, config: Hu
     rest_m = rest["rest_vertices"][0].numpy().astype(np.float64)  # "vertices" is re-rooted at the origin
     rest_heads_m = rest["rest_bone_heads"][0].numpy().astype(np.float64)
 
-    outfit = dress(rng, rest_m * 100, rest_heads_m * 100, body, allow_skirt=family != "crouch", config=config)
+    outfit = dress(rng, rest_m * 100, rest_heads_m * 100, body, allow_skirt=family not in ("crouch", "lunge"), config=config)
     # Normalise on the dressed rest pose so every subject is the same 180 cm person standing.
     dressed_rest = rest_m * 100 + outfit.offsets[:, None] * vertex_normals(rest_m, body.faces)
     scale = config.height_cm / np.ptp(dressed_rest[:, 2])  # cm per anny cm
