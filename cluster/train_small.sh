@@ -13,6 +13,11 @@
 #       400), then fine 120 (x0.1 at 100), both on predicted normals. BODY=1 trains the body-guided arm
 #       (--body-guided: the coarse MLP also reads the body's distance and normal; true bodies, disturbed):
 #       STAGES="coarse fine package" INIT=v2.safetensors COARSE_STEPS=500 FINE_STEPS=120 LR_DECAY=late BODY=1
+#   v4: the v3 body arm continued with every training row in the body's depth frame (the body centred in
+#       depth by its own box, as inference has a fitted one; pipelines.dataset.to_body_frame) and the
+#       body-shift noise re-measured on the lifter's fits (4 cm in depth): coarse 400 (x0.1 at 320), fine
+#       100 (x0.1 at 84): STAGES="coarse fine package" INIT=v3-body.safetensors COARSE_STEPS=400 FINE_STEPS=100
+#       LR_DECAY=late FINE_DECAY=84 BODY=1
 # From scratch, STAGES="data normal coarse fine package" trains all three with the v2 settings.
 # Any Ray address works: set ADDRESS=... to run on a cluster (and DATA/OUT to s3:// URIs).
 # THREADS: torch threads per worker (1 is faster than 2 on a 2-core machine that runs anything else).
@@ -28,8 +33,9 @@ STAGES=${STAGES:-"data normal coarse fine package"}
 ADDRESS_ARGS=${ADDRESS:+--address $ADDRESS}
 BODY_ARGS=${BODY:+--body-guided}
 # Decay at 5/6 of the coarse steps and 4/5 of the fine (v1, v2), or LR_DECAY=late: at 4/5 and 5/6 (v3).
-if [ "${LR_DECAY:-}" = late ]; then COARSE_DECAY=$((COARSE_STEPS * 4 / 5)); FINE_DECAY=$((FINE_STEPS * 5 / 6))
-else COARSE_DECAY=$((COARSE_STEPS * 5 / 6)); FINE_DECAY=$((FINE_STEPS * 4 / 5)); fi
+# COARSE_DECAY / FINE_DECAY set the step directly.
+if [ "${LR_DECAY:-}" = late ]; then COARSE_DECAY=${COARSE_DECAY:-$((COARSE_STEPS * 4 / 5))}; FINE_DECAY=${FINE_DECAY:-$((FINE_STEPS * 5 / 6))}
+else COARSE_DECAY=${COARSE_DECAY:-$((COARSE_STEPS * 5 / 6))}; FINE_DECAY=${FINE_DECAY:-$((FINE_STEPS * 4 / 5))}; fi
 COMMON="--data $DATA --out $OUT --preset small --batch-size 4 --optimizer adam --lr 1e-3 --checkpoint-every 100 --validate-every 200 --threads ${THREADS:-1} $ADDRESS_ARGS"
 # The coarse stage starts from INIT when given (continuing a shipped model), else from the normal run.
 COARSE_INIT=${INIT:-$OUT/v2-normal/model.safetensors}
@@ -56,6 +62,6 @@ for stage in $STAGES; do
         .venv/bin/pifuhd checkpoint package ${RUNS:-$OUT/v2-coarse $OUT/v2-fine} \
             -o model/weights/pifuhd-small.safetensors \
             ${INIT:+--continued-from "$INIT"} \
-            --recipe "cluster/train_small.sh (STAGES='$STAGES' INIT=${INIT:-none} COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS LR_DECAY=${LR_DECAY:-} BODY=${BODY:-}, data seed 7, $SUBJECTS subjects)" ;;
+            --recipe "cluster/train_small.sh (STAGES='$STAGES' INIT=${INIT:-none} COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS LR_DECAY=${LR_DECAY:-} COARSE_DECAY=$COARSE_DECAY FINE_DECAY=$FINE_DECAY BODY=${BODY:-}, data seed 7, $SUBJECTS subjects)" ;;
     esac
 done

@@ -19,6 +19,7 @@ are PNGs (RGB image, L mask, RGB normals encoded (n + 1) / 2 * 255 with 128 outs
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -224,6 +225,40 @@ def decode_table(table: pa.Table) -> dict[str, np.ndarray]:
     out["yaw_deg"] = table.column("yaw_deg").to_numpy().astype(np.float32)
     out["pitch_deg"] = table.column("pitch_deg").to_numpy().astype(np.float32)
     out["units_per_cm"] = table.column("units_per_cm").to_numpy().astype(np.float32)
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _body_hull(uri: str) -> np.ndarray:
+    """(H, 3) float64: the convex hull's vertices of a stored body (canonical cm): the same extremes
+    as the body's own under any rotation, at a tenth of the vertices."""
+    import trimesh
+
+    body = trimesh.load(io.BytesIO(storage.read_bytes(uri)), file_type="ply", force="mesh", process=False)
+    return np.asarray(body.convex_hull.vertices, dtype=np.float64)
+
+
+def to_body_frame(decoded: dict[str, np.ndarray], uri: str) -> dict[str, np.ndarray]:
+    """A decoded batch (`decode_table`) moved along depth so that each row's body is centred in
+    depth by its own box: the frame a body-guided model reads a fitted body in at inference, where
+    an orthographic photo fixes no depth (`model.body.guidance.body_in_network_frame`). Stored rows
+    centre the clothed subject instead; the two differ by up to several cm (a skirt, a raised arm).
+    Moves points and surface_points and folds the shift into view_from_canonical; the body's distances
+    and normals do not change. Adds body_depth_centre (B,) float32, view units, the shift taken off.
+    Reads each subject's `meshes/{subject_id}_body.ply` under the dataset `uri` (cached)."""
+    out = dict(decoded)
+    root = normalise_uri(uri)
+    centres = np.zeros(len(decoded["subject_id"]), np.float32)
+    for i, subject in enumerate(decoded["subject_id"]):
+        hull = _body_hull(join(root, "meshes", f"{subject}_body.ply"))
+        depth = hull @ decoded["view_from_canonical"][i, 2, :3].astype(np.float64) + decoded["view_from_canonical"][i, 2, 3]
+        centres[i] = (depth.max() + depth.min()) / 2
+    for key in ("points", "surface_points"):
+        out[key] = decoded[key].copy()
+        out[key][:, 2] -= centres[:, None]
+    out["view_from_canonical"] = decoded["view_from_canonical"].copy()
+    out["view_from_canonical"][:, 2, 3] -= centres
+    out["body_depth_centre"] = centres
     return out
 
 

@@ -79,7 +79,8 @@ class TrainConfig:
     # the --init checkpoint's. Changing it on an --init checkpoint keeps the network's function.
     z_size: float | None = None
     # Coarse and fine stages: train the body-guided variant (model.network.config body_channels), on the
-    # synthetic data's true bodies disturbed like fitted ones (model.training.augment.BodyNoise). An --init
+    # synthetic data's true bodies disturbed like fitted ones (model.training.augment.BodyNoise), every row
+    # moved to the body's depth frame as inference has it (pipelines.dataset.to_body_frame). An --init
     # model without body inputs gains them with zero weights, so it starts as that model.
     body_guided: bool = False
     body_noise: BodyNoise = field(default_factory=BodyNoise)
@@ -207,13 +208,15 @@ def _load_validation(config: TrainConfig) -> tuple[list[dict], dict, dict]:
     stored, their bodies (canonical frame)."""
     import trimesh
 
-    from pipelines.dataset import iter_batches
+    from pipelines.dataset import iter_batches, to_body_frame
 
     if config.val_samples <= 0:
         return [], {}, {}
     decoded = next(iter_batches(config.data, "val", config.val_samples), None)
     if decoded is None:
         return [], {}, {}
+    if config.body_guided:
+        decoded = to_body_frame(decoded, config.data)
     batch = to_tensors(decoded, torch.device("cpu"))
     samples = [{k: v[i] for k, v in batch.items()} | {"subject_id": str(subject)}
                for i, subject in enumerate(decoded["subject_id"])]
@@ -276,7 +279,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipelines.dataset import decode_table
+    from pipelines.dataset import decode_table, to_body_frame
     from pipelines.telemetry import TrainMetrics
 
     config = TrainConfig.from_dict(config_dict)
@@ -312,7 +315,8 @@ def train_loop_per_worker(config_dict: dict) -> None:
         for table in shard.iter_batches(batch_size=config.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=16, drop_last=True):
             if step >= config.steps:
                 break
-            batch = to_tensors(decode_table(table), device)
+            decoded = decode_table(table)
+            batch = to_tensors(to_body_frame(decoded, config.data) if config.body_guided else decoded, device)
             _maybe_inject_failure(config, step, rank)
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step)

@@ -47,6 +47,27 @@ def test_loss_falls_on_a_fixed_batch(tiny_dataset, stage, body_guided):
         assert net.netG.mlp.filters[0].weight[:, features : features + 4].abs().sum() > 0
 
 
+def test_body_frame_centres_each_body_in_depth_and_moves_only_depth(tiny_dataset):
+    """Training rows move to the frame inference reads a fitted body in (its own depth box centred)."""
+    import trimesh
+
+    from pipelines.dataset import iter_batches, to_body_frame
+
+    decoded = next(iter_batches(tiny_dataset, "train", 4))
+    moved = to_body_frame(decoded, tiny_dataset)
+    assert np.abs(moved["body_depth_centre"]).max() > 1e-3  # stored rows centre the clothed subject instead
+    for i, subject in enumerate(decoded["subject_id"]):
+        body = trimesh.load(f"{tiny_dataset}/meshes/{subject}_body.ply", process=False)
+        depth = body.apply_transform(moved["view_from_canonical"][i].astype(np.float64)).vertices[:, 2]
+        assert abs(depth.max() + depth.min()) / 2 < 1e-4
+        shift = decoded["points"][i, 2] - moved["points"][i, 2]
+        assert np.allclose(shift, moved["body_depth_centre"][i], atol=1e-6)
+    for key in ("labels", "body_sdf", "body_normals", "calib"):
+        assert np.array_equal(moved[key], decoded[key])
+    assert np.array_equal(moved["points"][:, :2], decoded["points"][:, :2])
+    assert moved["points"] is not decoded["points"] and not np.array_equal(moved["points"], decoded["points"])
+
+
 def test_window_calib_maps_window_pixels_to_its_corners():
     calib = torch.diag(torch.tensor([1.0, -1.0, 1.0, 1.0]))[None]
     size, window, ox, oy = 512, 256, 100, 40
