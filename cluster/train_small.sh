@@ -18,6 +18,9 @@
 #       body-shift noise re-measured on the lifter's fits (4 cm in depth): coarse 400 (x0.1 at 320), fine
 #       100 (x0.1 at 84): STAGES="coarse fine package" INIT=v3-body.safetensors COARSE_STEPS=400 FINE_STEPS=100
 #       LR_DECAY=late FINE_DECAY=84 BODY=1
+#   v5 (the shipped file): v4 continued the same way at half the learning rate, another data order:
+#       STAGES="coarse fine package" INIT=v4.safetensors COARSE_STEPS=400 FINE_STEPS=100 LR_DECAY=late
+#       FINE_DECAY=84 LR=5e-4 SEED=1 BODY=1
 # From scratch, STAGES="data normal coarse fine package" trains all three with the v2 settings.
 # Any Ray address works: set ADDRESS=... to run on a cluster (and DATA/OUT to s3:// URIs).
 # THREADS: torch threads per worker (1 is faster than 2 on a 2-core machine that runs anything else).
@@ -36,7 +39,7 @@ BODY_ARGS=${BODY:+--body-guided}
 # COARSE_DECAY / FINE_DECAY set the step directly.
 if [ "${LR_DECAY:-}" = late ]; then COARSE_DECAY=${COARSE_DECAY:-$((COARSE_STEPS * 4 / 5))}; FINE_DECAY=${FINE_DECAY:-$((FINE_STEPS * 5 / 6))}
 else COARSE_DECAY=${COARSE_DECAY:-$((COARSE_STEPS * 5 / 6))}; FINE_DECAY=${FINE_DECAY:-$((FINE_STEPS * 4 / 5))}; fi
-COMMON="--data $DATA --out $OUT --preset small --batch-size 4 --optimizer adam --lr 1e-3 --checkpoint-every 100 --validate-every 200 --threads ${THREADS:-1} $ADDRESS_ARGS"
+COMMON="--data $DATA --out $OUT --preset small --batch-size 4 --optimizer adam --lr ${LR:-1e-3} --seed ${SEED:-0} --checkpoint-every 100 --validate-every 200 --threads ${THREADS:-1} $ADDRESS_ARGS"
 # The coarse stage starts from INIT when given (continuing a shipped model), else from the normal run.
 COARSE_INIT=${INIT:-$OUT/v2-normal/model.safetensors}
 RUNS=""
@@ -62,6 +65,6 @@ for stage in $STAGES; do
         .venv/bin/pifuhd checkpoint package ${RUNS:-$OUT/v2-coarse $OUT/v2-fine} \
             -o model/weights/pifuhd-small.safetensors \
             ${INIT:+--continued-from "$INIT"} \
-            --recipe "cluster/train_small.sh (STAGES='$STAGES' INIT=${INIT:-none} COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS LR_DECAY=${LR_DECAY:-} COARSE_DECAY=$COARSE_DECAY FINE_DECAY=$FINE_DECAY BODY=${BODY:-}, data seed 7, $SUBJECTS subjects)" ;;
+            --recipe "cluster/train_small.sh (STAGES='$STAGES' INIT=${INIT:-none} COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS LR_DECAY=${LR_DECAY:-} COARSE_DECAY=$COARSE_DECAY FINE_DECAY=$FINE_DECAY LR=${LR:-1e-3} SEED=${SEED:-0} BODY=${BODY:-}, data seed 7, $SUBJECTS subjects)" ;;
     esac
 done

@@ -1,7 +1,7 @@
 """`pifuhd train-lifter`: train the body fit's 2D -> depth lifter (`model.body.lifter`) in this process.
 
-Minutes of CPU (the shipped file: 6.9 min for the 16k poses, 1.5 min for the 12k steps, on the
-2-core machine with an evaluation running beside it); no Ray: the model is a 0.3 M-parameter MLP. The file it writes is what `model/weights/depth-lifter.safetensors`
+About an hour of one CPU (the shipped file: 6.9 min for the 16k poses, 0.3-0.4 s per finder view,
+4 min for the 12k steps, on the 2-core machine with other work beside it); no Ray: the model is a 0.3 M-parameter MLP. The file it writes is what `model/weights/depth-lifter.safetensors`
 ships, its recipe in the header.
 """
 
@@ -18,22 +18,26 @@ def _recipe(args):
     from model.body.lifter import LifterRecipe
 
     return build_config(LifterRecipe, family_poses=args.family_poses, uniform_poses=args.uniform_poses,
-                        families=tuple(args.families), steps=args.steps, seed=args.seed)
+                        families=tuple(args.families), finder_views=args.finder_views,
+                        finder_share=args.finder_share if args.finder_views else 0.0, steps=args.steps, seed=args.seed)
 
 
 def _train(args) -> int:
-    from model.body.lifter import lifter_bytes, train_lifter, training_poses
+    from model.body.lifter import finder_pairs, lifter_bytes, train_lifter, training_poses
     from pipelines import storage
 
     recipe = _recipe(args)
     start = time.perf_counter()
     points = training_poses(recipe)
-    print(f"{len(points)} poses in {time.perf_counter() - start:.0f} s")
+    print(f"{len(points)} poses in {time.perf_counter() - start:.0f} s", flush=True)
+    finder = finder_pairs(recipe) if recipe.finder_views else None
+    if finder is not None:
+        print(f"{len(finder[0])} of {recipe.finder_views} finder views usable, {time.perf_counter() - start:.0f} s", flush=True)
 
     def log(step: int, loss: float) -> None:
         print(f"step {step}: depth L1 {loss:.4f} (of the 2D spread), {time.perf_counter() - start:.0f} s", flush=True)
 
-    net = train_lifter(points, recipe, log=log)
+    net = train_lifter(points, recipe, finder, log=log)
     storage.write_bytes_atomic(args.output, lifter_bytes(net, recipe))
     print(f"wrote {args.output}")
     return 0
@@ -53,6 +57,9 @@ def register_cli(commands) -> None:
     parser.add_argument("--uniform-poses", type=int, default=8000, help="poses with every joint uniform within its limits")
     parser.add_argument("--families", nargs="+", choices=POSE_FAMILIES, default=list(POSE_FAMILIES),
                         help="the families' poses drawn (leave one out to measure how the lifter does on it)")
+    parser.add_argument("--finder-views", type=int, default=6000,
+                        help="clothed renders seen by the person finder, its landmarks with the true depths (0: none)")
+    parser.add_argument("--finder-share", type=float, default=0.5, help="their share of each batch")
     parser.add_argument("--steps", type=int, default=12_000, help="Adam steps of 512 random views")
     parser.add_argument("--seed", type=int, default=0, help="fixes the weights and the views")
     parser.set_defaults(handler=_train, config=_recipe)

@@ -311,6 +311,23 @@ def test_the_lifter_gives_the_depth_order_of_a_side_view(bodies):
     assert error < 0.5 * np.abs(truth).mean()  # far better than a flat body
 
 
+def test_lifter_mirror_image_swaps_sides_and_keeps_depths(bodies):
+    from model.body.lifter import LIFTED, MIRRORED, finder_training_pairs, lifter_features, mirrored
+
+    body = bodies[(104, "walk", 90)]
+    points = body.landmarks[list(LIFTED)].astype(np.float64)
+    flipped = points[list(MIRRORED)].copy()
+    flipped[:, 0] = 512 - flipped[:, 0]  # the image mirrored: x flipped, left and right swapped
+    visible = points[:, 2] > 0.5
+    direct, _, _ = lifter_features(points[None, :, :2], visible[None])
+    mirror, _, _ = lifter_features(flipped[None, :, :2], visible[list(MIRRORED)][None])
+    assert np.allclose(mirrored(direct), mirror, atol=1e-5) and np.allclose(mirrored(mirrored(direct)), direct)
+    depth = body.world_landmarks[list(LIFTED), 2][None]
+    features, targets = finder_training_pairs(points[None], depth, 255.5)
+    assert features.shape == (2, 3 * len(LIFTED)) and np.allclose(targets[1], targets[0][list(MIRRORED)])
+    assert np.allclose(features[1], mirrored(features[:1])[0])
+
+
 def test_the_fit_follows_the_lifter_by_default(bodies):
     assert FitConfig().world_source == "lifter"
     with pytest.raises(ValueError, match="world_source"):
@@ -329,14 +346,15 @@ def test_train_lifter_command_writes_a_loadable_lifter(tmp_path):
 
     out = tmp_path / "lifter.safetensors"
     result = subprocess.run([sys.executable, "-m", "pipelines.cli", "train-lifter", "-o", str(out), "--family-poses", "5",
-                             "--uniform-poses", "5", "--steps", "3"], capture_output=True, text=True, timeout=600)
+                             "--uniform-poses", "5", "--finder-views", "3", "--steps", "3"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "step 2" in result.stdout and out.is_file()
+    assert "step 2" in result.stdout and "of 3 finder views usable" in result.stdout and out.is_file()
     net = load_lifter(str(out))
     assert sum(p.numel() for p in net.parameters()) > 1000
     from safetensors import safe_open
     with safe_open(str(out), "pt") as handle:
-        assert json.loads(handle.metadata()["recipe"])["uniform_poses"] == 5
+        recipe = json.loads(handle.metadata()["recipe"])
+        assert recipe["uniform_poses"] == 5 and recipe["finder_views"] == 3
     landmarks = np.zeros((lm.COUNT, 3), np.float32)
     landmarks[list(lm.BODY), :2] = np.random.default_rng(0).uniform(100, 400, (len(lm.BODY), 2))
     landmarks[list(lm.BODY), 2] = 1.0

@@ -5,7 +5,9 @@ elbow in front of the body instead of behind it), and the fit follows them. The 
 residual MLP trained on the synthetic generator's poses (`model.data.humans`: its five families,
 and as many poses with every joint uniform within its limits, which keep it right on poses of no
 family), seen from random yaws and small pitches and rolls under orthographic projection with
-noisy 2D points, as PIFuHD's cameras see people; the fit reads its output as world landmarks
+noisy 2D points, as PIFuHD's cameras see people, and on the person finder's own landmarks on
+clothed renders (`finder_pairs`: its errors are not the random noise, and a lifter that never saw
+them shrinks limb depths toward the body when it is unsure); the fit reads its output as world landmarks
 (`lift_world_landmarks`, `model.body.fit.FitConfig.world_source`). `LifterRecipe` is how the shipped
 file was trained (`pifuhd train-lifter`).
 
@@ -34,6 +36,9 @@ LIFTED = tuple(lm.INDEX[n] for n in (
     "right_ankle", "left_heel", "right_heel", "left_foot_index", "right_foot_index",
 ))
 _HIPS_IN_LIFTED = tuple(LIFTED.index(i) for i in lm.HIPS)
+# Each LIFTED landmark's place in the mirror image (left and right swapped; the nose stays).
+MIRRORED = tuple(LIFTED.index(lm.INDEX[lm.NAMES[i].replace("left_", "<").replace("right_", "left_").replace("<", "right_")])
+                 for i in LIFTED)
 LIFTER_FILE = Path(__file__).resolve().parents[1] / "weights" / "depth-lifter.safetensors"
 
 
@@ -72,6 +77,14 @@ def lifter_features(xy: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np
     return features.reshape(len(xy), -1).astype(np.float32), centre, spread
 
 
+def mirrored(features: np.ndarray) -> np.ndarray:
+    """(B, 3K) lifter features -> those of the mirror image (x negated, left and right swapped),
+    whose depths are the same, in MIRRORED order."""
+    out = features.reshape(len(features), len(LIFTED), 3)[:, list(MIRRORED)].copy()
+    out[..., 0] *= -1
+    return out.reshape(len(features), -1)
+
+
 @functools.lru_cache(maxsize=1)
 def load_lifter(path: str = str(LIFTER_FILE)) -> DepthLifter:
     """A lifter file (default: the shipped one) in eval mode, read once per process."""
@@ -92,8 +105,12 @@ def lift_world_landmarks(landmarks: np.ndarray, min_visibility: float = 0.5) -> 
     points = np.asarray(landmarks, np.float64)[list(LIFTED)]
     visible = points[:, 2] >= min_visibility
     features, centre, spread = lifter_features(points[None, :, :2], visible[None])
+    # The mean of the depths of the landmarks and of their mirror image: 7 % less error on the finder's landmarks.
+    net = load_lifter()
     with torch.no_grad():
-        depth = load_lifter()(torch.from_numpy(features))[0].double().numpy() * spread[0]
+        direct = net(torch.from_numpy(features))[0].double().numpy()
+        mirror = net(torch.from_numpy(mirrored(features)))[0].double().numpy()[list(MIRRORED)]
+    depth = (direct + mirror) / 2 * spread[0]
     world = np.zeros((lm.COUNT, 3))
     rows = np.array(LIFTED)[visible]
     world[rows, :2] = points[visible, :2] - centre[0]
@@ -165,6 +182,11 @@ class LifterRecipe:
     families: tuple[str, ...] = POSE_FAMILIES  # fewer: to measure a left-out family
     family_seed: int = 100_000
     uniform_seed: int = 200_000
+    # Clothed renders seen by the person finder (`finder_pairs`), in blocks of FINDER_BLOCK views, and
+    # their share of each batch.
+    finder_views: int = 6000
+    finder_seed: int = 300_000
+    finder_share: float = 0.5
     steps: int = 12_000
     batch: int = 512
     learning_rate: float = 1e-3  # Adam, cosine decay to 0
@@ -175,6 +197,8 @@ class LifterRecipe:
             raise ValueError("family_poses and uniform_poses must be >= 0, and not both 0")
         if not self.families or set(self.families) - set(POSE_FAMILIES):
             raise ValueError(f"families must be some of {POSE_FAMILIES}, got {self.families}")
+        if self.finder_views < 0 or not 0 <= self.finder_share < 1 or (self.finder_share > 0) != (self.finder_views > 0):
+            raise ValueError("finder_views must be >= 0 and finder_share in [0, 1), both zero or both positive")
         if self.steps < 1 or self.batch < 1 or not self.learning_rate > 0:
             raise ValueError("steps and batch must be positive, learning_rate > 0")
 
@@ -189,16 +213,64 @@ def training_poses(recipe: LifterRecipe) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def train_lifter(points: np.ndarray, recipe: LifterRecipe = LifterRecipe(), log=None) -> DepthLifter:
-    """Train a DepthLifter on (N, 33, 3) canonical landmarks (`training_poses`): Adam, cosine
+FINDER_BLOCK = 3000  # finder views per block: block b renders seeds finder_seed + 10000 b + i
+
+
+def finder_pairs(recipe: LifterRecipe, size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """The person finder's landmarks on clothed synthetic subjects (`model.body.synthetic.rendered_subject`,
+    size x size, families in turn, a random yaw from the block's generator) with the true depths:
+    (features (2N, 3K) as `lifter_features`, targets (2N, K) as `training_views`): each view and its mirror
+    image; N <= recipe.finder_views (renders where the finder sees no one, or no hip, are left out).
+    0.3-0.4 s of CPU per view."""
+    from model.body.synthetic import rendered_subject
+    from model.person import PersonFinder
+    from model.reconstruction.preprocess import Crop
+
+    finder, found, truth = PersonFinder(), [], []
+    pixels_per_unit = Crop.whole_square(size).pixels_per_unit
+    for block in range(0, recipe.finder_views, FINDER_BLOCK):
+        start = recipe.finder_seed + 10_000 * (block // FINDER_BLOCK)
+        rng = np.random.default_rng(start)
+        for i in range(min(FINDER_BLOCK, recipe.finder_views - block)):
+            render = rendered_subject(start + i, float(rng.uniform(0, 360)), size, family=POSE_FAMILIES[i % len(POSE_FAMILIES)])
+            people = finder.find(render.image)
+            if people:
+                found.append(people[0].landmarks[list(LIFTED)])
+                truth.append(render.world_landmarks[list(LIFTED), 2])
+    return finder_training_pairs(np.asarray(found).reshape(-1, len(LIFTED), 3), np.asarray(truth).reshape(-1, len(LIFTED)),
+                                 pixels_per_unit)
+
+
+def finder_training_pairs(points: np.ndarray, depth: np.ndarray, pixels_per_unit: float) -> tuple[np.ndarray, np.ndarray]:
+    """The finder's (N, K, 3) LIFTED landmarks (pixels + visibility) and the true world depths (N, K)
+    (hips-centred, away from the camera, view units of `pixels_per_unit` pixels) -> `finder_pairs`'s
+    (features, targets), mirror images included."""
+    points, depth = np.asarray(points, np.float64), np.asarray(depth, np.float64)
+    visible = points[..., 2] >= 0.5
+    keep = visible[:, list(_HIPS_IN_LIFTED)].any(1)
+    features, _, spread = lifter_features(points[keep, :, :2], visible[keep])
+    # World landmarks: hips-centred, z away from the camera, view units; the lifter's depth is toward it.
+    targets = (-depth[keep] * pixels_per_unit / spread[:, None]).astype(np.float32)
+    return np.concatenate([features, mirrored(features)]), np.concatenate([targets, targets[:, list(MIRRORED)]])
+
+
+def train_lifter(points: np.ndarray, recipe: LifterRecipe = LifterRecipe(), finder=None, log=None) -> DepthLifter:
+    """Train a DepthLifter on (N, 33, 3) canonical landmarks (`training_poses`) and, with
+    recipe.finder_share of each batch, the (features, targets) of `finder_pairs`: Adam, cosine
     decay, L1 on the depths; fresh random views every step. log(step, loss) every 1000 steps."""
+    if (finder is None) != (recipe.finder_share == 0):
+        raise ValueError("give finder pairs exactly when the recipe has a finder share")
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     net = DepthLifter()
     optimiser = torch.optim.Adam(net.parameters(), lr=recipe.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, recipe.steps)
+    from_finder = int(recipe.batch * recipe.finder_share)
     for step in range(recipe.steps):
-        features, target = training_views(points[rng.integers(0, len(points), recipe.batch)], rng)
+        features, target = training_views(points[rng.integers(0, len(points), recipe.batch - from_finder)], rng)
+        if from_finder:
+            index = rng.integers(0, len(finder[0]), from_finder)
+            features, target = np.concatenate([features, finder[0][index]]), np.concatenate([target, finder[1][index]])
         loss = (net(torch.from_numpy(features)) - torch.from_numpy(target)).abs().mean()
         optimiser.zero_grad()
         loss.backward()
