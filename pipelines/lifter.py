@@ -1,7 +1,7 @@
 """`pifuhd train-lifter`: train the body fit's 2D -> depth lifter (`model.body.lifter`) in this process.
 
-About an hour of one CPU (the shipped file: 6.9 min for the 16k poses, 0.3-0.4 s per finder view,
-4 min for the 12k steps, on the 2-core machine with other work beside it); no Ray: the model is a 0.3 M-parameter MLP. The file it writes is what `model/weights/depth-lifter.safetensors`
+About 80 minutes of one CPU (the shipped file: 6.9 min for the 16k poses, 0.3-0.4 s per finder view
+for 12000 views, 3 min for the 12k steps, on the 2-core machine with other work beside it); no Ray: the model is a 0.3 M-parameter MLP. The file it writes is what `model/weights/depth-lifter.safetensors`
 ships, its recipe in the header.
 """
 
@@ -57,7 +57,7 @@ def register_cli(commands) -> None:
     parser.add_argument("--uniform-poses", type=int, default=8000, help="poses with every joint uniform within its limits")
     parser.add_argument("--families", nargs="+", choices=POSE_FAMILIES, default=list(POSE_FAMILIES),
                         help="the families' poses drawn (leave one out to measure how the lifter does on it)")
-    parser.add_argument("--finder-views", type=int, default=6000,
+    parser.add_argument("--finder-views", type=int, default=12000,
                         help="clothed renders seen by the person finder, its landmarks with the true depths (0: none)")
     parser.add_argument("--finder-share", type=float, default=0.5, help="their share of each batch")
     parser.add_argument("--steps", type=int, default=12_000, help="Adam steps of 512 random views")

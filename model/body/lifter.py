@@ -175,7 +175,8 @@ class LifterRecipe:
     """How the shipped lifter is trained (`pifuhd train-lifter`): poses of the generator's families and
     as many with every joint uniform within its limits (these keep it right on poses of no family:
     trained on four families plus uniform poses, it fits a left-out family better than the finder's
-    own world landmarks, see the README), fresh random views every step."""
+    own world landmarks, see the README), fresh random views every step; and the person finder's
+    landmarks on clothed renders with their true depths (`finder_pairs`), a fixed set."""
 
     family_poses: int = 8000  # pose i from seed family_seed + i, of family families[i % len(families)]
     uniform_poses: int = 8000  # pose i from seed uniform_seed + i
@@ -184,7 +185,7 @@ class LifterRecipe:
     uniform_seed: int = 200_000
     # Clothed renders seen by the person finder (`finder_pairs`), in blocks of FINDER_BLOCK views, and
     # their share of each batch.
-    finder_views: int = 6000
+    finder_views: int = 12000
     finder_seed: int = 300_000
     finder_share: float = 0.5
     steps: int = 12_000
@@ -218,7 +219,7 @@ FINDER_BLOCK = 3000  # finder views per block: block b renders seeds finder_seed
 
 def finder_pairs(recipe: LifterRecipe, size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """The person finder's landmarks on clothed synthetic subjects (`model.body.synthetic.rendered_subject`,
-    size x size, families in turn, a random yaw from the block's generator) with the true depths:
+    size x size, the recipe's families in turn, a random yaw from the block's generator) with the true depths:
     (features (2N, 3K) as `lifter_features`, targets (2N, K) as `training_views`): each view and its mirror
     image; N <= recipe.finder_views (renders where the finder sees no one, or no hip, are left out).
     0.3-0.4 s of CPU per view."""
@@ -232,7 +233,7 @@ def finder_pairs(recipe: LifterRecipe, size: int = 512) -> tuple[np.ndarray, np.
         start = recipe.finder_seed + 10_000 * (block // FINDER_BLOCK)
         rng = np.random.default_rng(start)
         for i in range(min(FINDER_BLOCK, recipe.finder_views - block)):
-            render = rendered_subject(start + i, float(rng.uniform(0, 360)), size, family=POSE_FAMILIES[i % len(POSE_FAMILIES)])
+            render = rendered_subject(start + i, float(rng.uniform(0, 360)), size, family=recipe.families[i % len(recipe.families)])
             people = finder.find(render.image)
             if people:
                 found.append(people[0].landmarks[list(LIFTED)])
