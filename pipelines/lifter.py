@@ -47,10 +47,12 @@ def register_cli(commands) -> None:
     """Add `pifuhd train-lifter` to the command line."""
     parser = commands.add_parser(
         "train-lifter",
-        help="train the body fit's 2D -> depth lifter on the synthetic generator's poses (one CPU, minutes)",
+        help="train the body fit's 2D -> depth lifter on the synthetic generator's poses and the person finder's "
+        "landmarks on clothed renders (one CPU, about 80 min)",
         description="Train model.body.lifter: an MLP giving each body landmark's depth from the 2D landmarks, "
         "which the body fit follows (FitConfig.world_source = 'lifter'). Poses: the generator's families and as many "
-        "with every joint uniform within its limits, seen from random orthographic views.",
+        "with every joint uniform within its limits, seen from random orthographic views; and the person finder's "
+        "own landmarks on clothed renders of the families, with their true depths.",
     )
     parser.add_argument("-o", "--output", required=True, type=uri_argument, help="the .safetensors file to write")
     parser.add_argument("--family-poses", type=int, default=8000, help="poses of the generator's five families")
