@@ -21,7 +21,8 @@
 #   v5: v4 continued the same way at half the learning rate, another data order:
 #       STAGES="coarse fine package" INIT=v4.safetensors COARSE_STEPS=400 FINE_STEPS=100 LR_DECAY=late
 #       FINE_DECAY=84 LR=5e-4 SEED=1 BODY=1
-#   v6 (the shipped file): v5 continued likewise, INIT=v5.safetensors ... SEED=2.
+#   v6: v5 continued likewise, INIT=v5.safetensors ... SEED=2.
+#   v7 (the shipped file): v6 continued likewise, INIT=v6.safetensors ... SEED=3.
 # From scratch, STAGES="data normal coarse fine package" trains all three with the v2 settings.
 # Any Ray address works: set ADDRESS=... to run on a cluster (and DATA/OUT to s3:// URIs).
 # THREADS: torch threads per worker (1 is faster than 2 on a 2-core machine that runs anything else).
