@@ -16,7 +16,9 @@ its worker process (a native crash, the OOM killer, a lost node) drops its Ray D
 instead of being retried forever: the driver reconciles listed inputs (and, with `all_people`,
 each input's people) with received rows and runs each missing input alone, in a fresh task, up
 to `crash_attempts` times (`_retry_alone`); after that it is a failed row named after the Ray
-error (`WorkerCrashedError`, `OutOfMemoryError`, ...). A `.json` marker is written beside each
+error (`WorkerCrashedError`, `OutOfMemoryError`, ...). A pipeline in which nothing moves for
+`stall_timeout_s` (a read that never returns, a worker stuck restarting) is stopped and its missing
+inputs run alone the same way; one that runs alone for longer fails as `Stalled`. A `.json` marker is written beside each
 finished mesh; a re-run skips inputs whose marker has the same content hash and checkpoint id
 (resume after a killed driver or worker).
 
@@ -94,6 +96,9 @@ class BulkConfig:
     metrics_port: int | None = None
     pushgateway: str | None = None
     crash_attempts: int = 2  # runs alone an input gets after its worker died with it in flight
+    # The pipeline is stopped when no row has moved through any stage for this long (a worker stuck
+    # restarting, a node that never comes back); what did not come back is then run alone.
+    stall_timeout_s: float = 900.0
     # Ray memory reservations in MiB (scheduling: Ray never packs more onto a node than it has).
     # prepare: a photo at max_pixels decodes to 4 bytes a pixel, plus float32 crops.
     prepare_memory_mb: int = 1536
@@ -113,6 +118,8 @@ class BulkConfig:
             raise ValueError("manifest_flush_rows must be at least 1 and manifest_flush_seconds positive")
         if self.crash_attempts < 1:
             raise ValueError(f"crash_attempts must be at least 1, not {self.crash_attempts}")
+        if not self.stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be positive, not {self.stall_timeout_s}")
         for name in ("prepare_memory_mb", "model_memory_mb", "finish_memory_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
@@ -202,8 +209,12 @@ def _stage_dataset(records: list[dict], schema: pa.Schema):
 
 
 def _stage_results(dataset):
-    """The records a stage dataset yields, as they come (the payloads left behind)."""
-    for table in dataset.drop_columns(["payload"]).iter_batches(batch_format="pyarrow", batch_size=None):
+    """The records a stage dataset yields, as they come (a last stage leaves every payload empty).
+
+    No `drop_columns` here: it would be one more operator asking for a whole CPU, which the
+    stages' actors can hold until the end (a node of 2 CPUs then streams no row until the actors
+    are gone, and never, if one is stuck restarting)."""
+    for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         yield from (record for record, _ in _rows(table))
 
 
@@ -567,6 +578,7 @@ def _pipeline_results(records: list[dict], config: BulkConfig, network: NetworkI
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         dataset = _stages(dataset, config, network, use_gpu)
     dataset.context.max_errored_blocks = -1  # only dead workers raise here: every UDF catches its own errors
+    dataset.context.execution_no_progress_timeout_s = config.stall_timeout_s
     yield from _stage_results(dataset)
 
 
@@ -655,22 +667,41 @@ def _crashed_rows(record: dict, people: dict | None, error_class: str, message: 
 
 def _retry_alone(records: list[dict], config: BulkConfig, network: NetworkInputs, use_gpu: bool,
                  partial: dict[str, dict] | None = None):
-    """Run each record as its own task, `crash_attempts` times at most; yield every row, failed or not.
+    """Run each record as its own task, `crash_attempts` times at most and for `stall_timeout_s` at
+    most; yield every row, failed or not.
 
     `partial` maps an input uri to what came back of its people (`all_people`): only the rows of
     the people still missing are yielded."""
     import ray
 
     partial = partial or {}
-    log.warning("%d inputs did not come back (a worker died); running each alone", len(records))
+    log.warning("%d inputs did not come back (a worker died or the pipeline stalled); running each alone", len(records))
     task = ray.remote(_reconstruct_alone).options(
         num_cpus=1, num_gpus=1 if use_gpu else 0, memory=(config.prepare_memory_mb + config.model_memory_mb) << 20,
         max_retries=config.crash_attempts - 1, retry_exceptions=False,
     )
-    pending = {task.remote(record, config, network, use_gpu): record for record in records}
-    while pending:
-        [ready], _ = ray.wait(list(pending), num_returns=1)
-        record = pending.pop(ready)
+    # As many in flight as the cluster runs at once, so that each one's deadline counts its own run
+    # (and start-up), not a wait behind a hung one.
+    slots = max(1, int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1)))
+    waiting, pending = list(records), {}  # pending: task -> (record, deadline)
+    while waiting or pending:
+        while waiting and len(pending) < slots:
+            record = waiting.pop(0)
+            pending[task.remote(record, config, network, use_gpu)] = (record, time.monotonic() + config.stall_timeout_s)
+        first_deadline = min(deadline for _, deadline in pending.values())
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, first_deadline - time.monotonic()))
+        if not done:  # a read that never returns, a hung worker: that input fails, the others go on
+            for ref, (record, deadline) in list(pending.items()):
+                if deadline <= time.monotonic():
+                    ray.cancel(ref, force=True)
+                    del pending[ref]
+                    yield from _crashed_rows(
+                        record, partial.get(record["item"]["uri"]), "Stalled",
+                        f"running alone, this input did not finish within {config.stall_timeout_s:g} s "
+                        "(stall_timeout_s): a read that never returns or a hung worker")
+            continue
+        [ready] = done
+        record, _ = pending.pop(ready)
         people = partial.get(record["item"]["uri"])
         try:
             rows = ray.get(ready)
@@ -696,6 +727,7 @@ def _retry_alone(records: list[dict], config: BulkConfig, network: NetworkInputs
 def _results_on_ray(records: list[dict], config: BulkConfig, network: NetworkInputs):
     """Yield every finished row: the pipeline's, then the retries of the inputs (or people) that never came back."""
     import ray
+    from ray.data.exceptions import ExecutionTimeoutError
 
     if not records:
         return
@@ -711,7 +743,7 @@ def _results_on_ray(records: list[dict], config: BulkConfig, network: NetworkInp
                 expected[uri] = record["person_indices"]
                 found[uri] = record.get("persons_found")
             yield record
-    except ray.exceptions.RayError as exc:  # the pipeline itself failed: what is missing is retried
+    except (ray.exceptions.RayError, ExecutionTimeoutError) as exc:  # the pipeline failed or stalled: what is missing is retried
         log.warning("the Ray Data pipeline stopped (%s); retrying the inputs not yet back", redact(str(exc))[:500])
     missing, partial = [], {}
     for record in records:

@@ -148,6 +148,42 @@ def test_input_that_kills_its_worker_becomes_a_failed_row(ray_local, tmp_path, c
     assert poisoned_seconds < 3 * clean_seconds, (poisoned_seconds, clean_seconds)
 
 
+def test_input_that_hangs_its_worker_becomes_a_failed_row_and_the_job_ends(ray_local, tmp_path, checkpoint):
+    """A read that never returns (a named pipe nobody writes) stalls the pipeline: after
+    `stall_timeout_s` without progress the job runs what is missing alone, and fails what hangs again."""
+    from pipelines.bulk import run_bulk
+    from pipelines.formats import read_manifest
+    from tests.helpers import person_image
+
+    good = [person_image(tmp_path / "in" / f"p{i}.png") for i in range(2)]
+    hang = tmp_path / "in" / "hang.png"
+    os.mkfifo(hang)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(str(p) for p in [good[0], hang, good[1]]) + "\n")
+    try:
+        summary = run_bulk(_bulk_config([str(listing)], tmp_path / "out", checkpoint, stall_timeout_s=30.0),
+                           progress=False)
+    finally:
+        _release_fifo_readers(hang)
+    assert (summary.ok, summary.failed) == (2, 1)
+    manifest = read_manifest(str(tmp_path / "out")).set_index("input_uri")
+    assert len(manifest) == 3
+    row = manifest.loc[str(hang)]
+    assert row["status"] == "failed" and row["error_class"] == "Stalled", row.to_dict()
+    assert "stall_timeout_s" in row["error_message"]
+
+
+def _release_fifo_readers(fifo) -> None:
+    """Open `fifo` for writing until no reader waits on it, so no worker stays blocked after the test."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a blocked reader wakes and reads EOF
+        except OSError:  # ENXIO: no reader left
+            return
+        time.sleep(0.1)
+
+
 def _run(inputs, output, checkpoint, **kwargs):
     from pipelines.bulk import run_bulk
 
