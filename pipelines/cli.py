@@ -79,6 +79,7 @@ def _reconstruct_config(args: argparse.Namespace):
         reconstruction=build_config(
             ReconstructionConfig,
             resolution=args.resolution, method=args.method, dilation=args.dilation, color=args.color,
+            threshold=args.surface_level,
             precision=args.precision,
             largest_component=not args.keep_all_components, carve=not args.no_carve,
         ),
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     package.add_argument("--float32", action="store_true", help="keep float32 weights (default float16)")
     package.add_argument("--continued-from", help="the packaged model the runs continued: keeps its untrained stages' records")
     package.set_defaults(handler=_checkpoint_package)
+    from pipelines.calibrate import register_cli as register_calibrate
+
+    register_calibrate(checkpoint_commands)
 
     recon = commands.add_parser(
         "reconstruct",
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--method", choices=("sparse", "dense"), default="sparse",
                        help="sparse: query only near the surface, coarse to fine; dense: every grid point (a reference)")
     recon.add_argument("--dilation", type=int, help="sparse: also query a ring of K cells around the surface band")
+    recon.add_argument("--surface-level", type=float, help="occupancy level of the surface (default: the checkpoint's "
+                       "calibrated level, 0.5 when it names none)")
     recon.add_argument("--person", choices=("auto", "sidecar", "off"), default="auto",
                        help="auto: a mask or alpha when given, else the person finder (a rect or keypoints still fix the "
                        "crop); sidecar: only the given mask, alpha, rect or keypoints; off: the whole image, as it is")

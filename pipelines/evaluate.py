@@ -128,6 +128,7 @@ class EvalConfig:
     baseline: str | None = None
     bodies: str = "fitted"  # body-guided checkpoints: BODY_SOURCES
     carve: bool = True  # checkpoint mode: ReconstructionConfig.carve (the view's mask as visual hull)
+    surface_level: float | None = None  # checkpoint mode: ReconstructionConfig.threshold (None: the checkpoint's)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -141,6 +142,8 @@ class EvalConfig:
             raise ValueError(f"baseline must be one of {BASELINES}, not {self.baseline!r}")
         if self.bodies not in BODY_SOURCES:
             raise ValueError(f"bodies must be one of {BODY_SOURCES}, not {self.bodies!r}")
+        if self.surface_level is not None and not 0 < self.surface_level < 1:
+            raise ValueError(f"surface_level must lie strictly between 0 and 1, got {self.surface_level}")
 
 
 @dataclass
@@ -478,7 +481,8 @@ class PairWorker:
             raise MissingGroundTruth(str(exc)) from exc
         truth.apply_transform(view["view_from_canonical"])
         prepared = prepared_view(view["image"], view["mask"], self.net.config.coarse_size, self.net.config.fine_size, item["key"])
-        reconstruction = ReconstructionConfig(resolution=self.config.resolution, color="none", carve=self.config.carve)
+        reconstruction = ReconstructionConfig(resolution=self.config.resolution, color="none", carve=self.config.carve,
+                                              threshold=self.config.surface_level)
         if item.get("method", "model") == "model":
             if self.net.config.body_guided:
                 prepared = dataclasses.replace(prepared, body=self._view_body(view, item, row, prepared))
@@ -498,25 +502,30 @@ class PairWorker:
 
 
     def _view_body(self, view: dict, item: dict, row: dict, prepared):
-        """The body a body-guided model reads for a stored view, (vertices, faces) in its frame."""
         row["body_source"] = self.config.bodies
-        if self.config.bodies == "true":
-            body = load_mesh(item["gt_uri"].removesuffix(".ply") + "_body.ply")
-            body.apply_transform(view["view_from_canonical"])
-            return np.asarray(body.vertices), np.asarray(body.faces)
-        from model.body.guidance import with_fitted_body
-        from model.reconstruction.preprocess import Crop
-        from pipelines.fit import person_finder
+        body, row["body_mask_iou"] = view_body(view, item, prepared, self.config.bodies)
+        return body
 
-        size = view["image"].shape[-1]
-        people = person_finder().find(view["rgb"])
-        if not people:
-            raise ValueError(f"{item['key']}: no person found to fit a body to")
-        # The stored view is the network's square: the crop of the whole S x S image.
-        whole = dataclasses.replace(prepared, crop=Crop.whole_square(size))
-        fitted, fit = with_fitted_body(whole, people[0].landmarks, people[0].world_landmarks, view["mask"][0] > 0.5, name=item["key"])
-        row["body_mask_iou"] = fit.mask_iou
-        return fitted.body
+
+def view_body(view: dict, item: dict, prepared, bodies: str = "fitted"):
+    """(the body a body-guided model reads for a stored view, (vertices, faces) in its frame, and the
+    fit's mask IoU or None): fitted to the view's image as `pifuhd reconstruct` does, or the true one."""
+    if bodies == "true":
+        body = load_mesh(item["gt_uri"].removesuffix(".ply") + "_body.ply")
+        body.apply_transform(view["view_from_canonical"])
+        return (np.asarray(body.vertices), np.asarray(body.faces)), None
+    from model.body.guidance import with_fitted_body
+    from model.reconstruction.preprocess import Crop
+    from pipelines.fit import person_finder
+
+    size = view["image"].shape[-1]
+    people = person_finder().find(view["rgb"])
+    if not people:
+        raise ValueError(f"{item['key']}: no person found to fit a body to")
+    # The stored view is the network's square: the crop of the whole S x S image.
+    whole = dataclasses.replace(prepared, crop=Crop.whole_square(size))
+    fitted, fit = with_fitted_body(whole, people[0].landmarks, people[0].world_landmarks, view["mask"][0] > 0.5, name=item["key"])
+    return fitted.body, fit.mask_iou
 
 
 def baseline_reconstruction(prepared, reconstruction):
@@ -746,7 +755,7 @@ def _config(args: argparse.Namespace) -> EvalConfig:
         pred=args.pred, gt=args.gt, out=args.output, split=args.split, icp=args.icp, num_samples=args.num_samples,
         resolution=args.resolution, scale=args.scale, normal_image_size=args.normal_image_size, seed=args.seed,
         limit=args.limit, workers=args.workers, address=args.address, baseline=args.baseline, bodies=args.bodies,
-        carve=not args.no_carve,
+        carve=not args.no_carve, surface_level=args.surface_level,
     )
 
 
@@ -798,6 +807,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                         "subject's true body (an upper bound)")
     parser.add_argument("--no-carve", action="store_true", help="checkpoint mode: let the model's surface leave the "
                         "view's mask (by default points outside it are outside the mesh, as in reconstruct)")
+    parser.add_argument("--surface-level", type=float, help="checkpoint mode: occupancy level of the surface "
+                        "(default: the checkpoint's calibrated level, 0.5 when it names none)")
     parser.add_argument("--workers", type=int, help="evaluation actors (default: one per CPU)")
     parser.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     parser.add_argument("--in-process", action="store_true", help="evaluate in this process, without Ray")

@@ -237,3 +237,38 @@ def test_a_body_guided_checkpoint_reads_the_true_or_a_fitted_body(test_split_dat
         assert row["body_mask_iou"] > 0.5
     else:
         assert pd.isna(row["body_mask_iou"])
+
+
+def test_calibration_stores_the_best_level_and_reconstruction_reads_it(tiny_dataset, tmp_path):
+    import torch
+
+    from model.network.checkpoint import load_checkpoint, read_checkpoint
+    from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct, surface_level
+    from pipelines.calibrate import CalibrationConfig
+    from pipelines.dataset import list_shards
+    from pipelines.evaluate import prepared_view, read_view
+    from tests.helpers import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    out = tmp_path / "calibrated.safetensors"
+    code = main(["checkpoint", "calibrate", str(checkpoint), "--data", tiny_dataset, "-o", str(out), "--limit", "2",
+                 "--levels", "0.3", "0.5", "0.7", "--resolution", "32", "--num-samples", "1000"])
+    assert code == 0
+    calibrated = load_checkpoint(out)
+    record = calibrated.checkpoint_metadata["surface_level_calibration"]
+    assert record["split"] == "val" and record["views"] == 2 and set(record["levels"]) == {"0.3", "0.5", "0.7"}
+    best = min(record["levels"], key=lambda level: record["levels"][level]["chamfer_cm"])
+    assert surface_level(calibrated) == record["surface_level"] == float(best)
+    assert surface_level(load_checkpoint(checkpoint)) == 0.5  # a checkpoint that names no level: PIFuHD's 0.5
+    original, _, _ = read_checkpoint(checkpoint)
+    stored, _, _ = read_checkpoint(out)
+    assert original.keys() == stored.keys() and all(torch.equal(original[k], stored[k]) for k in original)
+
+    # Reconstruction reads the stored level unless told another.
+    view = read_view(list_shards(tiny_dataset, "val")[0], 0)
+    prepared = prepared_view(view["image"], view["mask"], 128, 256, "level")
+    at = {level: len(reconstruct(calibrated, prepared, ReconstructionConfig(resolution=32, color="none", threshold=level)).mesh.vertices)
+          for level in (None, float(best))}
+    assert at[None] == at[float(best)]
+    with pytest.raises(ValueError, match="test views"):
+        CalibrationConfig(checkpoint=str(checkpoint), data=tiny_dataset, output=str(out), split="test")

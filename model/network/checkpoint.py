@@ -362,6 +362,19 @@ def save_checkpoint(
     return path
 
 
+def with_metadata(path: str | os.PathLike, updates: dict) -> bytes:
+    """A project-format checkpoint file's bytes with `updates` merged into its metadata record;
+    the weights are copied as stored (dtype included)."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    header = _read_safetensors_header(path)
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (convert it first: pifuhd checkpoint convert)")
+    metadata = json.loads(header.get("metadata", "{}"))
+    return save(_read_safetensors_state(path), metadata={**header, "metadata": json.dumps({**metadata, **updates})})
+
+
 def preset_name(config: PIFuHDConfig) -> str | None:
     """The preset whose config equals `config` exactly, if any."""
     return next((name for name, make in PRESETS.items() if make() == config), None)

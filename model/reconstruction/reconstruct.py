@@ -61,7 +61,9 @@ class ReconstructionConfig:
 
     resolution: int = 256  # grid cells per axis over the [-1, 1]^3 box
     method: str = "sparse"  # "sparse" (coarse to fine near the surface) or "dense"
-    threshold: float = 0.5
+    # The occupancy level of the surface. None: the checkpoint's own (`surface_level`), 0.5 for one
+    # that names none (the released pifuhd.pt).
+    threshold: float | None = None
     # None: follow the surface from level to level (fewest queries: 0.42 M at 512 for a human).
     # k >= 0: also evaluate a ring of k fine cells around the surface band at each level, which
     # catches small separate pieces near the surface (noisy networks) for ~2.4x the queries.
@@ -84,7 +86,7 @@ class ReconstructionConfig:
             check_sparse_resolution(self.resolution)
         elif self.resolution < 2:
             raise ValueError(f"resolution must be at least 2 cells, got {self.resolution}")
-        if not 0 < self.threshold < 1:
+        if self.threshold is not None and not 0 < self.threshold < 1:
             raise ValueError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
         if self.dilation is not None and self.dilation < 0:
             raise ValueError(f"dilation must be None or >= 0 cells, got {self.dilation}")
@@ -157,6 +159,12 @@ def occupancy_function(net: PIFuHD, features, body=None, silhouette: torch.Tenso
     return occupancy
 
 
+def surface_level(net: PIFuHD) -> float:
+    """The occupancy level `net`'s surface is extracted at: its checkpoint's `surface_level`
+    (calibrated on held-out views, `pipelines.calibrate`), else 0.5."""
+    return float(getattr(net, "checkpoint_metadata", {}).get("surface_level", 0.5))
+
+
 def memory_layout(bf16: bool) -> torch.memory_format:
     """The layout of the network's convolutions: bf16 ones run ~25 % faster channels-last
     (benchmarks/network.py)."""
@@ -200,7 +208,7 @@ def sample_surfaces(net: PIFuHD, prepared: list[PreparedImage], config: Reconstr
                 occupancy_function(net, one, bodies[index], silhouettes[index]),
                 resolution=config.resolution,
                 method=config.method,
-                threshold=config.threshold,
+                threshold=config.threshold if config.threshold is not None else surface_level(net),
                 batch_points=config.batch_points,
                 dilation=config.dilation,
             )
