@@ -22,7 +22,10 @@
 #       STAGES="coarse fine package" INIT=v4.safetensors COARSE_STEPS=400 FINE_STEPS=100 LR_DECAY=late
 #       FINE_DECAY=84 LR=5e-4 SEED=1 BODY=1
 #   v6: v5 continued likewise, INIT=v5.safetensors ... SEED=2.
-#   v7 (the shipped file): v6 continued likewise, INIT=v6.safetensors ... SEED=3.
+#   v7: v6 continued likewise, INIT=v6.safetensors ... SEED=3.
+#   v8: v7 continued, twice the steps: STAGES="coarse fine package calibrate" INIT=v7.safetensors
+#       COARSE_STEPS=800 FINE_STEPS=200 LR_DECAY=late COARSE_DECAY=640 FINE_DECAY=168 LR=5e-4 SEED=4 BODY=1
+# `calibrate` stores the surface level chosen on the validation views (`pifuhd checkpoint calibrate`).
 # From scratch, STAGES="data normal coarse fine package" trains all three with the v2 settings.
 # Any Ray address works: set ADDRESS=... to run on a cluster (and DATA/OUT to s3:// URIs).
 # THREADS: torch threads per worker (1 is faster than 2 on a 2-core machine that runs anything else).
@@ -68,5 +71,8 @@ for stage in $STAGES; do
             -o model/weights/pifuhd-small.safetensors \
             ${INIT:+--continued-from "$INIT"} \
             --recipe "cluster/train_small.sh (STAGES='$STAGES' INIT=${INIT:-none} COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS LR_DECAY=${LR_DECAY:-} COARSE_DECAY=$COARSE_DECAY FINE_DECAY=$FINE_DECAY LR=${LR:-1e-3} SEED=${SEED:-0} BODY=${BODY:-}, data seed 7, $SUBJECTS subjects)" ;;
+    calibrate)
+        .venv/bin/pifuhd checkpoint calibrate model/weights/pifuhd-small.safetensors --data "$DATA" \
+            --levels 0.5 0.55 0.6 0.65 0.7 -o model/weights/pifuhd-small.safetensors ;;
     esac
 done
