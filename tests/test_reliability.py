@@ -159,9 +159,11 @@ def test_input_that_hangs_its_worker_becomes_a_failed_row_and_the_job_ends(ray_l
     hang = tmp_path / "in" / "hang.png"
     os.mkfifo(hang)
     listing = tmp_path / "list.txt"
-    listing.write_text("\n".join(str(p) for p in [good[0], hang, good[1]]) + "\n")
+    # Last in the list: run alone, the good inputs (if they did not pass before the stall) go first,
+    # each with its own deadline, which also covers a fresh worker's start on a loaded machine.
+    listing.write_text("\n".join(str(p) for p in [*good, hang]) + "\n")
     try:
-        summary = run_bulk(_bulk_config([str(listing)], tmp_path / "out", checkpoint, stall_timeout_s=30.0),
+        summary = run_bulk(_bulk_config([str(listing)], tmp_path / "out", checkpoint, stall_timeout_s=45.0),
                            progress=False)
     finally:
         _release_fifo_readers(hang)
