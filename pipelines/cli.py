@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show INFO logs, Ray's logs and Ray Data's own progress bars (default: warnings only)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    checkpoint = commands.add_parser("checkpoint", help="inspect or convert model checkpoints")
+    checkpoint = commands.add_parser("checkpoint", help="inspect, convert, package or calibrate model checkpoints")
     checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
     inspect = checkpoint_commands.add_parser("inspect", help="print the inferred config and parameter counts")
     inspect.add_argument("path", help="pifuhd.pt (released) or a project .safetensors checkpoint")
