@@ -60,7 +60,7 @@ def calibrate(config: CalibrationConfig, log=print) -> dict:
     from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct
     from pipelines import storage
     from pipelines.checkpoints import fetch_checkpoint
-    from pipelines.evaluate import checkpoint_items, load_mesh, pair_metrics, prepared_view, read_view, view_body, _scaled
+    from pipelines.evaluate import checkpoint_items, load_mesh, pair_metrics, prepared_view, read_view, view_body, scaled_mesh
 
     local = fetch_checkpoint(config.checkpoint)
     net = load_checkpoint(local).eval()
@@ -71,7 +71,7 @@ def calibrate(config: CalibrationConfig, log=print) -> dict:
         view = read_view(item["shard"], item["row"])
         truth = load_mesh(item["gt_uri"])
         truth.apply_transform(view["view_from_canonical"])
-        truth = _scaled(truth, 1.0 / view["units_per_cm"])
+        truth = scaled_mesh(truth, 1.0 / view["units_per_cm"])
         prepared = prepared_view(view["image"], view["mask"], net.config.coarse_size, net.config.fine_size, item["key"])
         if net.config.body_guided:
             try:
@@ -84,7 +84,7 @@ def calibrate(config: CalibrationConfig, log=print) -> dict:
             if not len(result.mesh_world.faces):
                 scores[level].append((np.inf, np.inf, np.inf))
                 continue
-            metrics, _ = pair_metrics(_scaled(result.mesh_world, 1.0 / view["units_per_cm"]), truth,
+            metrics, _ = pair_metrics(scaled_mesh(result.mesh_world, 1.0 / view["units_per_cm"]), truth,
                                       config.num_samples, normal_image_size=0)
             scores[level].append((metrics["chamfer_cm"], metrics["p2s_cm"], metrics["s2p_cm"]))
         log(f"{item['key']}: " + " ".join(f"{level:g}:{scores[level][-1][0]:.2f}" for level in config.levels))

@@ -405,7 +405,8 @@ def depth_extent(mesh, seed: int = 0, samples: int = 10_000) -> float:
     return float(high - low)
 
 
-def _scaled(mesh, factor: float):
+def scaled_mesh(mesh, factor: float):
+    """`mesh` with its coordinates times `factor` (a copy; the mesh itself when the factor is 1)."""
     if factor != 1.0:
         mesh = mesh.copy()
         mesh.apply_scale(factor)
@@ -449,9 +450,9 @@ class PairWorker:
             if item["kind"] == "view":
                 predicted, truth = self._reconstruct_view(item, row)
             else:
-                predicted = _scaled(load_mesh(item["pred_uri"]), self.config.scale)
+                predicted = scaled_mesh(load_mesh(item["pred_uri"]), self.config.scale)
                 try:
-                    truth = _scaled(load_mesh(item["gt_uri"]), self.config.scale)
+                    truth = scaled_mesh(load_mesh(item["gt_uri"]), self.config.scale)
                 except MissingPrediction as exc:
                     raise MissingGroundTruth(str(exc)) from exc
             row.update(pred_vertices=len(predicted.vertices), pred_faces=len(predicted.faces), gt_faces=len(truth.faces))
@@ -490,8 +491,8 @@ class PairWorker:
         else:
             result = baseline_reconstruction(prepared, reconstruction)
         units_per_cm = view["units_per_cm"]
-        predicted = _scaled(result.mesh_world, 1.0 / units_per_cm)
-        truth = _scaled(truth, 1.0 / units_per_cm)
+        predicted = scaled_mesh(result.mesh_world, 1.0 / units_per_cm)
+        truth = scaled_mesh(truth, 1.0 / units_per_cm)
         stem = storage.join(self.config.out, "predictions", _safe(item["key"]))
         buffer = io.BytesIO()
         preview_image(prepared, result).save(buffer, format="PNG")
