@@ -60,7 +60,7 @@ def calibrate(config: CalibrationConfig, log=print) -> dict:
     from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct
     from pipelines import storage
     from pipelines.checkpoints import fetch_checkpoint
-    from pipelines.evaluate import checkpoint_items, load_mesh, pair_metrics, prepared_view, read_view, view_body, scaled_mesh
+    from pipelines.evaluate import checkpoint_items, pair_metrics, scaled_mesh, stored_view, view_body
 
     local = fetch_checkpoint(config.checkpoint)
     net = load_checkpoint(local).eval()
@@ -68,11 +68,7 @@ def calibrate(config: CalibrationConfig, log=print) -> dict:
     scores: dict[float, list[tuple[float, float, float]]] = {level: [] for level in config.levels}
     skipped, start = [], time.perf_counter()
     for item in items:
-        view = read_view(item["shard"], item["row"])
-        truth = load_mesh(item["gt_uri"])
-        truth.apply_transform(view["view_from_canonical"])
-        truth = scaled_mesh(truth, 1.0 / view["units_per_cm"])
-        prepared = prepared_view(view["image"], view["mask"], net.config.coarse_size, net.config.fine_size, item["key"])
+        view, truth, prepared = stored_view(item, net.config.coarse_size, net.config.fine_size)
         if net.config.body_guided:
             try:
                 prepared = dataclasses.replace(prepared, body=view_body(view, item, prepared)[0])

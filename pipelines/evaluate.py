@@ -475,13 +475,7 @@ class PairWorker:
         from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct
         from model.reconstruction.preview import preview_image
 
-        view = read_view(item["shard"], item["row"])
-        try:
-            truth = load_mesh(item["gt_uri"])
-        except MissingPrediction as exc:
-            raise MissingGroundTruth(str(exc)) from exc
-        truth.apply_transform(view["view_from_canonical"])
-        prepared = prepared_view(view["image"], view["mask"], self.net.config.coarse_size, self.net.config.fine_size, item["key"])
+        view, truth, prepared = stored_view(item, self.net.config.coarse_size, self.net.config.fine_size)
         reconstruction = ReconstructionConfig(resolution=self.config.resolution, color="none", carve=self.config.carve,
                                               threshold=self.config.surface_level)
         if item.get("method", "model") == "model":
@@ -490,9 +484,7 @@ class PairWorker:
             result = reconstruct(self.net, prepared, reconstruction)
         else:
             result = baseline_reconstruction(prepared, reconstruction)
-        units_per_cm = view["units_per_cm"]
-        predicted = scaled_mesh(result.mesh_world, 1.0 / units_per_cm)
-        truth = scaled_mesh(truth, 1.0 / units_per_cm)
+        predicted = scaled_mesh(result.mesh_world, 1.0 / view["units_per_cm"])
         stem = storage.join(self.config.out, "predictions", _safe(item["key"]))
         buffer = io.BytesIO()
         preview_image(prepared, result).save(buffer, format="PNG")
@@ -506,6 +498,19 @@ class PairWorker:
         row["body_source"] = self.config.bodies
         body, row["body_mask_iou"] = view_body(view, item, prepared, self.config.bodies)
         return body
+
+
+def stored_view(item: dict, coarse_size: int, fine_size: int):
+    """(the stored view of a checkpoint-mode item (`read_view`), its subject's GT mesh in the view
+    frame in cm, the view prepared as `pifuhd reconstruct` prepares a photo)."""
+    view = read_view(item["shard"], item["row"])
+    try:
+        truth = load_mesh(item["gt_uri"])
+    except MissingPrediction as exc:
+        raise MissingGroundTruth(str(exc)) from exc
+    truth.apply_transform(view["view_from_canonical"])
+    truth = scaled_mesh(truth, 1.0 / view["units_per_cm"])
+    return view, truth, prepared_view(view["image"], view["mask"], coarse_size, fine_size, item["key"])
 
 
 def view_body(view: dict, item: dict, prepared, bodies: str = "fitted"):

@@ -126,6 +126,7 @@ MINIMAL_ARGUMENTS = {
     ("data", "scans"): (["x.obj", "-o", "o"], {"out", "kind", "inputs"}),
     ("fit",): (["in.png", "-o", "o"], {"inputs", "output"}),
     ("train-lifter",): (["-o", "o.safetensors"], set()),
+    ("checkpoint", "calibrate"): (["c.safetensors", "--data", "d", "-o", "o.safetensors"], {"checkpoint", "data", "output"}),
 }
 
 
