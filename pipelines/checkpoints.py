@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from model.cache import CACHE_ROOT
@@ -26,7 +27,7 @@ def default_checkpoint() -> str:
 
 
 def fetch_checkpoint(uri: str) -> str:
-    """A local path for a checkpoint URI: remote files are copied once into a local cache."""
+    """A local path for a checkpoint URI: remote files (and sharded folders) are copied once into a local cache."""
     if not is_remote(uri):
         return uri
     fs, path = filesystem(uri)
@@ -34,6 +35,8 @@ def fetch_checkpoint(uri: str) -> str:
         info = fs.info(path)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{uri}: no such checkpoint") from exc
+    if info.get("type") == "directory":
+        return _fetch_sharded(uri, fs, path)
     version = str(info.get("ETag") or info.get("etag") or info.get("size"))
     key = hashlib.sha256(f"{uri}|{version}".encode()).hexdigest()[:20]
     local = CACHE_DIR / f"{key}{Path(path).suffix}"
@@ -45,11 +48,43 @@ def fetch_checkpoint(uri: str) -> str:
     return str(local)
 
 
+def _fetch_sharded(uri: str, fs, path: str) -> str:
+    """A sharded checkpoint folder copied into the cache: the shards its index names, then the index."""
+    from model.network.checkpoint import INDEX_NAME, shard_names
+
+    try:
+        index = fs.cat_file(f"{path.rstrip('/')}/{INDEX_NAME}")
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{uri}: a folder without {INDEX_NAME}, so not a sharded checkpoint") from exc
+    local = CACHE_DIR / hashlib.sha256(uri.encode() + b"|" + index).hexdigest()[:20]
+    if (local / INDEX_NAME).is_file():
+        return str(local)
+    partial = local.with_name(local.name + f".part-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / INDEX_NAME).write_bytes(index)
+    for shard in sorted(set(shard_names(partial / INDEX_NAME)[1].values())):
+        try:
+            fs.get_file(f"{path.rstrip('/')}/{shard}", str(partial / shard))
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{uri}: shard {shard} is missing") from exc
+    try:
+        os.replace(partial, local)
+    except OSError:  # another process cached it first
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(local)
+
+
 def checkpoint_identity(path: str, metadata: dict) -> tuple[str, str]:
-    """(id, version) of a local checkpoint: id is a content hash, version what its metadata says."""
+    """(id, version) of a local checkpoint: id is a content hash (of a sharded one's index and
+    shards), version what its metadata says."""
+    from model.network.checkpoint import index_of, shard_names
+
+    index = index_of(path)
+    files = [Path(path)] if index is None else [index] + [index.parent / s for s in sorted(set(shard_names(index)[1].values()))]
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
+    for file in files:
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
     version = str(metadata.get("version") or metadata.get("format") or "")
     return digest.hexdigest()[:16], version

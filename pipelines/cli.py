@@ -47,19 +47,27 @@ def _checkpoint_inspect(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_convert(args: argparse.Namespace) -> int:
-    from model.network.checkpoint import load_checkpoint, preset_name, save_checkpoint
-    from pipelines.uris import redact
-
-    net = load_checkpoint(args.input)
-    source = net.checkpoint_metadata
-    metadata = {
-        "preset": preset_name(net.config),
-        "converted_from": {"file": redact(str(args.input)), "format": source.get("format")},
-        "source_options": source.get("options", {}),
-    }
     import torch
 
-    out = save_checkpoint(net, args.output, metadata=metadata, dtype=torch.float16 if args.half else torch.float32)
+    from model.network.checkpoint import FORMAT, load_checkpoint, preset_name, save_checkpoint
+    from pipelines.checkpoints import fetch_checkpoint
+    from pipelines.uris import redact
+
+    if args.max_shard_mib is not None and not args.max_shard_mib > 0:
+        raise UsageError(f"--max-shard-mib must be positive, not {args.max_shard_mib}")
+    net = load_checkpoint(fetch_checkpoint(args.input))
+    source = net.checkpoint_metadata
+    if source.get("format") == FORMAT:  # another dtype or shards of the same model: its record stays
+        metadata = {k: v for k, v in source.items() if k not in ("format", "format_version")}
+    else:
+        metadata = {
+            "preset": preset_name(net.config),
+            "converted_from": {"file": redact(str(args.input)), "format": source.get("format")},
+            "source_options": source.get("options", {}),
+        }
+    shard_bytes = None if args.max_shard_mib is None else int(args.max_shard_mib * 2**20)
+    out = save_checkpoint(net, args.output, metadata=metadata, dtype=torch.float16 if args.half else torch.float32,
+                          max_shard_bytes=shard_bytes)
     print(f"wrote {out} ({sum(p.numel() for p in net.parameters()):,} parameters)")
     return 0
 
@@ -114,7 +122,7 @@ def _train_config(args: argparse.Namespace):
         TrainConfig,
         stage=args.stage, data=args.data, out=args.out, name=args.name or "", preset=args.preset, init=args.init,
         workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-        threads_per_worker=args.threads, use_gpu=args.gpus, steps=args.steps, batch_size=args.batch_size,
+        threads_per_worker=args.threads, use_gpu=args.gpus, parallel_decode=args.parallel_decode, steps=args.steps, batch_size=args.batch_size,
         points_per_sample=args.points, optimizer=args.optimizer, lr=args.lr,
         lr_decay_steps=tuple(args.lr_decay_steps or ()), checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every, val_resolution=args.val_resolution,
@@ -153,12 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint = commands.add_parser("checkpoint", help="inspect, convert, package or calibrate model checkpoints")
     checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
     inspect = checkpoint_commands.add_parser("inspect", help="print the inferred config and parameter counts")
-    inspect.add_argument("path", help="pifuhd.pt (released) or a project .safetensors checkpoint")
+    inspect.add_argument("path", help="pifuhd.pt (released), a project .safetensors checkpoint or a sharded checkpoint folder")
     inspect.set_defaults(handler=_checkpoint_inspect)
     convert = checkpoint_commands.add_parser("convert", help="write a checkpoint in the project format")
     convert.add_argument("input", type=uri_argument, help="pifuhd.pt (released) or any readable checkpoint")
-    convert.add_argument("output", help="output .safetensors path")
+    convert.add_argument("output", help="output .safetensors path (with --max-shard-mib: a folder)")
     convert.add_argument("--half", action="store_true", help="store float16 weights (half the size; loads as float32)")
+    convert.add_argument("--max-shard-mib", type=float, metavar="MIB",
+                         help="write a folder of shards of at most MIB MiB of weights each and their index "
+                              "(model.safetensors.index.json); every command reads the folder as a checkpoint")
     convert.set_defaults(handler=_checkpoint_convert)
     package = checkpoint_commands.add_parser("package", help="ship a trained model with every stage's history")
     package.add_argument("runs", nargs="+", metavar="RUN", help="training run folders (OUT/NAME) in stage order")
@@ -235,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPUs Ray reserves per worker; below 1 leaves some for the tasks reading the data")
     train.add_argument("--threads", type=int, help="torch threads per worker (default: one per CPU Ray reserves)")
     train.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
+    train.add_argument("--parallel-decode", action="store_true",
+                       help="decode samples in Ray Data tasks on the other CPUs, not in the worker (for GPU workers)")
     train.add_argument("--steps", type=int, default=1000, help="optimiser steps")
     train.add_argument("--batch-size", type=int, default=2, help="samples per worker per step")
     train.add_argument("--points", type=int, default=4096, help="query points per sample per step")

@@ -10,6 +10,9 @@ Two formats are read:
 * The project format: one safetensors file whose header metadata holds the
   config and a metadata record as JSON (`FORMAT` below). A safetensors file in the
   released key layout without that metadata is read like `pifuhd.pt`.
+* The project format in shards: a folder with safetensors shards and the Hugging Face index
+  (`INDEX_NAME`: the weight map, and the header's config and metadata), for stores and transfers
+  that cap a file's size.
 
 Every failure is a `CheckpointError` naming the file and the problem.
 """
@@ -35,6 +38,7 @@ from model.network.pifuhd import PIFuHD
 
 FORMAT = "pifuhd-ray"
 FORMAT_VERSION = 1
+INDEX_NAME = "model.safetensors.index.json"
 
 # What the released options add to the shapes: (option holder, option, config field, type).
 _OPTION_FIELDS = (
@@ -97,6 +101,47 @@ def _read_safetensors_state(path: Path, tensors: bool = True) -> dict:
             return {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({exc})") from exc
+
+
+def index_of(path: str | os.PathLike) -> Path | None:
+    """The index file of a sharded checkpoint at `path` (its folder or the index itself), else None."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / INDEX_NAME).is_file():
+            raise CheckpointError(f"{path}: a folder without {INDEX_NAME}, so not a sharded checkpoint")
+        return path / INDEX_NAME
+    return path if path.name.endswith(".index.json") else None
+
+
+def shard_names(index: Path) -> tuple[dict, dict[str, str]]:
+    """(header, weight map) of a shard index; CheckpointError unless every shard is a file name
+    beside the index (an index must not point anywhere else)."""
+    try:
+        record = json.loads(index.read_text())
+        weight_map, header = record["weight_map"], record.get("metadata") or {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a readable shard index ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(weight_map, dict) or not isinstance(header, dict):
+        raise CheckpointError(f"{index}: 'weight_map' and 'metadata' must be JSON objects")
+    for shard in set(weight_map.values()):
+        if not isinstance(shard, str) or not shard.endswith(".safetensors") or Path(shard).name != shard or shard.startswith("."):
+            raise CheckpointError(f"{index}: shard {shard!r} is not a .safetensors file beside the index")
+    return header, weight_map
+
+
+def _read_sharded(index: Path, tensors: bool) -> tuple[dict, dict]:
+    """(state, header) of a sharded checkpoint, each shard holding exactly what the index says."""
+    header, weight_map = shard_names(index)
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(f"{index}: shard {shard} is missing")
+        part = _read_safetensors_state(index.parent / shard, tensors)
+        named = sum(1 for name in weight_map.values() if name == shard)
+        if len(part) != named or any(weight_map.get(key) != shard for key in part):
+            raise CheckpointError(f"{index.parent / shard}: holds {len(part)} tensors, not the {named} the index names for it")
+        state.update(part)
+    return state, header
 
 
 def _sniff(path: Path) -> str:
@@ -283,16 +328,19 @@ def read_checkpoint(path: str | os.PathLike, tensors: bool = True) -> tuple[dict
     stored shapes, enough to check the config): what a job's driver needs before the workers load.
     """
     path = Path(path)
-    kind = _sniff(path)
-    if kind == "torch":
+    index = index_of(path)
+    if index is not None:
+        state, header = _read_sharded(index, tensors)
+    elif _sniff(path) == "torch":
         state, options = _read_torch_pickle(path)
         try:
             config = infer_config(state, options)
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from exc
         return state, config, {"format": "released-torch", "options": options}
-    header = _read_safetensors_header(path)
-    state = _read_safetensors_state(path, tensors)
+    else:
+        header = _read_safetensors_header(path)
+        state = _read_safetensors_state(path, tensors)
     if header.get("format") == FORMAT:
         try:
             config = PIFuHDConfig.from_dict(json.loads(header["config"]))
@@ -341,12 +389,15 @@ def _expand_tied(state: dict, config: PIFuHDConfig) -> dict:
 
 
 def save_checkpoint(
-    net: PIFuHD, path: str | os.PathLike, metadata: dict | None = None, dtype: torch.dtype = torch.float32
+    net: PIFuHD, path: str | os.PathLike, metadata: dict | None = None, dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int | None = None,
 ) -> Path:
     """Write `net` in the project format: safetensors weights, config and metadata as JSON in the header.
 
     metadata: JSON-serialisable facts about the weights (preset, training data, steps, metrics).
     dtype: storage type; float16 halves a shipped file, and loading always casts to float32.
+    max_shard_bytes: write the folder `path` of shards of at most this many bytes of tensors each
+    (one tensor larger than that gets a shard of its own) and their index, instead of one file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -358,8 +409,33 @@ def save_checkpoint(
     }
     if dtype != torch.float32:
         net = copy.deepcopy(net).to(dtype)
+    if max_shard_bytes is not None:
+        return _save_sharded(net, path, header, max_shard_bytes)
     save_model(net, str(path), metadata=header)
     return path
+
+
+def _save_sharded(net: PIFuHD, folder: Path, header: dict, max_shard_bytes: int) -> Path:
+    """Shards and index in `folder`; the shards of an index written there before are replaced."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save
+
+    aliases = tied_keys(net)
+    state = {key: value.contiguous() for key, value in net.state_dict().items() if key not in aliases}
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = folder / INDEX_NAME
+    previous = set(shard_names(index)[1].values()) if index.is_file() else set()
+    for shard, keys in split.filename_to_tensors.items():
+        # As bytes: safetensors' own file writer makes owner-only files, and a shared model folder is read by others.
+        (folder / shard).write_bytes(save({key: state[key] for key in keys}, metadata={"format": "pt"}))
+    # The index last, whole under a temporary name: a reader sees the old set or the new, never half.
+    partial = folder / f".{INDEX_NAME}.part-{os.getpid()}"
+    partial.write_text(json.dumps({"metadata": header, "weight_map": split.tensor_to_filename}, indent=1))
+    os.replace(partial, index)
+    for stale in previous - set(split.filename_to_tensors):
+        (folder / stale).unlink(missing_ok=True)
+    return folder
 
 
 def with_metadata(path: str | os.PathLike, updates: dict) -> bytes:
@@ -368,6 +444,8 @@ def with_metadata(path: str | os.PathLike, updates: dict) -> bytes:
     from safetensors.torch import save
 
     path = Path(path)
+    if index_of(path) is not None:
+        raise CheckpointError(f"{path}: a sharded checkpoint; give its single-file form (pifuhd checkpoint convert writes both)")
     header = _read_safetensors_header(path)
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (convert it first: pifuhd checkpoint convert)")
