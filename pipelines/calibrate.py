@@ -56,6 +56,8 @@ class CalibrationConfig:
 def calibrate(config: CalibrationConfig, log=print) -> dict:
     """Score every level on the views; write the checkpoint with the best one. Returns the record
     stored in its metadata under `surface_level_calibration` (per level: mean Chamfer, P2S, S2P in cm)."""
+    import torch
+
     from model.network.checkpoint import load_checkpoint, with_metadata
     from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct
     from pipelines import storage
@@ -63,7 +65,7 @@ def calibrate(config: CalibrationConfig, log=print) -> dict:
     from pipelines.evaluate import checkpoint_items, pair_metrics, scaled_mesh, stored_view, view_body
 
     local = fetch_checkpoint(config.checkpoint)
-    net = load_checkpoint(local).eval()
+    net = load_checkpoint(local).eval().to("cuda" if torch.cuda.is_available() else "cpu")
     items = checkpoint_items(config.data, config.split)[: config.limit]
     scores: dict[float, list[tuple[float, float, float]]] = {level: [] for level in config.levels}
     skipped, start = [], time.perf_counter()

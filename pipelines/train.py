@@ -59,6 +59,10 @@ class TrainConfig:
     init: str | None = None  # checkpoint to start from (the previous stage's model)
     workers: int = 1
     cpus_per_worker: float = 1.0  # below 1 leaves CPUs for the Ray Data tasks feeding the workers
+    # Decode samples (PNGs, point lists) in Ray Data tasks on the cluster's other CPUs, not in the
+    # worker: for GPU workers, which would wait on one CPU's decoding. Costs object-store traffic
+    # (~12 MB a decoded sample), more than it saves where the step itself takes seconds (CPU).
+    parallel_decode: bool = False
     threads_per_worker: int | None = None  # torch threads; None keeps Ray's (one per reserved CPU)
     use_gpu: bool = False
     steps: int = 1000
@@ -268,6 +272,15 @@ def _maybe_inject_failure(config: TrainConfig, step: int, rank: int) -> None:
         raise RuntimeError(f"injected failure at step {step} (inject_failure_at_step)")
 
 
+def decode_rows(table, data: str, body_frame: bool) -> dict:
+    """Raw shard rows -> a decoded batch (pipelines.dataset.decode_table), in each body's depth
+    frame for a body-guided model."""
+    from pipelines.dataset import decode_table, to_body_frame
+
+    decoded = decode_table(table)
+    return to_body_frame(decoded, data) if body_frame else decoded
+
+
 def to_tensors(decoded: dict, device: torch.device) -> dict:
     """The numeric fields of a decoded batch as tensors on `device` (ids and split names dropped)."""
     # Arrow's zero-copy arrays are read-only; np.require copies only those (and non-contiguous ones).
@@ -279,7 +292,6 @@ def train_loop_per_worker(config_dict: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipelines.dataset import decode_table, to_body_frame
     from pipelines.telemetry import TrainMetrics
 
     config = TrainConfig.from_dict(config_dict)
@@ -312,11 +324,12 @@ def train_loop_per_worker(config_dict: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     started, losses, validation_seconds = time.perf_counter(), [], 0.0
     while step < config.steps:
-        for table in shard.iter_batches(batch_size=config.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=16, drop_last=True):
+        batch_format = "numpy" if config.parallel_decode else "pyarrow"
+        for rows in shard.iter_batches(batch_size=config.batch_size, batch_format=batch_format, local_shuffle_buffer_size=16, drop_last=True):
             if step >= config.steps:
                 break
-            decoded = decode_table(table)
-            batch = to_tensors(to_body_frame(decoded, config.data) if config.body_guided else decoded, device)
+            decoded = rows if config.parallel_decode else decode_rows(rows, config.data, config.body_guided)
+            batch = to_tensors(decoded, device)
             _maybe_inject_failure(config, step, rank)
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step)
@@ -389,6 +402,9 @@ def run_training(config: TrainConfig) -> TrainResult:
     train_data = open_shards(config.data, "train")
     if config.body_guided:  # scans no body could be fitted to have no body input: not for this model
         train_data = train_data.map_batches(_rows_with_body, batch_format="pyarrow")
+    if config.parallel_decode:
+        train_data = train_data.map_batches(decode_rows, batch_format="pyarrow", batch_size=config.batch_size,
+                                            fn_kwargs={"data": config.data, "body_frame": config.body_guided})
     storage_path, storage_filesystem = _storage(config)
     trainer = TorchTrainer(
         train_loop_per_worker,

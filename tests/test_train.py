@@ -130,9 +130,10 @@ def test_package_takes_each_stage_from_its_own_run(tmp_path):
 
 
 def test_injected_worker_failure_recovers_from_last_checkpoint(ray_local, tmp_path, tiny_dataset):
+    # Samples decoded by Ray Data tasks (the GPU path) feed both workers, before and after the restart.
     config = TrainConfig(stage="normal", data=tiny_dataset, out=str(tmp_path), name="drill", preset="tiny",
                          workers=2, cpus_per_worker=0.5, batch_size=1, steps=4, checkpoint_every=2,
-                         validate_every=100, inject_failure_at_step=3, max_failures=1)
+                         validate_every=100, inject_failure_at_step=3, max_failures=1, parallel_decode=True)
     result = run_training(config)
     assert result.steps == 4
     assert (tmp_path / "drill" / "injected-failure").exists()  # the failure did happen
