@@ -25,10 +25,13 @@
 #   v7: v6 continued likewise, INIT=v6.safetensors ... SEED=3.
 #   v8: v7 continued, twice the steps: STAGES="coarse fine package calibrate" INIT=v7.safetensors
 #       COARSE_STEPS=800 FINE_STEPS=200 LR_DECAY=late COARSE_DECAY=640 FINE_DECAY=168 LR=5e-4 SEED=4 BODY=1
-# `calibrate` stores the surface level chosen on the validation views (`pifuhd checkpoint calibrate`).
+# `calibrate` stores the surface level chosen on the validation views (`pifuhd checkpoint calibrate`);
+# `shard` writes the model again as a folder of float16 shards under 16 MiB each (SHARDS).
 # From scratch, STAGES="data normal coarse fine package" trains all three with the v2 settings.
 # Any Ray address works: set ADDRESS=... to run on a cluster (and DATA/OUT to s3:// URIs).
 # THREADS: torch threads per worker (1 is faster than 2 on a 2-core machine that runs anything else).
+# GPU=1: one GPU worker, samples decoded by Ray Data tasks on the other CPUs (cluster/train_gpu.sh).
+# MODEL: where `package` writes the model and `calibrate` rewrites it (default: the shipped file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-/work/data/synth-v2}
@@ -38,18 +41,23 @@ NORMAL_STEPS=${NORMAL_STEPS:-700}
 COARSE_STEPS=${COARSE_STEPS:-1200}
 FINE_STEPS=${FINE_STEPS:-400}
 STAGES=${STAGES:-"data normal coarse fine package"}
+MODEL=${MODEL:-model/weights/pifuhd-small.safetensors}
+SHARDS=${SHARDS:-$OUT/model-shards}
 ADDRESS_ARGS=${ADDRESS:+--address $ADDRESS}
+DEVICE_ARGS="--threads ${THREADS:-1}"
+[ -n "${GPU:-}" ] && DEVICE_ARGS="--gpus --parallel-decode${THREADS:+ --threads $THREADS}"
 BODY_ARGS=${BODY:+--body-guided}
 # Decay at 5/6 of the coarse steps and 4/5 of the fine (v1, v2), or LR_DECAY=late: at 4/5 and 5/6 (v3).
 # COARSE_DECAY / FINE_DECAY set the step directly.
 if [ "${LR_DECAY:-}" = late ]; then COARSE_DECAY=${COARSE_DECAY:-$((COARSE_STEPS * 4 / 5))}; FINE_DECAY=${FINE_DECAY:-$((FINE_STEPS * 5 / 6))}
 else COARSE_DECAY=${COARSE_DECAY:-$((COARSE_STEPS * 5 / 6))}; FINE_DECAY=${FINE_DECAY:-$((FINE_STEPS * 4 / 5))}; fi
-COMMON="--data $DATA --out $OUT --preset small --batch-size 4 --optimizer adam --lr ${LR:-1e-3} --seed ${SEED:-0} --checkpoint-every 100 --validate-every 200 --threads ${THREADS:-1} $ADDRESS_ARGS"
+COMMON="--data $DATA --out $OUT --preset small --batch-size ${BATCH:-4} --optimizer adam --lr ${LR:-1e-3} --seed ${SEED:-0} --checkpoint-every 100 --validate-every 200 $DEVICE_ARGS $ADDRESS_ARGS"
 # The coarse stage starts from INIT when given (continuing a shipped model), else from the normal run.
 COARSE_INIT=${INIT:-$OUT/v2-normal/model.safetensors}
 RUNS=""
 
 for stage in $STAGES; do
+    SECONDS=0
     case $stage in
     data)
         [ -f "$DATA/dataset.json" ] || .venv/bin/pifuhd data synth --count "$SUBJECTS" --views 4 --seed 7 --resolution 512 \
@@ -68,11 +76,14 @@ for stage in $STAGES; do
         RUNS="$RUNS $OUT/v2-fine" ;;
     package)
         .venv/bin/pifuhd checkpoint package ${RUNS:-$OUT/v2-coarse $OUT/v2-fine} \
-            -o model/weights/pifuhd-small.safetensors \
+            -o "$MODEL" \
             ${INIT:+--continued-from "$INIT"} \
-            --recipe "cluster/train_small.sh (STAGES='$STAGES' INIT=${INIT:-none} COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS LR_DECAY=${LR_DECAY:-} COARSE_DECAY=$COARSE_DECAY FINE_DECAY=$FINE_DECAY LR=${LR:-1e-3} SEED=${SEED:-0} BODY=${BODY:-}, data seed 7, $SUBJECTS subjects)" ;;
+            --recipe "cluster/train_small.sh (STAGES='$STAGES' INIT=${INIT:-none} COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS LR_DECAY=${LR_DECAY:-} COARSE_DECAY=$COARSE_DECAY FINE_DECAY=$FINE_DECAY LR=${LR:-1e-3} SEED=${SEED:-0} BODY=${BODY:-} GPU=${GPU:-} BATCH=${BATCH:-4}, data seed 7, $SUBJECTS subjects)" ;;
     calibrate)
-        .venv/bin/pifuhd checkpoint calibrate model/weights/pifuhd-small.safetensors --data "$DATA" \
-            --levels 0.5 0.55 0.6 0.65 0.7 -o model/weights/pifuhd-small.safetensors ;;
+        .venv/bin/pifuhd checkpoint calibrate "$MODEL" --data "$DATA" --limit "${CALIBRATION_VIEWS:-24}" \
+            --levels 0.5 0.55 0.6 0.65 0.7 -o "$MODEL" ;;
+    shard)
+        .venv/bin/pifuhd checkpoint convert "$MODEL" "$SHARDS" --half --max-shard-mib 15 ;;
     esac
+    echo "[train_small] $stage: ${SECONDS} s"
 done
