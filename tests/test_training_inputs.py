@@ -9,7 +9,7 @@ import trimesh
 
 import model
 from model.network.pifuhd import PIFuHD
-from model.training.augment import BodyNoise, MaskNoise, body_input, grey_composite, local_shifts
+from model.training.augment import BodyNoise, MaskNoise, body_input, grey_composite
 from model.data.sampling import BodyField
 
 
@@ -94,28 +94,3 @@ def test_body_input_moves_the_distance_like_a_moved_body():
     torch.testing.assert_close(disturbed[0, 0], moved[0], atol=shift**2 + 1e-4, rtol=0)
     assert (disturbed[0, 0] - sdf[0]).abs().max() > 0.5 * abs(shift)
     torch.testing.assert_close(disturbed[:, 1:], directions)
-
-
-def test_local_body_noise_moves_one_region_and_leaves_the_rest():
-    # Two tight clusters of points 2 m apart (1 unit = 100 cm) and one bump of radius 10 cm: the
-    # cluster holding its centre moves as a whole, the other not at all; depth moves most.
-    generator = torch.Generator().manual_seed(3)
-    clusters = torch.cat((torch.randn(1, 3, 50, generator=generator) * 0.002,
-                          torch.randn(1, 3, 50, generator=generator) * 0.002 + torch.tensor([2.0, 0, 0]).reshape(1, 3, 1)), dim=2)
-    noise = BodyNoise(shift_xy_cm=0, shift_z_cm=0, offset_cm=0, point_cm=0, local_count=1, local_radius_cm=10,
-                      local_xy_cm=1, local_z_cm=5)
-    moved, still, depth, across = 0, 0, [], []
-    for seed in range(40):
-        shifts = local_shifts(clusters, torch.tensor([0.01]), noise, torch.Generator().manual_seed(seed))[0]  # (3, 100) cm
-        near, far = sorted((shifts[:, :50], shifts[:, 50:]), key=lambda s: float(s.norm(dim=0).mean()))[::-1]
-        moved += bool((near - near.mean(dim=1, keepdim=True)).abs().max() < 0.05 * near.norm(dim=0).mean())
-        still += bool(far.abs().max() < 1e-6)
-        depth.append(float(near[2, 0] ** 2))
-        across.append(float(near[:2, 0].square().mean()))
-    assert moved == 40 and still == 40
-    assert np.mean(depth) > 5 * np.mean(across)
-    sdf, normals = torch.zeros(1, 100), torch.nn.functional.normalize(clusters.clone() + 1, dim=1)
-    with pytest.raises(ValueError, match="needs the query points"):
-        body_input(sdf, normals, 5.0, torch.tensor([0.01]), noise, torch.Generator())
-    disturbed = body_input(sdf, normals, 5.0, torch.tensor([0.01]), noise, torch.Generator().manual_seed(0), clusters)
-    assert (disturbed[0, 0] != 0).sum() == 50

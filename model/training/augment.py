@@ -68,48 +68,24 @@ class BodyNoise:
     -n.t, and growing it by d by -d.
     Defaults: the fitter's errors on the 23 fitted test views of the synthetic data (finder landmarks,
     depth lifter, stored mask): mean-vertex shift 0.9 / 1.8 / 4.3 cm (rms, x / y / z, both bodies
-    centred by their own box); pose errors (7.5 cm per vertex once the shift is removed).
-    A misplaced limb moves one region of the body: `local_count` smooth bumps (Gaussian, radius
-    `local_radius_cm`, centred on random sampled points) each move their region by a random vector
-    (rms `local_xy_cm` / `local_z_cm`); 0 bumps leave the pose as it is.
+    centred by their own box); pose errors (7.5 cm per vertex once the shift is removed) are not
+    modelled beyond the jitter.
     """
 
     shift_xy_cm: float = 1.5
     shift_z_cm: float = 4.0
     offset_cm: float = 2.0
     point_cm: float = 1.0
-    local_count: int = 0
-    local_radius_cm: float = 15.0
-    local_xy_cm: float = 0.0
-    local_z_cm: float = 0.0
 
     def __post_init__(self) -> None:
-        scales = (self.shift_xy_cm, self.shift_z_cm, self.offset_cm, self.point_cm, self.local_xy_cm, self.local_z_cm)
-        if min(scales) < 0 or self.local_count < 0 or not self.local_radius_cm > 0:
-            raise ValueError("body noise scales and local_count must be >= 0 and local_radius_cm > 0 (cm)")
-
-
-def local_shifts(points: torch.Tensor, units_per_cm: torch.Tensor, noise: BodyNoise,
-                 generator: torch.Generator | None) -> torch.Tensor:
-    """(B, 3, N) cm: each point's share of `noise.local_count` random regional body shifts, at
-    (B, 3, N) points in view units (`units_per_cm` (B,) per cm)."""
-    batch, _, count = points.shape
-    centres = points.gather(2, torch.randint(0, count, (batch, 1, noise.local_count), generator=generator)
-                            .to(points.device).expand(batch, 3, noise.local_count))  # (B, 3, K)
-    sigma = torch.tensor([noise.local_xy_cm, noise.local_xy_cm, noise.local_z_cm], dtype=points.dtype, device=points.device)
-    vectors = torch.randn(batch, noise.local_count, 3, generator=generator).to(points.device) * sigma  # (B, K, 3)
-    radius = noise.local_radius_cm * units_per_cm.to(points.dtype).reshape(batch, 1, 1)
-    squared = (points[:, :, :, None] - centres[:, :, None, :]).square().sum(dim=1)  # (B, N, K)
-    weights = torch.exp(-squared / (2 * radius.square()))
-    return torch.einsum("bnk,bkc->bcn", weights, vectors)
+        if min(self.shift_xy_cm, self.shift_z_cm, self.offset_cm, self.point_cm) < 0:
+            raise ValueError("body noise scales must be >= 0 cm")
 
 
 def body_input(sdf: torch.Tensor, normals: torch.Tensor, clip: float, units_per_cm: torch.Tensor,
-               noise: BodyNoise | None = None, generator: torch.Generator | None = None,
-               points: torch.Tensor | None = None) -> torch.Tensor:
+               noise: BodyNoise | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """A body-guided model's per-point input (B, 4, N) from the true body's distance (B, N) and
     normals (B, 3, N), in view units (`units_per_cm` (B,) of them per cm), with `noise` (or none).
-    `points` (B, 3, N), the query points in view units, place the noise's regional shifts.
     The distance stays clipped to +-`clip` view units, as at inference."""
     sdf = sdf.clone()
     if noise is not None:
@@ -119,10 +95,5 @@ def body_input(sdf: torch.Tensor, normals: torch.Tensor, clip: float, units_per_
         shift = torch.randn(batch, 3, generator=generator).to(sdf.device) * sigma
         offset = torch.randn(batch, 1, generator=generator).to(sdf.device) * noise.offset_cm
         jitter = torch.randn(batch, count, generator=generator).to(sdf.device) * noise.point_cm
-        moved = shift[:, :, None]
-        if noise.local_count:
-            if points is None:
-                raise ValueError("body noise with local shifts needs the query points")
-            moved = moved + local_shifts(points, units_per_cm, noise, generator)
-        sdf = sdf - cm * ((moved * normals).sum(dim=1) + offset + jitter)
+        sdf = sdf - cm * (torch.einsum("bc,bcn->bn", shift, normals) + offset + jitter)
     return torch.cat((sdf.clamp(-clip, clip)[:, None], normals), dim=1)

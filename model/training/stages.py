@@ -66,8 +66,7 @@ def body_inputs(points: dict, batch: dict, net: PIFuHD, noise: BodyNoise | None,
     if "body_sdf" not in points:
         raise ValueError("a body-guided model trains on data with bodies (synthetic subjects, scans with a fitted body); this batch has none")
     clip = BODY_DISTANCE_CLIP_CM * float(batch["units_per_cm"][0])
-    return body_input(points["body_sdf"], points["body_normals"], clip, batch["units_per_cm"], noise, generator,
-                      points.get("points"))
+    return body_input(points["body_sdf"], points["body_normals"], clip, batch["units_per_cm"], noise, generator)
 
 
 def window_calib(calib: torch.Tensor, image_size: int, window: int, offset_x: int, offset_y: int) -> torch.Tensor:
