@@ -64,7 +64,9 @@ def test_feature_maps_match(computed, reference_outputs, name, index):
 
 @pytest.mark.parametrize("name", ["coarse_occ", "fine_occ", "coarse_occ_oob", "fine_occ_oob"])
 def test_occupancies_match(computed, reference_outputs, name):
-    assert (computed[name] - reference_outputs[name][:, 0]).abs().max() <= 1e-5
+    # float32 kernels sum in a CPU-dependent order: the fixture notes 3.4e-6 on fine_occ between 1 and 2
+    # threads of its own machine; an AVX2-only CPU (no AVX-512) gave 1.25e-5 and 1.37e-5 in two runs.
+    assert (computed[name] - reference_outputs[name][:, 0]).abs().max() <= 5e-5
 
 
 def test_phi_matches(computed, reference_outputs):
