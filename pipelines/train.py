@@ -93,8 +93,6 @@ class TrainConfig:
     max_failures: int = 1
     log_every: int = 10
     pushgateway: str | None = None
-    # Failure drill: rank 0 raises once at this step (a marker in the run folder makes it once).
-    inject_failure_at_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -262,16 +260,6 @@ def _save(directory: str, net: PIFuHD, optimizer: torch.optim.Optimizer, step: i
     torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(directory, "training_state.pt"))
 
 
-def _maybe_inject_failure(config: TrainConfig, step: int, rank: int) -> None:
-    if config.inject_failure_at_step != step or rank != 0:
-        return
-
-    fs, marker = filesystem(join(config.out, config.run_name, "injected-failure"))
-    if not fs.exists(marker):
-        fs.pipe_file(marker, b"1")
-        raise RuntimeError(f"injected failure at step {step} (inject_failure_at_step)")
-
-
 def decode_rows(table, data: str, body_frame: bool) -> dict:
     """Raw shard rows -> a decoded batch (pipelines.dataset.decode_table), in each body's depth
     frame for a body-guided model."""
@@ -330,7 +318,6 @@ def train_loop_per_worker(config_dict: dict) -> None:
                 break
             decoded = rows if config.parallel_decode else decode_rows(rows, config.data, config.body_guided)
             batch = to_tensors(decoded, device)
-            _maybe_inject_failure(config, step, rank)
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step)
             with autocast:

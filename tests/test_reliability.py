@@ -163,7 +163,7 @@ def test_input_that_hangs_its_worker_becomes_a_failed_row_and_the_job_ends(ray_l
     # each with its own deadline, which also covers a fresh worker's start on a loaded machine.
     listing.write_text("\n".join(str(p) for p in [*good, hang]) + "\n")
     try:
-        summary = run_bulk(_bulk_config([str(listing)], tmp_path / "out", checkpoint, stall_timeout_s=45.0),
+        summary = run_bulk(_bulk_config([str(listing)], tmp_path / "out", checkpoint, stall_timeout_s=25.0),
                            progress=False)
     finally:
         _release_fifo_readers(hang)
