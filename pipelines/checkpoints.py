@@ -56,17 +56,24 @@ def _fetch_sharded(uri: str, fs, path: str) -> str:
         index = fs.cat_file(f"{path.rstrip('/')}/{INDEX_NAME}")
     except FileNotFoundError as exc:
         raise CheckpointError(f"{uri}: a folder without {INDEX_NAME}, so not a sharded checkpoint") from exc
-    local = CACHE_DIR / hashlib.sha256(uri.encode() + b"|" + index).hexdigest()[:20]
+    shards = sorted(set(shard_names(Path(path) / INDEX_NAME, index)[1].values()))
+    # Keyed by the index and each shard's version too: shards rewritten under the same names (by
+    # another writer than save_checkpoint) are fetched again, not served stale from the cache.
+    versions = []
+    for shard in shards:
+        try:
+            info = fs.info(f"{path.rstrip('/')}/{shard}")
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{uri}: shard {shard} is missing") from exc
+        versions.append(str(info.get("ETag") or info.get("etag") or info.get("size")))
+    local = CACHE_DIR / hashlib.sha256(uri.encode() + b"|" + index + "|".join(versions).encode()).hexdigest()[:20]
     if (local / INDEX_NAME).is_file():
         return str(local)
     partial = local.with_name(local.name + f".part-{os.getpid()}")
     partial.mkdir(parents=True, exist_ok=True)
     (partial / INDEX_NAME).write_bytes(index)
-    for shard in sorted(set(shard_names(partial / INDEX_NAME)[1].values())):
-        try:
-            fs.get_file(f"{path.rstrip('/')}/{shard}", str(partial / shard))
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"{uri}: shard {shard} is missing") from exc
+    for shard in shards:
+        fs.get_file(f"{path.rstrip('/')}/{shard}", str(partial / shard))
     try:
         os.replace(partial, local)
     except OSError:  # another process cached it first

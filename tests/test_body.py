@@ -22,10 +22,19 @@ from model.body.synthetic import rendered_body, rendered_subject, vertex_error_c
 from model.errors import CheckpointError, InputError
 
 SIZE = 512
-torch.set_num_threads(1)  # the fit's setting: one core (more threads only spin on a busy machine)
 FRONT = [(101, "stand"), (102, "walk"), (103, "gesture")]  # own seeds, not the generator's
 QUICK = FitConfig(camera_steps=10, pose_steps=15, shape_steps=5, world_source="given")
 GIVEN = FitConfig(world_source="given")  # these renders give the true world landmarks: the fit's use of them
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The fit's setting, one core (more threads only spin on a busy machine), for this module only:
+    set at import, it held the whole suite's in-process torch to one core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -197,9 +197,15 @@ def test_sharded_checkpoint_loads_as_the_single_file_does(tmp_path):
     identity = checkpoint_identity(str(folder), {})
     # Written again with bigger shards: fewer files, the old ones gone, the same weights, the same network.
     save_checkpoint(net, folder, metadata={"surface_level": 0.6}, max_shard_bytes=64 * 2**20)
-    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
+    [single] = folder.glob("*.safetensors")
     _same_outputs(net, model.load_checkpoint(folder))
     assert checkpoint_identity(str(folder), {}) != identity
+    # Other weights, same metadata: new shard names (a reader of the old index never mixes the two).
+    with torch.no_grad():
+        net.netG.mlp.filters[0].bias.add_(1.0)
+    save_checkpoint(net, folder, metadata={"surface_level": 0.6}, max_shard_bytes=64 * 2**20)
+    assert [p.name for p in folder.glob("*.safetensors")] != [single.name] and not single.exists()
+    _same_outputs(net, model.load_checkpoint(folder))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -252,3 +258,13 @@ def test_a_sharded_checkpoint_is_fetched_from_s3(s3_bucket, tmp_path):
     local = fetch_checkpoint(f"s3://{s3_bucket}/models/tiny")
     assert fetch_checkpoint(f"s3://{s3_bucket}/models/tiny") == local  # cached once
     _same_outputs(net, model.load_checkpoint(local))
+    # A shard rewritten in place under its name (by some other tool), the index unchanged: fetched again.
+    with torch.no_grad():
+        net.netG.mlp.filters[0].bias.add_(1.0)
+    other = save_checkpoint(net, tmp_path / "other", max_shard_bytes=256 * 1024)
+    fs = s3fs.S3FileSystem()
+    for old, new in zip(sorted(folder.glob("*.safetensors")), sorted(other.glob("*.safetensors"))):
+        fs.put(str(new), f"{s3_bucket}/models/tiny/{old.name}")
+    refreshed = fetch_checkpoint(f"s3://{s3_bucket}/models/tiny")
+    assert refreshed != local
+    _same_outputs(net, model.load_checkpoint(refreshed))

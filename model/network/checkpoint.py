@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import pickle
@@ -113,11 +114,12 @@ def index_of(path: str | os.PathLike) -> Path | None:
     return path if path.name.endswith(".index.json") else None
 
 
-def shard_names(index: Path) -> tuple[dict, dict[str, str]]:
-    """(header, weight map) of a shard index; CheckpointError unless every shard is a file name
-    beside the index (an index must not point anywhere else)."""
+def shard_names(index: Path, text: str | bytes | None = None) -> tuple[dict, dict[str, str]]:
+    """(header, weight map) of a shard index (`text`: its contents, when already read from
+    elsewhere); CheckpointError unless every shard is a file name beside the index (an index must
+    not point anywhere else)."""
     try:
-        record = json.loads(index.read_text())
+        record = json.loads(index.read_text() if text is None else text)
         weight_map, header = record["weight_map"], record.get("metadata") or {}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index}: not a readable shard index ({type(exc).__name__}: {exc})") from exc
@@ -422,20 +424,32 @@ def _save_sharded(net: PIFuHD, folder: Path, header: dict, max_shard_bytes: int)
 
     aliases = tied_keys(net)
     state = {key: value.contiguous() for key, value in net.state_dict().items() if key not in aliases}
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes)
+    # Shard names carry a hash of the weights: other weights written to the same folder go to new
+    # files, so a reader of the old index never mixes the two, and an index names one set of weights.
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode() + b"\0")
+        digest.update(state[key].reshape(-1).view(torch.uint8).numpy())
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes,
+                                               filename_pattern=f"model-{digest.hexdigest()[:16]}{{suffix}}.safetensors")
     folder.mkdir(parents=True, exist_ok=True)
     index = folder / INDEX_NAME
     previous = set(shard_names(index)[1].values()) if index.is_file() else set()
     for shard, keys in split.filename_to_tensors.items():
         # As bytes: safetensors' own file writer makes owner-only files, and a shared model folder is read by others.
-        (folder / shard).write_bytes(save({key: state[key] for key in keys}, metadata={"format": "pt"}))
-    # The index last, whole under a temporary name: a reader sees the old set or the new, never half.
-    partial = folder / f".{INDEX_NAME}.part-{os.getpid()}"
-    partial.write_text(json.dumps({"metadata": header, "weight_map": split.tensor_to_filename}, indent=1))
-    os.replace(partial, index)
+        _write_atomic(folder / shard, save({key: state[key] for key in keys}, metadata={"format": "pt"}))
+    # The index last: a reader sees the old set or the new, never half.
+    _write_atomic(index, json.dumps({"metadata": header, "weight_map": split.tensor_to_filename}, indent=1).encode())
     for stale in previous - set(split.filename_to_tensors):
         (folder / stale).unlink(missing_ok=True)
     return folder
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """`data` at `path`, whole or not at all (written under a temporary name, then renamed)."""
+    partial = path.with_name(f".{path.name}.part-{os.getpid()}")
+    partial.write_bytes(data)
+    os.replace(partial, path)
 
 
 def with_metadata(path: str | os.PathLike, updates: dict) -> bytes:
