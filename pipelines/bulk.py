@@ -29,6 +29,7 @@ per run, or per person with `all_people`): see `pipelines.formats.MANIFEST_SCHEM
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -757,6 +758,10 @@ def _results_on_ray(records: list[dict], config: BulkConfig, network: NetworkInp
             partial[uri] = {"missing": lost, "indices": expected[uri], "persons_found": found.get(uri),
                             "mesh_format": config.mesh_format}
     if missing:
+        # Ray Data keeps a stage's actors (and their CPUs or GPU) while blocks they made are still
+        # referenced, for lineage; the finished iterator's references sit in reference cycles, which an
+        # idle driver may not collect for minutes. A CI run's retries waited 7 min for 1.5 held CPUs.
+        gc.collect()
         yield from _retry_alone(missing, config, network, use_gpu, partial)
 
 
