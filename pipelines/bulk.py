@@ -759,8 +759,9 @@ def _results_on_ray(records: list[dict], config: BulkConfig, network: NetworkInp
                             "mesh_format": config.mesh_format}
     if missing:
         # Ray Data keeps a stage's actors (and their CPUs or GPU) while blocks they made are still
-        # referenced, for lineage; the finished iterator's references sit in reference cycles, which an
-        # idle driver may not collect for minutes. A CI run's retries waited 7 min for 1.5 held CPUs.
+        # referenced, for lineage. A CI run's retries waited 7 min for 1.5 CPUs the finished
+        # pipeline's actors held; the likely holder (not proven) is the finished iterator's
+        # references in reference cycles, which an idle driver may not collect for minutes.
         gc.collect()
         yield from _retry_alone(missing, config, network, use_gpu, partial)
 

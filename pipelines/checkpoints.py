@@ -73,7 +73,10 @@ def _fetch_sharded(uri: str, fs, path: str) -> str:
     partial.mkdir(parents=True, exist_ok=True)
     (partial / INDEX_NAME).write_bytes(index)
     for shard in shards:
-        fs.get_file(f"{path.rstrip('/')}/{shard}", str(partial / shard))
+        try:
+            fs.get_file(f"{path.rstrip('/')}/{shard}", str(partial / shard))
+        except FileNotFoundError as exc:  # removed since it was listed: a rewrite in progress
+            raise CheckpointError(f"{uri}: shard {shard} is missing") from exc
     try:
         os.replace(partial, local)
     except OSError:  # another process cached it first
