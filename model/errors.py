@@ -11,3 +11,11 @@ class CheckpointError(PifuhdError):
 
 class InputError(PifuhdError):
     """An input image (or its mask / person box) cannot be used."""
+
+
+class StoreError(PifuhdError):
+    """The output store (a disk, an S3 endpoint) keeps refusing writes: the job stops, keeping its rows."""
+
+
+class SurfaceError(PifuhdError):
+    """A reconstruction gave no usable surface (no faces, or vertices that are not finite)."""

@@ -29,7 +29,6 @@ per run, or per person with `all_people`): see `pipelines.formats.MANIFEST_SCHEM
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
@@ -46,13 +45,14 @@ import numpy as np
 import pyarrow as pa
 
 from model.body.fit import FitConfig
-from model.errors import InputError
+from model.errors import InputError, SurfaceError
 from model.person import PersonInput, PersonOptions
 from model.reconstruction.reconstruct import MESH_FORMATS, ReconstructionConfig
-from pipelines.formats import MANIFEST_SCHEMA, ManifestWriter
+from pipelines.formats import MANIFEST_SCHEMA, ManifestWriter, recover_spool
 from pipelines.inputs import InputItem, list_inputs
-from pipelines.telemetry import BulkMetrics
-from pipelines.storage import filesystem, join, remove_stale_temporaries, safe_stem, write_bytes_atomic
+from pipelines.stage_actors import end_stage_actors, register_this_actor, start_registry
+from pipelines.telemetry import BulkMetrics, check_port, check_pushgateway
+from pipelines.storage import filesystem, join, remove_quietly, remove_stale_temporaries, safe_stem, write_bytes_atomic
 from pipelines.uris import check_uri, redact
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ class BulkConfig:
     # whichever comes first: few parts for a big job, little lost if the driver dies.
     manifest_flush_rows: int = 10_000
     manifest_flush_seconds: float = 60.0
+    # A manifest part the store refuses is tried again after each of these waits; then the job stops
+    # taking inputs and keeps its rows (`ManifestWriter`).
+    manifest_retry_delays_s: tuple[float, ...] = (1.0, 4.0, 16.0)
     metrics_port: int | None = None
     pushgateway: str | None = None
     crash_attempts: int = 2  # runs alone an input gets after its worker died with it in flight
@@ -121,6 +124,10 @@ class BulkConfig:
             raise ValueError(f"crash_attempts must be at least 1, not {self.crash_attempts}")
         if not self.stall_timeout_s > 0:
             raise ValueError(f"stall_timeout_s must be positive, not {self.stall_timeout_s}")
+        if self.metrics_port is not None:
+            check_port(self.metrics_port)
+        if self.pushgateway is not None:
+            check_pushgateway(self.pushgateway)
         for name in ("prepare_memory_mb", "model_memory_mb", "finish_memory_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
@@ -154,6 +161,36 @@ class Summary:
         from pipelines import exit_codes
 
         return exit_codes.INPUTS_FAILED if fail_on_error and self.failed else exit_codes.OK
+
+
+def drain_results(results, manifest: ManifestWriter, summary: Summary, total: int, desc: str, progress: bool,
+                  observe=None) -> None:
+    """Append every row `results` yields to `manifest` and count it in `summary`, behind a progress bar.
+
+    Whatever stops the loop (a store that keeps refusing the manifest, a signal, a bug), the
+    pipeline is closed, so it takes no more inputs, and every row received is written or spooled
+    (`ManifestWriter.close`). observe(row, first_of_input): called for each row (metrics)."""
+    from tqdm import tqdm
+
+    try:
+        with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+            for record in results:
+                row = manifest.add(record)
+                # With all_people, the other people are extra rows of one input (None: a row from before the people were found).
+                first_of_input = record.get("first_of_input") is not False
+                if observe is not None:
+                    observe(row, first_of_input)
+                setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
+                if row["status"] == "failed" and len(summary.failures) < 20:
+                    summary.failures.append((row["input_uri"], f"{row['error_class']}: {row['error_message']}"))
+                bar.update(int(first_of_input))
+                bar.set_postfix(ok=summary.ok, failed=summary.failed, skipped=summary.skipped)
+    finally:
+        results.close()  # a Ray pipeline stops here (its stage actors end with it)
+        try:
+            manifest.close()
+        finally:
+            summary.manifest_files = manifest.files
 
 
 # ---- rows --------------------------------------------------------------------------------
@@ -356,9 +393,10 @@ class InputPreparer:
     """
 
     def __init__(self, sizes: tuple[int, ...], overwrite: bool, max_pixels: int, person: PersonOptions, mesh_format: str,
-                 body: bool = False, fit: FitConfig = FitConfig(), body_optional: bool = False):
+                 body: bool = False, fit: FitConfig = FitConfig(), body_optional: bool = False, registry=None):
         from model.person import PersonFinder
 
+        register_this_actor(registry)
         self.sizes, self.overwrite, self.max_pixels = sizes, overwrite, max_pixels
         self.person, self.mesh_format, self.body, self.fit = person, mesh_format, body, fit
         self.body_optional = body_optional  # a failed fit is noted in the row, not a failed row
@@ -460,9 +498,10 @@ class SurfaceSampler:
     batch of images and queries their surfaces."""
 
     def __init__(self, checkpoint: str, reconstruction: ReconstructionConfig, use_gpu: bool,
-                 fallback_checkpoint: str | None = None):
+                 fallback_checkpoint: str | None = None, registry=None):
         import torch
 
+        register_this_actor(registry)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.net = self._load(checkpoint)
         self.fallback_checkpoint, self.fallback = fallback_checkpoint, None
@@ -523,18 +562,20 @@ def finish_rows(batch: pa.Table, reconstruction: ReconstructionConfig, mesh_form
         if record["status"] != "pending":
             out.append((record, b""))
             continue
+        written: list[str] = []
         try:
             prepared, person_files, sample = pickle.loads(payload)
             start = time.perf_counter()
             result = finish(sample, prepared, reconstruction)
             record["seconds_mesh"] = time.perf_counter() - start
+            check_surface(result.mesh.vertices, result.mesh.faces)
             start = time.perf_counter()
             files = encode_outputs(result, prepared, mesh_format)
-            write_bytes_atomic(record["mesh_uri"], files["mesh"])
-            write_bytes_atomic(record["preview_uri"], files["preview"])
-            for uri, data in person_files.items():
+            for uri, data in [(record["mesh_uri"], files["mesh"]), (record["preview_uri"], files["preview"]),
+                              *person_files.items()]:
+                written.append(uri)
                 write_bytes_atomic(uri, data)
-            bounds = result.mesh.bounds if len(result.mesh.vertices) else np.full((2, 3), np.nan)
+            bounds = result.mesh.bounds
             record.update(
                 status="ok",
                 vertices=len(result.mesh.vertices),
@@ -548,21 +589,38 @@ def finish_rows(batch: pa.Table, reconstruction: ReconstructionConfig, mesh_form
             record["seconds_write"] = time.perf_counter() - start
             out.append((record, b""))
         except Exception as exc:  # noqa: BLE001
+            remove_quietly(written)  # a full disk half-way: no output without its row and marker
             out.append(_fail(record, exc))
     return _batch(out)
+
+
+def check_surface(vertices: np.ndarray, faces: np.ndarray) -> None:
+    """SurfaceError unless a mesh has faces and finite vertices (an ok row always names a usable mesh)."""
+    if len(faces) == 0:
+        raise SurfaceError("the network's occupancy field has no surface at the surface level inside the person's box")
+    if not np.isfinite(vertices).all():
+        raise SurfaceError(f"{int((~np.isfinite(vertices)).any(axis=1).sum())} mesh vertices are NaN or Inf")
 
 
 # ---- driver --------------------------------------------------------------------------------
 
 
+WRITE_CHECK_BYTES = 256 << 10  # about a preview's size: a full disk or a store over quota fails it
+
+
 def check_writable(output: str) -> None:
-    """InputError unless a file can be written and removed under `output` (before any compute)."""
+    """InputError unless a real file can be written, read back and removed under `output` (before any compute)."""
     probe = join(output, f".write-check-{uuid.uuid4().hex[:8]}")
+    data = os.urandom(WRITE_CHECK_BYTES)
+    fs, path = filesystem(probe)
     try:
-        write_bytes_atomic(probe, b"")
-        fs, path = filesystem(probe)
-        fs.rm_file(path)
-    except (OSError, ValueError) as exc:  # permissions, a file in the way, a missing bucket, ...
+        write_bytes_atomic(probe, data)
+        try:
+            if fs.cat_file(path) != data:
+                raise OSError("the file read back differs from the file written")
+        finally:
+            fs.rm_file(path)
+    except (OSError, ValueError) as exc:  # permissions, a file in the way, a full disk, a missing bucket, ...
         raise InputError(f"{redact(output)}: the output folder is not writable ({redact(str(exc))})") from exc
 
 
@@ -575,35 +633,42 @@ def _pipeline_results(records: list[dict], config: BulkConfig, network: NetworkI
     # `_retry_alone` finds out which of the block's inputs is to blame. Ray 2.60 takes retry counts
     # only as extra remote args, which it warns are deprecated, with no named parameter yet: that
     # one warning is silenced, nothing else.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        dataset = _stages(dataset, config, network, use_gpu)
-    dataset.context.max_errored_blocks = -1  # only dead workers raise here: every UDF catches its own errors
-    dataset.context.execution_no_progress_timeout_s = config.stall_timeout_s
-    yield from _stage_results(dataset)
+    registry = start_registry()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            dataset = _stages(dataset, config, network, use_gpu, registry)
+        dataset.context.max_errored_blocks = -1  # only dead workers raise here: every UDF catches its own errors
+        dataset.context.execution_no_progress_timeout_s = config.stall_timeout_s
+        yield from _stage_results(dataset)
+    finally:  # finished, failed, stalled or abandoned: the stage actors free their CPUs and GPUs now
+        end_stage_actors(registry)
 
 
-def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool):
-    """The three stages on a dataset of records: prepare (CPU actors), model (GPU or CPU actors), finish."""
+def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool, registry):
+    """The three stages on a dataset of records: prepare (CPU actors), model (GPU or CPU actors), finish.
+
+    The actor pools have a fixed size and their actors register with `registry`, so that the driver
+    can end them with the pipeline (`pipelines.stage_actors`)."""
     import ray
 
     mib = 1 << 20
     dataset = dataset.map_batches(
         InputPreparer, batch_size=1, batch_format="pyarrow", num_cpus=0.5, memory=config.prepare_memory_mb * mib,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.prepare_actors),
+        compute=ray.data.ActorPoolStrategy(size=config.prepare_actors),
         max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
-        fn_constructor_kwargs=_preparer_kwargs(config, network),
+        fn_constructor_kwargs={**_preparer_kwargs(config, network), "registry": registry},
     )
     dataset = dataset.map_batches(
         SurfaceSampler,
         batch_size=config.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.model_actors),
+        compute=ray.data.ActorPoolStrategy(size=config.model_actors),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
         memory=config.model_memory_mb * mib,
         max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
-        fn_constructor_kwargs=_sampler_kwargs(config, use_gpu),
+        fn_constructor_kwargs={**_sampler_kwargs(config, use_gpu), "registry": registry},
     )
     dataset = dataset.map_batches(
         finish_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.5, memory=config.finish_memory_mb * mib, max_retries=0,
@@ -758,11 +823,6 @@ def _results_on_ray(records: list[dict], config: BulkConfig, network: NetworkInp
             partial[uri] = {"missing": lost, "indices": expected[uri], "persons_found": found.get(uri),
                             "mesh_format": config.mesh_format}
     if missing:
-        # Ray Data keeps a stage's actors (and their CPUs or GPU) while blocks they made are still
-        # referenced, for lineage. A CI run's retries waited 7 min for 1.5 CPUs the finished
-        # pipeline's actors held; the likely holder (not proven) is the finished iterator's
-        # references in reference cycles, which an idle driver may not collect for minutes.
-        gc.collect()
         yield from _retry_alone(missing, config, network, use_gpu, partial)
 
 
@@ -783,9 +843,7 @@ def _results_in_process(records: list[dict], config: BulkConfig, network: Networ
 
 def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True) -> Summary:
     """Run one bulk job to completion; Ray must already be initialised unless `in_process`."""
-    from tqdm import tqdm
-
-    from model.network.checkpoint import read_checkpoint
+    from model.network.checkpoint import check_finite_weights, read_checkpoint
     from model.errors import CheckpointError
     from pipelines.checkpoints import checkpoint_identity, fetch_checkpoint
 
@@ -793,6 +851,7 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     local_checkpoint = fetch_checkpoint(config.checkpoint)
     _, net_config, metadata = read_checkpoint(local_checkpoint, tensors=False)  # fail fast on a bad header
+    check_finite_weights(local_checkpoint)  # and on damaged weights, before any worker loads them
     checkpoint_id, checkpoint_version = checkpoint_identity(local_checkpoint, metadata)
     network = NetworkInputs((net_config.coarse_size, net_config.fine_size), net_config.body_guided)
     if config.fallback_checkpoint is not None:
@@ -801,37 +860,28 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
             raise CheckpointError(f"fallback checkpoint {redact(config.fallback_checkpoint)}: it must take no body input and "
                                   f"the same input sizes {network.sizes} as the job's checkpoint")
 
+    items = list_inputs(list(config.inputs), exclude=config.output)  # before anything is written
     check_writable(config.output)
+    recover_spool(config.output)
     if removed := remove_stale_temporaries(config.output):
         log.warning("removed %d temporary files an interrupted job left in %s", removed, redact(config.output))
-    items = list_inputs(list(config.inputs), exclude=config.output)
     records = initial_rows(items, config, run_id, checkpoint_id)
     metrics = BulkMetrics(pipeline="reconstruct")
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
     metrics.in_flight.labels(metrics.pipeline).set(len(records))
     manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, {"checkpoint_version": checkpoint_version},
-                              flush_seconds=config.manifest_flush_seconds)
+                              flush_seconds=config.manifest_flush_seconds, retry_delays_s=config.manifest_retry_delays_s)
     summary = Summary()
+
+    def observe(row: dict, first_of_input: bool) -> None:
+        metrics.observe(row)
+        if first_of_input:
+            metrics.in_flight.labels(metrics.pipeline).dec()
+
     results = (_results_in_process if in_process else _results_on_ray)(records, config, network)
-    try:
-        with tqdm(total=len(records), desc="reconstruct", unit="img", disable=not progress) as bar:
-            for record in results:
-                row = manifest.add(record)
-                metrics.observe(row)
-                # With all_people, the other people are extra rows of one input (None: a row from before the people were found).
-                first_of_input = record.get("first_of_input") is not False
-                if first_of_input:
-                    metrics.in_flight.labels(metrics.pipeline).dec()
-                setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
-                if row["status"] == "failed" and len(summary.failures) < 20:
-                    summary.failures.append((row["input_uri"], f"{row['error_class']}: {row['error_message']}"))
-                bar.update(int(first_of_input))
-                bar.set_postfix(ok=summary.ok, failed=summary.failed, skipped=summary.skipped)
-    finally:
-        manifest.flush()  # rows already received are kept, whatever stopped the loop
+    drain_results(results, manifest, summary, len(records), "reconstruct", progress, observe)
     summary.seconds = time.perf_counter() - start
-    summary.manifest_files = manifest.files
     metrics.throughput.labels(metrics.pipeline).set(summary.total / summary.seconds if summary.seconds else 0)
     if config.pushgateway:
         metrics.push(config.pushgateway)

@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     except PifuhdError as exc:
         print(f"pifuhd: error: {redact(str(exc))}", file=sys.stderr)
         return exit_codes.UNUSABLE
+    except KeyboardInterrupt:  # Ctrl-C: the jobs' `finally` blocks have written what they had
+        print("pifuhd: interrupted", file=sys.stderr)
+        return exit_codes.INTERRUPTED
     except ConnectionError as exc:  # ray.init could not reach --address
         print(f"pifuhd: cluster unreachable: {redact(str(exc))}", file=sys.stderr)
         return exit_codes.CLUSTER

@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 from pipelines import storage
 from pipelines.formats import DATASET_FAILURE_SCHEMA, DATASET_SCHEMA_VERSION, SPLITS
 from pipelines.storage import join  # noqa: F401 - part of this module's API (fmt.join)
-from pipelines.uris import check_uri
+from model.errors import InputError
+from pipelines.uris import check_uri, redact
 
 if TYPE_CHECKING:
     import ray
@@ -269,7 +270,13 @@ def open_shards(uri: str, split: str = "train") -> "ray.data.Dataset":  # noqa: 
 
     shards = list_shards(uri, split)
     if not shards:
-        raise FileNotFoundError(f"no shards for split {split!r} under {normalise_uri(uri)}/shards/{split}")
+        raise InputError(f"no shards for split {split!r} under {redact(normalise_uri(uri))}/shards/{split}")
+    for shard in shards:  # a torn shard is named here, not deep inside a worker's read task
+        try:
+            storage.read_parquet_metadata(shard)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{redact(shard)}: not a readable Parquet shard ({exc}); remove it, or make its subjects "
+                             "again with `pifuhd data`") from None
     filesystem, _ = storage.pyarrow_filesystem(shards[0])
     return ray.data.read_parquet([storage.filesystem(s)[1] for s in shards], filesystem=filesystem)
 

@@ -7,6 +7,7 @@ INPUTS_FAILED = 3  # the job ran to the end, but some inputs failed and --fail-o
 UNUSABLE = 4  # something the command itself needs (a checkpoint, a dataset, an input list) is missing or unusable
 CLUSTER = 5  # the Ray cluster could not be reached, or a submitted job failed on it
 TERMINATED = 128 + 15  # stopped by SIGTERM (or a submitted job stopped), the shell's convention
+INTERRUPTED = 128 + 2  # stopped by SIGINT (Ctrl-C), after writing the rows received so far
 
 
 class UsageError(Exception):

@@ -33,10 +33,10 @@ from model.body.export import MESH_FORMATS
 from model.body.fit import WORLD_SOURCES, FitConfig
 from model.errors import InputError
 from pipelines.bulk import (
-    MAX_IMAGE_BYTES, MAX_TEXT_SIDECAR_BYTES, Summary, _batch, _fail, _finished_marker, _read, _rows, _stage_dataset,
+    MAX_IMAGE_BYTES, MAX_TEXT_SIDECAR_BYTES, Summary, _batch, check_writable, drain_results, _fail, _finished_marker, _read, _rows, _stage_dataset,
     _stage_results, _where, stage_schema,
 )
-from pipelines.formats import FIT_MANIFEST_SCHEMA, ManifestWriter
+from pipelines.formats import FIT_MANIFEST_SCHEMA, ManifestWriter, recover_spool
 from pipelines.inputs import InputItem, list_inputs
 from pipelines.exit_codes import build_config
 from pipelines.uris import uri_argument
@@ -216,24 +216,17 @@ def _results_in_process(records: list[dict], config: FitJobConfig):
 
 def run_fit(config: FitJobConfig, in_process: bool = False, progress: bool = True) -> Summary:
     """Run one fit job to completion; Ray must already be initialised unless `in_process`."""
-    from tqdm import tqdm
-
     start = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    records = initial_rows(list_inputs(list(config.inputs)), config, run_id, fitter_id(config.fit))
+    items = list_inputs(list(config.inputs), exclude=config.output)  # before anything is written
+    check_writable(config.output)
+    recover_spool(config.output)
+    records = initial_rows(items, config, run_id, fitter_id(config.fit))
     manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, {}, schema=FIT_MANIFEST_SCHEMA)
     summary = Summary()
     results = (_results_in_process if in_process else _results_on_ray)(records, config)
-    with tqdm(total=len(records), desc="fit", unit="img", disable=not progress) as bar:
-        for record in results:
-            row = manifest.add(record)
-            setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
-            if row["status"] == "failed" and len(summary.failures) < 20:
-                summary.failures.append((row["input_uri"], f"{row['error_class']}: {row['error_message']}"))
-            bar.update(1)
-    manifest.flush()
+    drain_results(results, manifest, summary, len(records), "fit", progress)
     summary.seconds = time.perf_counter() - start
-    summary.manifest_files = manifest.files
     return summary
 
 

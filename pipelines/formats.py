@@ -14,14 +14,21 @@ that `pifuhd report` and any notebook read a job's outputs without loading a mod
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import time
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 
+from model.errors import StoreError
 from pipelines import storage
 from pipelines.storage import join
+from pipelines.uris import redact
+
+log = logging.getLogger(__name__)
 
 # ---- manifests ------------------------------------------------------------------------------
 
@@ -95,14 +102,23 @@ class ManifestWriter:
 
     `constants` are set on every row (e.g. {"checkpoint_version": ...}; a plain string is the
     checkpoint version); `schema` is MANIFEST_SCHEMA or FIT_MANIFEST_SCHEMA.
+
+    A part the store refuses (a full disk, an S3 endpoint gone) is tried again after each of
+    `retry_delays_s`; then `StoreError` is raised and the rows stay pending. `close` writes what
+    is pending and, when the store still refuses it, spools it to this machine's disk
+    (`spool_folder`), from where the next job into the same output moves it into the manifest
+    (`recover_spool`): no row that was computed is lost.
     """
 
     def __init__(self, output: str, run_id: str, flush_rows: int, constants: dict | str,
-                 schema: pa.Schema = MANIFEST_SCHEMA, flush_seconds: float = 60.0):
+                 schema: pa.Schema = MANIFEST_SCHEMA, flush_seconds: float = 60.0,
+                 retry_delays_s: tuple[float, ...] = (1.0, 4.0, 16.0)):
+        self.output = output
         self.folder = join(output, "manifest")
         self.run_id = run_id
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
+        self.retry_delays_s = retry_delays_s
         self.constants = {"checkpoint_version": constants} if isinstance(constants, str) else dict(constants)
         self.schema = schema
         self.pending: list[dict] = []
@@ -130,14 +146,72 @@ class ManifestWriter:
             self.flush()
         return row
 
+    def _part_name(self) -> str:
+        return f"run-{self.run_id}-{len(self.files):05d}.parquet"
+
     def flush(self) -> None:
+        """Write the pending rows as one part; StoreError (rows kept pending) when the store keeps refusing."""
         self.last_flush = time.monotonic()
         if not self.pending:
             return
-        uri = join(self.folder, f"run-{self.run_id}-{len(self.files):05d}.parquet")
-        storage.write_parquet_atomic(uri, pa.Table.from_pylist(self.pending, schema=self.schema))
+        uri = join(self.folder, self._part_name())
+        data = storage.parquet_bytes(pa.Table.from_pylist(self.pending, schema=self.schema))
+        for delay in (*self.retry_delays_s, None):
+            try:
+                storage.write_bytes_atomic(uri, data)
+                break
+            except Exception as exc:  # noqa: BLE001 - OSError, botocore's errors, ...: a store that failed
+                if delay is None:
+                    raise StoreError(f"the output store {redact(self.output)} refused the manifest "
+                                     f"{1 + len(self.retry_delays_s)} times ({type(exc).__name__}: {redact(str(exc))[:300]})") from None
+                log.warning("writing %s failed (%s); trying again in %g s", redact(uri), type(exc).__name__, delay)
+                time.sleep(delay)
         self.files.append(uri)
         self.pending = []
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Write every pending row: to the store, else to the local spool (then StoreError saying where)."""
+        try:
+            self.flush()
+        except StoreError as exc:
+            count = len(self.pending)
+            try:
+                spooled = join(spool_folder(self.output), self._part_name())
+                storage.write_bytes_atomic(spooled, storage.parquet_bytes(pa.Table.from_pylist(self.pending, schema=self.schema)))
+            except OSError as spool_exc:
+                raise StoreError(f"{exc}; {count} rows could not be kept: spooling them to this machine failed too "
+                                 f"({spool_exc})") from None
+            self.pending = []
+            raise StoreError(f"{exc}; its {count} unwritten rows are kept in {spooled}, and the next job into "
+                             "this output moves them into its manifest") from None
+
+
+def spool_folder(output: str) -> str:
+    """Where a job keeps manifest rows its output store refused: on this machine, one folder per output."""
+    from model.cache import CACHE_ROOT
+
+    key = hashlib.sha256(output.rstrip("/").encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return str(CACHE_ROOT / "manifest-spool" / key)
+
+
+def recover_spool(output: str) -> int:
+    """Move the parts an earlier job spooled for `output` into its manifest; the number of rows moved."""
+    folder = spool_folder(output)
+    if not os.path.isdir(folder):
+        return 0
+    moved = 0
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".parquet"):
+            continue
+        local = os.path.join(folder, name)
+        data = storage.read_bytes(local)
+        storage.write_bytes_atomic(join(output, "manifest", name), data)
+        moved += storage.read_parquet(local).num_rows
+        os.remove(local)
+    if moved:
+        log.warning("moved %d manifest rows an earlier job could not write into %s", moved, redact(join(output, "manifest")))
+    return moved
 
 
 def read_manifest(output: str, schema: pa.Schema = MANIFEST_SCHEMA):

@@ -7,6 +7,7 @@ Each input image may have sidecar files beside it (see `model.reconstruction.pre
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from dataclasses import asdict, dataclass
 
@@ -14,8 +15,11 @@ import pyarrow.parquet as pq
 
 from model.errors import InputError
 from model.reconstruction.preprocess import is_sidecar, match_sidecars, sidecar_index
+from pipelines.exit_codes import UsageError
 from pipelines.storage import IMAGE_EXTENSIONS, filesystem, full_uri
-from pipelines.uris import UnsupportedURIError
+from pipelines.uris import UnsupportedURIError, check_uri, redact
+
+log = logging.getLogger(__name__)
 
 URI_COLUMNS = ("uri", "input_uri", "path", "image")
 
@@ -117,35 +121,79 @@ def _read_table(spec: str) -> list[str]:
     return [u for u in table.column(column).to_pylist() if u]
 
 
+# The folders of an output root that the project's jobs write (`reconstruct`: meshes; `fit`: bodies).
+OUTPUT_FOLDERS = ("meshes", "bodies", "manifest")
+
+
 def list_inputs(specs: list[str], exclude: str | None = None) -> list[InputItem]:
-    """Every input image named by `specs`, in order, without duplicates, none under `exclude`.
+    """Every input image named by `specs`, in order, without duplicates.
 
     A spec is an image file, a folder or prefix (recursive), a glob (`*`, `?`, `[`), a `.txt`
     list of URIs (one per line), or a `.parquet` table with a `uri` column. `exclude` is the
-    job's output root: an output inside an input folder is never read back as input.
+    job's output root: the project's own outputs there (`OUTPUT_FOLDERS`) are skipped with a
+    warning saying how many; any other input inside it is a UsageError (the output folder is not
+    an input folder). A spec that cannot be listed (no such file, wrong credentials) is an InputError.
+    Two URIs of one object that differ only in what `redact` hides (credentials) are one input:
+    the one that can be read.
     """
     items: list[InputItem] = []
     for spec in specs:
-        fs, path = filesystem(spec)
-        lower = path.lower()
-        if any(ch in path for ch in "*?["):
-            found = _list_glob(spec)
-        elif lower.endswith(".parquet") and fs.isfile(path):
-            found = _list_uris(_read_table(spec), spec)
-        elif lower.endswith(".txt") and fs.isfile(path) and not is_sidecar(path):
-            found = _list_uris(_read_list_file(spec), spec)
-        elif fs.isdir(path):
-            found = _list_folder(spec)
-        elif fs.isfile(path):
-            found = _list_single(spec)
-        else:
-            raise InputError(f"{spec}: no such file, folder or prefix")
-        items.extend(found)
+        try:
+            items.extend(_list_spec(spec))
+        except (InputError, UsageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - s3fs and botocore raise many kinds for one cause
+            raise InputError(f"{redact(spec)}: cannot be listed ({type(exc).__name__}: {redact(str(exc))[:300]})") from None
     if exclude is not None:
-        fs, root = filesystem(exclude)
-        prefix = full_uri(fs, root.rstrip("/")) + "/"
-        items = [item for item in items if not item.uri.startswith(prefix)]
-    unique = {}
+        items = _outside_output(items, exclude)
+    unique: dict[str, InputItem] = {}
     for item in items:
-        unique.setdefault(item.uri, item)
+        key = redact(item.uri)
+        kept = unique.get(key)
+        if kept is None or (_refused(kept.uri) and not _refused(item.uri)):
+            unique[key] = item
     return list(unique.values())
+
+
+def _list_spec(spec: str) -> list[InputItem]:
+    fs, path = filesystem(spec)
+    lower = path.lower()
+    if any(ch in path for ch in "*?["):
+        return _list_glob(spec)
+    if lower.endswith(".parquet") and fs.isfile(path):
+        return _list_uris(_read_table(spec), spec)
+    if lower.endswith(".txt") and fs.isfile(path) and not is_sidecar(path):
+        return _list_uris(_read_list_file(spec), spec)
+    if fs.isdir(path):
+        return _list_folder(spec)
+    if fs.isfile(path):
+        return _list_single(spec)
+    raise InputError(f"{redact(spec)}: no such file, folder or prefix")
+
+
+def _outside_output(items: list[InputItem], output: str) -> list[InputItem]:
+    """`items` less the project's outputs inside `output` (warned about); UsageError for any other input there."""
+    fs, root = filesystem(output)
+    prefix = full_uri(fs, root.rstrip("/")) + "/"
+    kept, outputs, inside = [], 0, []
+    for item in items:
+        if not item.uri.startswith(prefix):
+            kept.append(item)
+        elif item.uri[len(prefix):].split("/", 1)[0] in OUTPUT_FOLDERS:
+            outputs += 1
+        else:
+            inside.append(item.uri)
+    if inside:
+        raise UsageError(f"{len(inside)} inputs are inside the output folder {redact(output)} (the first: "
+                         f"{redact(inside[0])}): write the outputs to a folder of their own")
+    if outputs:
+        log.warning("skipped %d files that are this project's outputs in %s", outputs, redact(output))
+    return kept
+
+
+def _refused(uri: str) -> bool:
+    try:
+        check_uri(uri)
+    except UnsupportedURIError:
+        return True
+    return False

@@ -97,6 +97,13 @@ def read_parquet(uri: str, columns: list[str] | None = None, schema: pa.Schema |
         return pq.read_table(handle, columns=columns, schema=schema)
 
 
+def read_parquet_metadata(uri: str) -> pq.FileMetaData:
+    """A Parquet file's footer (row count, schema) without its data; OSError or ArrowException if torn."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).metadata
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write a whole object; on a local disk through a temporary file and rename, so a
     crash never leaves a half-written file under the final name (object stores are atomic)."""
@@ -114,6 +121,16 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def remove_quietly(uris: list[str]) -> None:
+    """Delete what exists of `uris`, best effort (cleaning up after a failure must not hide it)."""
+    for uri in uris:
+        try:
+            fs, path = filesystem(uri)
+            fs.rm_file(path)
+        except Exception:  # noqa: BLE001 - absent, or the store is down: nothing more to do
+            pass
 
 
 def remove_stale_temporaries(root: str, max_age_s: float = 3600.0) -> int:

@@ -11,12 +11,35 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
 
+from model.errors import PifuhdError
 from pipelines.uris import redact
 
 log = logging.getLogger(__name__)
 
 BULK_STAGES = ("read", "prepare", "encode", "surface", "mesh", "write")  # the bulk job's timed stages
 _STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+def check_pushgateway(address: str) -> None:
+    """ValueError unless `address` is a Pushgateway address: host:port or http(s)://host:port[/path],
+    without credentials (a secret given on a command line ends up in shells' histories and logs)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or parts.query or parts.fragment:
+        raise ValueError(f"--pushgateway {redact(address)!r}: expected host:port or http(s)://host:port")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"--pushgateway {redact(address)!r}: credentials in the address are not used")
+
+
+def check_port(port: int, option: str = "--metrics-port") -> None:
+    """ValueError unless `port` is a TCP port number (1-65535)."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{option} must be a port number from 1 to 65535, not {port}")
 
 
 class BulkMetrics:
@@ -36,8 +59,11 @@ class BulkMetrics:
         self.throughput = Gauge("pifuhd_images_per_second", "Finished images per second so far", ["pipeline"], registry=self.registry)
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
-        """Expose the registry on http://address:port/metrics for the job's lifetime."""
-        start_http_server(port, addr=address, registry=self.registry)
+        """Expose the registry on http://address:port/metrics for the job's lifetime (PifuhdError if it cannot)."""
+        try:
+            start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:  # in use, not allowed
+            raise PifuhdError(f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}") from None
 
     def observe(self, row: dict) -> None:
         """Account one finished manifest row."""
@@ -52,7 +78,7 @@ class BulkMetrics:
         """Push the registry to a Pushgateway (host:port or URL); a failure is logged, not raised."""
         try:
             push_to_gateway(gateway, job=f"pifuhd_{self.pipeline}", registry=self.registry)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - never lose a finished job's summary to its metrics
             log.warning("could not push metrics to %s: %s", redact(gateway), redact(str(exc)))
 
 
@@ -77,5 +103,5 @@ class TrainMetrics:
         if pushgateway:
             try:
                 push_to_gateway(pushgateway, job=f"pifuhd_train_{self.run}", registry=self.registry)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - metrics never stop training
                 log.warning("could not push metrics to %s: %s", redact(pushgateway), redact(str(exc)))

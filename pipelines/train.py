@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import os
+import posixpath
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import model
+from model.errors import PifuhdError
 from model.network.checkpoint import load_checkpoint, save_checkpoint
 from model.data.sampling import BODY_DISTANCE_CLIP_CM, BodyField
 from model.network.pifuhd import PIFuHD
@@ -40,6 +42,7 @@ from model.training.stages import (STAGES, TRAINED_PARTS, CoarseStage, FineStage
                                    freeze_for, stage_inputs)
 from pipelines.formats import read_training_metrics, write_training_metrics
 from pipelines.storage import filesystem, is_remote, join, pyarrow_filesystem, write_bytes_atomic
+from pipelines.telemetry import check_pushgateway
 from pipelines.uris import redact
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"z_size must be positive, not {self.z_size}")
         if self.body_guided and self.stage == "normal":
             raise ValueError("body_guided applies to the coarse and fine stages, not the normal stage")
+        if self.pushgateway is not None:
+            check_pushgateway(self.pushgateway)
 
     @property
     def run_name(self) -> str:
@@ -260,6 +265,16 @@ def _save(directory: str, net: PIFuHD, optimizer: torch.optim.Optimizer, step: i
     torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(directory, "training_state.pt"))
 
 
+class NonFiniteLoss(PifuhdError):
+    """Training met a NaN or Inf loss (bad data, or a learning rate that diverges); it stops before the weights do."""
+
+
+def _sample_names(decoded: dict) -> list[str]:
+    """SUBJECT-viewN of each sample in a decoded batch (the view where the data has it)."""
+    views = decoded.get("view", [None] * len(decoded["subject_id"]))
+    return [f"{subject}-view{view}" if view is not None else str(subject) for subject, view in zip(decoded["subject_id"], views)]
+
+
 def decode_rows(table, data: str, body_frame: bool) -> dict:
     """Raw shard rows -> a decoded batch (pipelines.dataset.decode_table), in each body's depth
     frame for a body-guided model."""
@@ -273,6 +288,45 @@ def to_tensors(decoded: dict, device: torch.device) -> dict:
     """The numeric fields of a decoded batch as tensors on `device` (ids and split names dropped)."""
     # Arrow's zero-copy arrays are read-only; np.require copies only those (and non-contiguous ones).
     return {k: torch.from_numpy(np.require(v, requirements=("C", "W"))).to(device) for k, v in decoded.items() if v.dtype != object}
+
+
+def _load_training_state(directory: str, net: PIFuHD, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """Weights and optimiser state from a checkpoint folder (both read before either is applied); its step."""
+    state = load_checkpoint(os.path.join(directory, "model.safetensors")).state_dict()
+    training_state = torch.load(os.path.join(directory, "training_state.pt"), map_location=device, weights_only=True)
+    step = int(training_state["step"])
+    net.load_state_dict(state)
+    optimizer.load_state_dict(training_state["optimizer"])
+    return step
+
+
+def _resume(net: PIFuHD, optimizer: torch.optim.Optimizer, device: torch.device, config: TrainConfig, latest) -> int:
+    """The step this run continues from: Ray Train's latest checkpoint, or, when that one does not
+    load (a torn upload, damaged weights), the newest older one of the run folder that does; 0 with none."""
+    if latest is None:
+        return 0
+    with latest.as_directory() as directory:
+        try:
+            return _load_training_state(directory, net, optimizer, device)
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, an older one may do
+            failed = os.path.basename(latest.path.rstrip("/"))
+            log.warning("checkpoint %s does not load (%s: %s); trying older ones", failed, type(exc).__name__, redact(str(exc))[:300])
+    fs, run = filesystem(join(config.out, config.run_name))
+    older = sorted((p for p in fs.ls(run, detail=False) if posixpath.basename(p.rstrip("/")).startswith("checkpoint_")
+                    and posixpath.basename(p.rstrip("/")) < failed), reverse=True)
+    for path in older:
+        with tempfile.TemporaryDirectory() as directory:
+            try:
+                for name in ("model.safetensors", "training_state.pt"):
+                    fs.get_file(posixpath.join(path, name), os.path.join(directory, name))
+                step = _load_training_state(directory, net, optimizer, device)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("checkpoint %s does not load either (%s)", posixpath.basename(path), type(exc).__name__)
+                continue
+        log.warning("resuming from %s (step %d)", posixpath.basename(path), step)
+        return step
+    log.warning("no checkpoint of run %s loads: training starts again from step 0", config.run_name)
+    return 0
 
 
 def train_loop_per_worker(config_dict: dict) -> None:
@@ -295,15 +349,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     net.to(device)
     trainable = [p for p in stage_module.parameters() if p.requires_grad]
     optimizer = _optimizer(trainable, config)
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint(os.path.join(directory, "model.safetensors")).state_dict()
-            net.load_state_dict(state)
-            training_state = torch.load(os.path.join(directory, "training_state.pt"), map_location=device, weights_only=True)
-            optimizer.load_state_dict(training_state["optimizer"])
-            step = int(training_state["step"])
+    step = _resume(net, optimizer, device, config, ray.train.get_checkpoint())
     stage_ddp = ray.train.torch.prepare_model(stage_module, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": False})
 
     validation = _load_validation(config) if rank == 0 else ([], {}, {})
@@ -322,6 +368,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
                 group["lr"] = _learning_rate(config, step)
             with autocast:
                 loss, _ = stage_ddp(batch, generator)
+            if not torch.isfinite(loss.detach()):  # before the step: no weight, and so no checkpoint, turns NaN
+                raise NonFiniteLoss(f"the loss is {loss.item()} at step {step + 1} on the samples "
+                                    f"{_sample_names(decoded)} of {redact(config.data)}: check them for NaN or Inf values")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -377,6 +426,17 @@ def _rows_with_body(table):
     return table.filter(pc.is_valid(table["body_sdf"])) if "body_sdf" in table.column_names else table.slice(0, 0)
 
 
+def _worker_error(exc: BaseException) -> PifuhdError | None:
+    """The project error a training worker raised, if that is what failed the run (Ray wraps it)."""
+    for error in [exc, *getattr(exc, "worker_failures", {}).values()]:
+        while error is not None:
+            original = getattr(error, "cause", error)  # a RayTaskError carries the worker's exception
+            if isinstance(original, PifuhdError):
+                return original
+            error = error.__cause__
+    return None
+
+
 def run_training(config: TrainConfig) -> TrainResult:
     """Fit one stage on the connected Ray cluster; writes OUT/NAME/model.safetensors at the end."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -407,7 +467,13 @@ def run_training(config: TrainConfig) -> TrainResult:
         ),
         datasets={"train": train_data},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - a worker's PifuhdError (bad data, a NaN loss) is the user's one line
+        cause = _worker_error(exc)
+        if cause is None:
+            raise
+        raise cause from None
     if result.checkpoint is None:
         raise RuntimeError(f"training run {config.run_name} produced no checkpoint")
     with result.checkpoint.as_directory() as directory:

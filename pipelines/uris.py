@@ -22,6 +22,10 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 # of its word (passwords may hold '/' or '@'), so a secret is never left half shown.
 _USER_INFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?:[^\s@/:'\"]*:[^\s'\"]*|[^\s@/:'\"]+)@")
 _QUERY = re.compile(r"(?P<base>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s?#'\"]*)\?[^\s'\"]*")  # signed URLs carry tokens
+# The same without a scheme, as hosts are often given (`user:password@host:port`, `host:port?token=...`).
+# `(?!//)`: "s3://bucket/a@b.png" is a scheme and a key with an '@', not user-info.
+_BARE_USER_INFO = re.compile(r"(?<![\w.+%-])[\w.+%-]+:(?!//)[^\s'\"]*@(?=[\w\[])")
+_BARE_QUERY = re.compile(r"(?P<base>(?<![^\s'\"(=])[^\s?#'\"()]+)\?(?=[^\s'\"()]*=)[^\s'\"()]*")
 
 
 class UnsupportedURIError(InputError):
@@ -63,6 +67,7 @@ def redact(text: str) -> str:
     and the undecodable bytes of file names (surrogate escapes) written as \\xNN.
 
     s3://KEY:SECRET@bucket/x.png -> s3://bucket/x.png; http://h/x?X-Amz-Signature=... -> http://h/x?<redacted>;
+    user:secret@host:9091 -> host:9091; host:9091?token=... -> host:9091?<redacted>;
     a local path or text without URLs is unchanged.
     """
     try:
@@ -70,4 +75,6 @@ def redact(text: str) -> str:
     except UnicodeEncodeError:  # a surrogate no file name decodes to
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     text = _USER_INFO.sub(r"\g<scheme>", text)
-    return _QUERY.sub(r"\g<base>?<redacted>", text)
+    text = _BARE_USER_INFO.sub("", text)
+    text = _QUERY.sub(r"\g<base>?<redacted>", text)
+    return _BARE_QUERY.sub(r"\g<base>?<redacted>", text)

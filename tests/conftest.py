@@ -134,6 +134,7 @@ def s3_bucket(s3_server, request):
 def ray_local(s3_server, tmp_path_factory):
     """A private local Ray instance on loopback (2 CPUs, no dashboard), shared by all tests."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_worker_niceness"] = "0"  # as `pipelines.ray_runtime.connect_ray` runs the product
     import ray
 
     ray.init(

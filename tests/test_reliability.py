@@ -114,7 +114,29 @@ def checkpoint(tmp_path):
     return str(write_tiny_checkpoint(tmp_path / "tiny.safetensors"))
 
 
-def test_input_that_kills_its_worker_becomes_a_failed_row(ray_local, tmp_path, checkpoint):
+@pytest.fixture
+def busy_cores():
+    """Two busy loops beside the test, as on a loaded machine (stopped by their PIDs afterwards)."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    yield
+    for loop in loops:
+        loop.kill()
+        loop.wait()
+
+
+def _cpus_freed(ray, seconds: float = 30.0) -> bool:
+    """Whether every CPU of the Ray instance is free within `seconds` (the job's actors are gone)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"]:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_input_that_kills_its_worker_becomes_a_failed_row(ray_local, busy_cores, tmp_path, checkpoint):
+    """With both cores busy: the retries of the killed input run at once (the finished pipeline's
+    stage actors do not hold the CPUs they need), and the good inputs never fail."""
     from pipelines.bulk import run_bulk
     from pipelines.formats import read_manifest
     from tests.helpers import person_image
@@ -122,20 +144,12 @@ def test_input_that_kills_its_worker_becomes_a_failed_row(ray_local, tmp_path, c
     good = [person_image(tmp_path / "in" / f"p{i}.png") for i in range(2)]
     bad = tmp_path / "in" / "not-an-image.png"
     bad.write_bytes(b"text")
-    clean = tmp_path / "clean.txt"
-    clean.write_text("\n".join(str(p) for p in [*good, bad]) + "\n")
-    start = time.perf_counter()
-    baseline = run_bulk(_bulk_config([str(clean)], tmp_path / "out-clean", checkpoint), progress=False)
-    clean_seconds = time.perf_counter() - start
-    assert (baseline.ok, baseline.failed) == (2, 1)
-
     poison = tmp_path / "in" / "poison.png"
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(str(p) for p in [good[0], poison, *good[1:], bad]) + "\n")
     with OutOfMemoryKiller(poison) as killer:
-        start = time.perf_counter()
         summary = run_bulk(_bulk_config([str(listing)], tmp_path / "out", checkpoint), progress=False)
-        poisoned_seconds = time.perf_counter() - start
+    assert _cpus_freed(ray_local), ray_local.available_resources()
     assert (summary.ok, summary.failed, summary.skipped) == (2, 2, 0)
     manifest = read_manifest(str(tmp_path / "out"))
     assert len(manifest) == 4 and manifest["input_uri"].is_unique  # every input exactly once
@@ -144,8 +158,6 @@ def test_input_that_kills_its_worker_becomes_a_failed_row(ray_local, tmp_path, c
     assert "worker" in row["error_message"] and row[["mesh_uri", "preview_uri"]].isna().all()
     assert killer.kills >= 2  # retried alone before giving up, and no more than the budget allows
     assert killer.kills <= 1 + 2
-    print(f"clean job {clean_seconds:.1f} s, with the poisoned input {poisoned_seconds:.1f} s, {killer.kills} kills")
-    assert poisoned_seconds < 3 * clean_seconds, (poisoned_seconds, clean_seconds)
 
 
 def test_input_that_hangs_its_worker_becomes_a_failed_row_and_the_job_ends(ray_local, tmp_path, checkpoint):
@@ -541,3 +553,232 @@ def test_a_terminated_driver_keeps_its_rows_and_leaves_no_process_or_temporary(t
     rows = read_manifest(str(out))  # what came back before the signal is kept
     assert 2 <= len(rows) < count and (rows["status"] == "ok").all()
     assert not stale.exists() and fresh.exists()  # a young temporary may be another job's
+
+
+# ---- round 3 (issue 29) ------------------------------------------------------------------------
+
+
+def test_rows_survive_an_output_store_that_fails_and_come_back_with_it(tmp_path, checkpoint):
+    """The store refuses the manifest (here a file where its folder goes): the job stops taking
+    inputs, keeps every computed row in the local spool and says so; once the store is back the
+    next job moves them in, and each input is in the manifest exactly once."""
+    from model.errors import StoreError
+    from pipelines.formats import read_manifest, spool_folder
+    from tests.helpers import person_image
+
+    for index in range(3):
+        person_image(tmp_path / "in" / f"p{index}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest").write_text("a file where the manifest folder goes: every part write fails")
+    with pytest.raises(StoreError) as failed:
+        _run([str(tmp_path / "in")], out, checkpoint, manifest_flush_rows=1, manifest_retry_delays_s=(0.01, 0.01))
+    message = str(failed.value)
+    assert str(out) in message and "refused the manifest 3 times" in message and spool_folder(str(out)) in message
+    spooled = list(Path(spool_folder(str(out))).glob("*.parquet"))
+    assert len(spooled) == 1  # the one row computed before the store failed; no new input was taken after it
+    (out / "manifest").unlink()  # the store is back
+    again = _run([str(tmp_path / "in")], out, checkpoint)
+    manifest = read_manifest(str(out))
+    first_run = manifest[manifest["run_id"] != manifest["run_id"].iloc[-1]]
+    assert len(first_run) == 1 and first_run["status"].tolist() == ["ok"]  # the spooled row, moved in
+    assert (again.ok, again.skipped) == (2, 1)  # the spooled input's outputs were complete: not redone
+    assert len(manifest) == 4 and set(manifest.groupby("run_id")["input_uri"].nunique()) == {1, 3}
+    assert not list(Path(spool_folder(str(out))).glob("*.parquet"))
+
+
+def test_the_writability_check_writes_real_bytes(tmp_path):
+    """A disk with no room (here: a 64 KiB file-size limit) fails the check, which a 0-byte probe passed."""
+    import resource
+
+    probe = ("import resource, signal\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))\n"
+             "from pipelines.bulk import check_writable\n"
+             f"check_writable({str(tmp_path / 'out')!r})\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "InputError" in result.stderr and "not writable" in result.stderr, result.stderr
+    assert resource.getrlimit(resource.RLIMIT_FSIZE)[0] == resource.RLIM_INFINITY  # the limit stayed in the child
+
+
+def test_inputs_inside_the_output_folder_are_a_usage_error_and_outputs_are_skipped(tmp_path, checkpoint, capsys, caplog):
+    from pipelines.cli import main
+    from tests.helpers import person_image
+
+    out = tmp_path / "out"
+    photo = person_image(out / "photo.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{photo}\n")
+    for spec in (str(out), str(photo), str(listing)):
+        code = main(["reconstruct", spec, "-o", str(out), "--in-process", "--checkpoint", checkpoint, "--resolution", "64"])
+        assert code == 2 and "inside the output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["photo.png"]  # nothing was written
+
+    person_image(tmp_path / "in" / "a.png")
+    assert _run([str(tmp_path / "in")], tmp_path / "in" / "out", checkpoint).ok == 1
+    with caplog.at_level("WARNING"):
+        second = _run([str(tmp_path / "in")], tmp_path / "in" / "out", checkpoint)
+    assert (second.total, second.skipped) == (1, 1)
+    assert re.search(r"skipped \d+ files that are this project's outputs", caplog.text)
+
+
+def _damage_tensor(path, name: str, value: float) -> None:
+    """Overwrite one tensor's bytes in a safetensors file in place (header intact)."""
+    import json
+    import struct
+
+    data = bytearray(path.read_bytes())
+    header_length = struct.unpack("<Q", data[:8])[0]
+    start, end = json.loads(data[8:8 + header_length])[name]["data_offsets"]
+    offset = 8 + header_length
+    data[offset + start:offset + end] = np.full((end - start) // 4, value, np.float32).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_nan_weights_are_refused_and_an_empty_mesh_is_a_failed_row(tmp_path, checkpoint, capsys):
+    from safetensors import safe_open
+
+    from pipelines.cli import main
+    from pipelines.formats import read_manifest
+    from tests.helpers import person_image
+
+    person_image(tmp_path / "in" / "a.png")
+    with safe_open(checkpoint, framework="pt") as handle:
+        keys = list(handle.keys())
+    damaged = tmp_path / "nan.safetensors"
+    damaged.write_bytes(Path(checkpoint).read_bytes())
+    _damage_tensor(damaged, keys[len(keys) // 2], float("nan"))
+    code = main(["reconstruct", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--in-process", "--checkpoint",
+                 str(damaged), "--resolution", "64"])
+    assert code == 4 and "hold NaN or Inf" in capsys.readouterr().err
+
+    # Every point outside: the last layer's bias far below zero leaves no surface to extract.
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(Path(checkpoint).read_bytes())
+    last_bias = sorted(k for k in keys if k.startswith("mlp.") and k.endswith(".bias"))[-1]
+    _damage_tensor(empty, last_bias, -1e4)
+    summary = _run([str(tmp_path / "in")], tmp_path / "out-empty", str(empty))
+    row = read_manifest(str(tmp_path / "out-empty")).iloc[0]
+    assert summary.failed == 1 and row["error_class"] == "SurfaceError" and np.isnan(row["vertices"])
+
+
+def test_a_credentialed_and_a_plain_uri_of_one_object_are_one_input(tmp_path, s3_server):
+    from pipelines.inputs import list_inputs
+
+    plain = "s3://bucket/photos/a.png"
+    items = list_inputs([str(_list_file(tmp_path, ["s3://KEY:SECRET@bucket/photos/a.png", plain]))])
+    assert [item.uri for item in items] == [plain]
+
+
+def _list_file(tmp_path, lines):
+    path = tmp_path / "list.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_an_input_that_fails_while_writing_leaves_no_outputs(tmp_path, checkpoint):
+    """A write that fails half-way (a full disk; here a folder where the preview goes) leaves no mesh without a row."""
+    from pipelines.formats import read_manifest
+    from tests.helpers import person_image
+
+    person_image(tmp_path / "in" / "a.png")
+    first = _run([str(tmp_path / "in")], tmp_path / "probe", checkpoint)
+    [preview] = [Path(p) for p in read_manifest(str(tmp_path / "probe"))["preview_uri"]]
+    blocked = tmp_path / "out" / preview.relative_to(tmp_path / "probe")
+    blocked.mkdir(parents=True)
+    summary = _run([str(tmp_path / "in")], tmp_path / "out", checkpoint)
+    assert first.ok == 1 and summary.failed == 1
+    assert [p for p in (tmp_path / "out" / "meshes").iterdir()] == [blocked]  # the mesh written before it is gone
+
+
+def test_every_shape_of_secret_is_redacted():
+    from pipelines.uris import redact
+
+    cases = {
+        "pushing to user:hunter2pass@127.0.0.1:9091 failed": "pushing to 127.0.0.1:9091 failed",
+        "127.0.0.1:9091?token=hunter2pass": "127.0.0.1:9091?<redacted>",
+        "http://u:hunter2pass@127.0.0.1:9091/x?token=hunter2pass": "http://127.0.0.1:9091/x?<redacted>",
+        "s3://bucket/a@b.png": "s3://bucket/a@b.png",
+        "at 12:30 5@x": "at 12:30 5@x",
+    }
+    assert {text: redact(text) for text in cases} == cases
+
+
+@pytest.mark.parametrize("option, value, code", [
+    ("--pushgateway", "user:hunter2pass@127.0.0.1:9091", 2),
+    ("--pushgateway", "127.0.0.1:9091?token=hunter2pass", 2),
+    ("--pushgateway", "127.0.0.1:notaport", 2),
+    ("--metrics-port", "70000", 2),
+])
+def test_metrics_options_are_checked_before_any_work_and_show_no_secret(tmp_path, checkpoint, capfd, option, value, code):
+    from pipelines.cli import main
+
+    assert main(["reconstruct", str(tmp_path), "-o", str(tmp_path / "out"), "--in-process", "--checkpoint", checkpoint,
+                 option, value]) == code
+    err = capfd.readouterr().err
+    assert option in err and "hunter2pass" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_metrics_port_in_use_is_exit_4_in_one_line(tmp_path, checkpoint, capfd):
+    import socket
+
+    from pipelines.cli import main
+    from tests.helpers import person_image
+
+    person_image(tmp_path / "in" / "a.png")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        code = main(["reconstruct", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--in-process", "--checkpoint",
+                     checkpoint, "--resolution", "64", "--metrics-port", str(held.getsockname()[1])])
+    err = capfd.readouterr().err
+    assert code == 4 and "cannot serve metrics" in err and "Traceback" not in err
+
+
+def test_listing_errors_and_deep_checkpoint_headers_are_one_line_errors(tmp_path, s3_server, capfd):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from model.errors import CheckpointError, InputError
+    from model.network.checkpoint import read_checkpoint
+    from pipelines.inputs import list_inputs
+    from tests.helpers import write_tiny_checkpoint
+
+    with pytest.raises(InputError, match="cannot be listed"):
+        list_inputs(["s3://Not_A_Valid_Bucket!/photos/"])
+    path = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    with safe_open(path, framework="pt") as handle:
+        header, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    save_file(tensors, tmp_path / "deep.safetensors", metadata={**header, "config": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(CheckpointError, match="RecursionError"):
+        read_checkpoint(tmp_path / "deep.safetensors")
+    assert json.loads(header["config"])  # the original header was fine
+
+
+def test_sigint_writes_what_it_has_and_exits_130(tmp_path, checkpoint):
+    from pipelines.formats import read_manifest
+    from tests.helpers import person_image
+
+    count = 30
+    for index in range(count):
+        person_image(tmp_path / "in" / f"p{index}.png")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pipelines.cli", "reconstruct", str(tmp_path / "in"), "-o", str(out),
+               "--checkpoint", checkpoint, "--resolution", "64", "--in-process"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr = bytearray()
+    reader = threading.Thread(target=lambda: [stderr.extend(chunk) for chunk in iter(lambda: driver.stderr.read1(4096), b"")])
+    reader.start()
+    deadline = time.monotonic() + 240
+    while max(map(int, re.findall(rb"ok=(\d+)", bytes(stderr))), default=0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGINT)
+    driver.wait(timeout=120)
+    reader.join()
+    text = stderr.decode(errors="replace")
+    assert driver.returncode == 130 and "Traceback" not in text, text[-3000:]
+    rows = read_manifest(str(out))
+    assert 2 <= len(rows) < count and (rows["status"] == "ok").all()

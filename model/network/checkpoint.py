@@ -121,7 +121,7 @@ def shard_names(index: Path, text: str | bytes | None = None) -> tuple[dict, dic
     try:
         record = json.loads(index.read_text() if text is None else text)
         weight_map, header = record["weight_map"], record.get("metadata") or {}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{index}: not a readable shard index ({type(exc).__name__}: {exc})") from exc
     if not isinstance(weight_map, dict) or not isinstance(header, dict):
         raise CheckpointError(f"{index}: 'weight_map' and 'metadata' must be JSON objects")
@@ -347,8 +347,8 @@ def read_checkpoint(path: str | os.PathLike, tensors: bool = True) -> tuple[dict
         try:
             config = PIFuHDConfig.from_dict(json.loads(header["config"]))
             metadata = json.loads(header.get("metadata", "{}"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: damaged {FORMAT} header ({exc})") from exc
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
+            raise CheckpointError(f"{path}: damaged {FORMAT} header ({type(exc).__name__}: {str(exc)[:200]})") from None
         try:
             _check_header_config(config, state)
         except CheckpointError as exc:
@@ -367,6 +367,7 @@ def load_checkpoint(path: str | os.PathLike) -> PIFuHD:
     The metadata read from the file is kept as `net.checkpoint_metadata`.
     """
     state, config, metadata = read_checkpoint(path)
+    _refuse_non_finite(path, state.items())
     if metadata["format"] == FORMAT:
         state = _expand_tied(state, config)
     try:
@@ -375,6 +376,37 @@ def load_checkpoint(path: str | os.PathLike) -> PIFuHD:
         raise CheckpointError(f"{path}: {exc}") from exc
     net.checkpoint_metadata = metadata
     return net
+
+
+def _refuse_non_finite(path, tensors) -> None:
+    """CheckpointError naming how many of the (key, tensor) pairs hold NaN or Inf, and the first."""
+    damaged = [key for key, value in tensors if value.is_floating_point() and not torch.isfinite(value).all()]
+    if damaged:
+        raise CheckpointError(f"{path}: {len(damaged)} weight tensors hold NaN or Inf (the first: {damaged[0]}): "
+                              "the weights are damaged")
+
+
+def check_finite_weights(path: str | os.PathLike) -> None:
+    """CheckpointError when a weight of a safetensors checkpoint (one file or shards) is NaN or Inf.
+
+    Reads one tensor at a time (a job's driver checks before any worker loads); a torch pickle is
+    checked when `load_checkpoint` reads it whole."""
+    path = Path(path)
+    index = index_of(path)
+    files = sorted({path.parent / name for name in shard_names(index)[1].values()} if index else {path})
+    if index is None and _sniff(path) != "safetensors":
+        return
+
+    def tensors():
+        for file in files:
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    for key in handle.keys():
+                        yield key, handle.get_tensor(key)
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({exc})") from exc
+
+    _refuse_non_finite(path, tensors())
 
 
 def _expand_tied(state: dict, config: PIFuHDConfig) -> dict:
