@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -312,7 +313,8 @@ def _resume(net: PIFuHD, optimizer: torch.optim.Optimizer, device: torch.device,
             failed = os.path.basename(latest.path.rstrip("/"))
             log.warning("checkpoint %s does not load (%s: %s); trying older ones", failed, type(exc).__name__, redact(str(exc))[:300])
     fs, run = filesystem(join(config.out, config.run_name))
-    older = sorted((p for p in fs.ls(run, detail=False) if posixpath.basename(p.rstrip("/")).startswith("checkpoint_")
+    # Ray Train names them checkpoint_<timestamp>: name order is age order.
+    older = sorted((p for p in fs.ls(run, detail=False) if re.fullmatch(r"checkpoint_\d.*", posixpath.basename(p.rstrip("/")))
                     and posixpath.basename(p.rstrip("/")) < failed), reverse=True)
     for path in older:
         with tempfile.TemporaryDirectory() as directory:
@@ -349,7 +351,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     net.to(device)
     trainable = [p for p in stage_module.parameters() if p.requires_grad]
     optimizer = _optimizer(trainable, config)
-    step = _resume(net, optimizer, device, config, ray.train.get_checkpoint())
+    step = resumed_from = _resume(net, optimizer, device, config, ray.train.get_checkpoint())
     stage_ddp = ray.train.torch.prepare_model(stage_module, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": False})
 
     validation = _load_validation(config) if rank == 0 else ([], {}, {})
@@ -385,7 +387,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
                 continue
             # seconds: training time since the loop started, data loading included, validation not.
             report = {"step": step, "loss": float(np.mean(losses[-config.log_every:])), "stage": config.stage,
-                      "seconds": time.perf_counter() - started - validation_seconds}
+                      "seconds": time.perf_counter() - started - validation_seconds, "resumed_from": resumed_from}
             if rank == 0 and due_validation and validation[0]:
                 validation_start = time.perf_counter()
                 report.update(validate(net, config, *validation))

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import model
+from pathlib import Path
+from pipelines.storage import filesystem
 from model.training.stages import TRAINED_PARTS, window_calib
 from pipelines.formats import read_training_metrics
 from pipelines.train import TrainConfig, build_stage, initial_network, package_model, run_training, to_tensors
@@ -87,12 +89,18 @@ def test_checkpoints_on_s3_resume_from_the_last_step(ray_local, s3_bucket, tiny_
     first = run_training(TrainConfig(steps=4, **base))
     assert first.steps == 4 and first.model_uri == f"s3://{s3_bucket}/runs/resume/model.safetensors"
 
-    # A longer target continues from step 4, not from scratch; here the samples are decoded by Ray
-    # Data tasks (--parallel-decode, the GPU path) and reach the resumed worker all the same.
+    # A longer target continues from the last checkpoint that loads, not from scratch: here the one
+    # of step 4 is damaged (NaN weights), so step 2. The samples are decoded by Ray Data tasks
+    # (--parallel-decode, the GPU path) and reach the resumed worker all the same.
+    fs, _ = filesystem(first.model_uri)
+    checkpoints = sorted(fs.glob(f"{s3_bucket}/runs/resume/checkpoint_2*"))
+    assert len(checkpoints) == 2
+    fs.pipe_file(f"{checkpoints[-1]}/model.safetensors", b"torn upload")
     longer = run_training(TrainConfig(steps=6, parallel_decode=True, **base))
     assert longer.steps == 6
     metrics = read_training_metrics(f"s3://{s3_bucket}/runs/resume")
     assert sorted(metrics["step"]) == [2, 4, 6]
+    assert metrics.set_index("step").loc[6, "resumed_from"] == 2
     assert "val_point_iou" in metrics.columns and metrics["val_point_iou"].notna().any()
     meta = model.load_checkpoint(_local(longer.model_uri)).checkpoint_metadata
     assert meta["steps"] == 6 and meta["stage"] == "coarse" and meta["training_data"] == tiny_dataset
@@ -134,3 +142,37 @@ def _local(uri: str) -> str:
     from pipelines.checkpoints import fetch_checkpoint
 
     return fetch_checkpoint(uri)
+
+
+def _copy_dataset(source: str, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_torn_shards_and_non_finite_losses_stop_training_with_a_clear_error(ray_local, tiny_dataset, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from model.errors import InputError
+    from pipelines.train import NonFiniteLoss
+
+    base = dict(stage="coarse", out=str(tmp_path / "runs"), preset="tiny", batch_size=1, points_per_sample=256,
+                steps=2, checkpoint_every=1, validate_every=100, cpus_per_worker=0.5, max_failures=0)
+    torn = _copy_dataset(tiny_dataset, tmp_path / "torn")
+    shard = sorted((torn / "shards" / "train").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(InputError, match=shard.name):
+        run_training(TrainConfig(data=str(torn), name="torn", **base))
+
+    poisoned = _copy_dataset(tiny_dataset, tmp_path / "nan")
+    for shard in (poisoned / "shards" / "train").glob("*.parquet"):
+        table = pq.read_table(shard)
+        points = table.column("points").combine_chunks()  # list<float32>, xyz interleaved
+        nan_points = type(points).from_arrays(points.offsets, pa.array(np.full(len(points.values), np.nan, np.float32)))
+        table = table.set_column(table.schema.get_field_index("points"), "points", nan_points.cast(points.type))
+        pq.write_table(table, shard)
+    with pytest.raises(NonFiniteLoss, match=r"at step 1 on the samples \['[\w-]+-view\d"):
+        run_training(TrainConfig(data=str(poisoned), name="nan", **base))
+    assert not list((tmp_path / "runs" / "nan").rglob("model.safetensors"))  # no NaN checkpoint was written
