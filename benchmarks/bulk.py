@@ -20,7 +20,7 @@ from pathlib import Path
 from model.reconstruction.reconstruct import ReconstructionConfig
 from pipelines.bulk import BulkConfig, run_bulk
 from pipelines.formats import read_manifest
-from pipelines.checkpoints import default_checkpoint
+from pipelines.checkpoints import SHIPPED_PLAIN_CHECKPOINT, default_checkpoint
 from pipelines.ray_runtime import connect_ray
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "person.png"
@@ -47,10 +47,13 @@ def main() -> None:
             shutil.copy(EXAMPLE, inputs / f"person{index}.png")
 
         def config(out: str) -> BulkConfig:
-            return BulkConfig(inputs=(str(inputs),), output=out, checkpoint=checkpoint,
+            # As `pifuhd reconstruct` runs the shipped model: its plain twin meshes what no body fits.
+            fallback = None if args.checkpoint else str(SHIPPED_PLAIN_CHECKPOINT)
+            return BulkConfig(inputs=(str(inputs),), output=out, checkpoint=checkpoint, fallback_checkpoint=fallback,
                               reconstruction=ReconstructionConfig(resolution=args.resolution))
 
         loop = run_bulk(config(f"{tmp}/loop"), in_process=True, progress=False)
+        assert loop.ok == args.images, loop.failures
         start = time.perf_counter()
         connect_ray(None)
         ray_start = time.perf_counter() - start

@@ -3,7 +3,7 @@
     list inputs (driver)
       -> read + hash + find the person + preprocess   CPU actors   (`InputPreparer`: one person finder each)
       -> encode + occupancy queries         model actors     (`SurfaceSampler`, GPU when the cluster has one)
-      -> marching cubes, colour, export     CPU tasks        (`finish_rows`; a GPU never waits for meshing)
+      -> marching cubes, colour, export     CPU actors       (`MeshFinisher`; a GPU never waits for meshing)
       -> manifest rows streamed back to the driver, which appends them to Parquet and counts metrics
 
 Stages pass Arrow tables of `STAGE_SCHEMA`: a row's record in typed columns (the manifest's, then
@@ -87,6 +87,7 @@ class BulkConfig:
     overwrite: bool = False
     batch_size: int = 1  # images per model call (normal nets and filters run batched)
     model_actors: int = 1  # size of the model actor pool
+    finish_actors: int = 1  # size of the CPU meshing actor pool (marching cubes, colours, writing)
     prepare_actors: int = 1  # size of the CPU prepare actor pool (each holds a person finder)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     max_pixels: int = 100_000_000  # decompression-bomb guard
@@ -112,8 +113,9 @@ class BulkConfig:
     def __post_init__(self) -> None:
         if self.mesh_format not in MESH_FORMATS:
             raise ValueError(f"mesh format must be one of {MESH_FORMATS}, not {self.mesh_format!r}")
-        if self.prepare_actors < 1 or self.model_actors < 1:
-            raise ValueError(f"actor pools need at least one actor, got prepare {self.prepare_actors}, model {self.model_actors}")
+        if min(self.prepare_actors, self.model_actors, self.finish_actors) < 1:
+            raise ValueError(f"actor pools need at least one actor, got prepare {self.prepare_actors}, "
+                             f"model {self.model_actors}, finish {self.finish_actors}")
         check_uri(self.output)
         check_uri(self.checkpoint)
         if self.fallback_checkpoint is not None:
@@ -232,6 +234,10 @@ def _batch(rows: list[tuple[dict, bytes]], schema: pa.Schema = STAGE_SCHEMA) -> 
             record["finished_at"] = datetime.now(timezone.utc)  # the row's own finishing time, not its arrival
     return pa.Table.from_pylist([{**record, "payload": payload, "item": _item_bytes(record["item"])}
                                  for record, payload in rows], schema=schema)
+
+
+def _has_pending(batch: pa.Table) -> bool:
+    return "pending" in batch.column("status").to_pylist()
 
 
 def _item_bytes(item: dict) -> dict:
@@ -498,10 +504,11 @@ class SurfaceSampler:
     batch of images and queries their surfaces."""
 
     def __init__(self, checkpoint: str, reconstruction: ReconstructionConfig, use_gpu: bool,
-                 fallback_checkpoint: str | None = None, registry=None):
+                 fallback_checkpoint: str | None = None, batch_size: int = 1, registry=None):
         import torch
 
         register_this_actor(registry)
+        self.batch_size = batch_size  # images per network call
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.net = self._load(checkpoint)
         self.fallback_checkpoint, self.fallback = fallback_checkpoint, None
@@ -524,6 +531,8 @@ class SurfaceSampler:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from model.reconstruction.reconstruct import sample_surfaces
 
+        if not _has_pending(batch):  # failed and skipped rows pass through as they are
+            return batch
         rows = _rows(batch)
         pending = [i for i, (record, _) in enumerate(rows) if record["status"] == "pending"]
         if pending:
@@ -535,10 +544,12 @@ class SurfaceSampler:
                 groups.setdefault(id(net), (net, []))[1].append(i)
             samples = {}
             for net, members in groups.values():
-                try:
-                    samples.update(zip(members, sample_surfaces(net, [unpacked[i][0] for i in members], self.config)))
-                except Exception as exc:  # noqa: BLE001
-                    samples.update((i, exc) for i in members)
+                for first in range(0, len(members), self.batch_size):
+                    chunk = members[first:first + self.batch_size]
+                    try:
+                        samples.update(zip(chunk, sample_surfaces(net, [unpacked[i][0] for i in chunk], self.config)))
+                    except Exception as exc:  # noqa: BLE001
+                        samples.update((i, exc) for i in chunk)
             for i in pending:
                 (p, files), sample, record = unpacked[i], samples[i], rows[i][0]
                 record.update(node=node, worker=worker)
@@ -557,6 +568,8 @@ class SurfaceSampler:
 def finish_rows(batch: pa.Table, reconstruction: ReconstructionConfig, mesh_format: str) -> pa.Table:
     from model.reconstruction.reconstruct import encode_outputs, finish
 
+    if not _has_pending(batch):  # failed and skipped rows pass through as they are
+        return batch
     out = []
     for record, payload in _rows(batch):
         if record["status"] != "pending":
@@ -592,6 +605,17 @@ def finish_rows(batch: pa.Table, reconstruction: ReconstructionConfig, mesh_form
             remove_quietly(written)  # a full disk half-way: no output without its row and marker
             out.append(_fail(record, exc))
     return _batch(out)
+
+
+class MeshFinisher:
+    """CPU stage actor: `finish_rows` on each batch."""
+
+    def __init__(self, reconstruction: ReconstructionConfig, mesh_format: str, registry=None):
+        register_this_actor(registry)
+        self.reconstruction, self.mesh_format = reconstruction, mesh_format
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return finish_rows(batch, self.reconstruction, self.mesh_format)
 
 
 def check_surface(vertices: np.ndarray, faces: np.ndarray) -> None:
@@ -654,14 +678,14 @@ def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool, 
 
     mib = 1 << 20
     dataset = dataset.map_batches(
-        InputPreparer, batch_size=1, batch_format="pyarrow", num_cpus=0.5, memory=config.prepare_memory_mb * mib,
+        InputPreparer, batch_size=None, batch_format="pyarrow", num_cpus=0.5, memory=config.prepare_memory_mb * mib,
         compute=ray.data.ActorPoolStrategy(size=config.prepare_actors),
         max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
         fn_constructor_kwargs={**_preparer_kwargs(config, network), "registry": registry},
     )
     dataset = dataset.map_batches(
         SurfaceSampler,
-        batch_size=config.batch_size,
+        batch_size=None,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=config.model_actors),
         num_gpus=1 if use_gpu else 0,
@@ -670,16 +694,21 @@ def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool, 
         max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
         fn_constructor_kwargs={**_sampler_kwargs(config, use_gpu), "registry": registry},
     )
+    # Actors, not tasks: a task per row costs ~15 ms of scheduling, which a job of many failing
+    # inputs (nothing to mesh) pays thousands of times.
     dataset = dataset.map_batches(
-        finish_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.5, memory=config.finish_memory_mb * mib, max_retries=0,
-        fn_kwargs={"reconstruction": config.reconstruction, "mesh_format": config.mesh_format},
+        MeshFinisher, batch_size=None, batch_format="pyarrow", num_cpus=0.5, memory=config.finish_memory_mb * mib,
+        compute=ray.data.ActorPoolStrategy(size=config.finish_actors),
+        max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
+        fn_constructor_kwargs={"reconstruction": config.reconstruction, "mesh_format": config.mesh_format,
+                               "registry": registry},
     )
     return dataset
 
 
 def _sampler_kwargs(config: BulkConfig, use_gpu: bool) -> dict:
     return {"checkpoint": config.checkpoint, "reconstruction": config.reconstruction, "use_gpu": use_gpu,
-            "fallback_checkpoint": config.fallback_checkpoint}
+            "fallback_checkpoint": config.fallback_checkpoint, "batch_size": config.batch_size}
 
 
 def _preparer_kwargs(config: BulkConfig, network: NetworkInputs) -> dict:

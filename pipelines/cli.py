@@ -98,6 +98,7 @@ def _reconstruct_config(args: argparse.Namespace):
         batch_size=args.batch_size,
         model_actors=args.model_actors,
         prepare_actors=args.prepare_actors,
+        finish_actors=args.finish_actors,
         use_gpu=True if args.gpus else None,
         metrics_port=args.metrics_port,
         pushgateway=args.pushgateway,
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--batch-size", type=int, default=1, help="images per model call")
     recon.add_argument("--model-actors", type=int, default=1, help="model actors (one network each)")
     recon.add_argument("--prepare-actors", type=int, default=1, help="CPU prepare actors (one person finder each)")
+    recon.add_argument("--finish-actors", type=int, default=1, help="CPU actors that mesh, colour and write")
     recon.add_argument("--gpus", action="store_true", help="require GPU model actors")
     recon.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     recon.add_argument("--in-process", action="store_true", help="run the same stages in this process, without Ray")

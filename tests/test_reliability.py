@@ -1,4 +1,5 @@
-"""Bulk jobs that nothing can stall, leak or corrupt (issue 15): one test per failure mode."""
+"""Bulk jobs that nothing can stall, leak or corrupt: one test per failure mode. Their timings
+(listing, a killed worker's cost, failing inputs) are in benchmarks/reliability.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from pathlib import Path
+
+from tests.faults import OutOfMemoryKiller, descendants_of
 
 
 def test_large_image_is_cropped_before_float_conversion(tmp_path):
@@ -41,62 +44,7 @@ def test_large_image_is_cropped_before_float_conversion(tmp_path):
     assert bytes_per_pixel < 10, f"decoding peaked at {bytes_per_pixel:.1f} bytes per pixel"
 
 
-def _descendants_of(root: int) -> set[int]:
-    """Every process below `root` (from /proc)."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 # ---- row 1: an input that kills its worker every time ------------------------------------
-
-
-class OutOfMemoryKiller:
-    """Kills, with SIGKILL as the kernel's OOM killer does, every process of this test that reads `fifo`.
-
-    The poisoned input is a named pipe that nobody writes: a worker reading it blocks in
-    open() (kernel wait channel `wait_for_partner`) until this thread finds and kills it,
-    every time any worker tries it. Only descendants of this process are looked at. Counts the kills.
-    """
-
-    def __init__(self, fifo):
-        os.mkfifo(fifo)
-        self.kills = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _opening_a_fifo(pid: int) -> bool:
-        try:
-            return any(open(f"/proc/{pid}/task/{tid}/wchan").read() == "wait_for_partner"
-                       for tid in os.listdir(f"/proc/{pid}/task"))
-        except OSError:
-            return False
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            for pid in _descendants_of(os.getpid()):
-                if self._opening_a_fifo(pid):
-                    os.kill(pid, signal.SIGKILL)
-                    self.kills += 1
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
 
 def _bulk_config(inputs, output, checkpoint, **kwargs):
@@ -314,10 +262,8 @@ def test_unwritable_output_fails_before_any_compute(tmp_path, checkpoint):
 
     person_image(tmp_path / "in" / "a.png")
     (tmp_path / "file").write_text("a file where the output folder should go")
-    start = time.perf_counter()
     with pytest.raises(InputError, match="not writable"):
         _run([str(tmp_path / "in")], tmp_path / "file" / "out", checkpoint)
-    assert time.perf_counter() - start < 5
 
 
 def test_a_marker_with_wrong_field_types_means_redo_not_crash(tmp_path, checkpoint):
@@ -407,13 +353,14 @@ def test_finished_at_is_when_the_row_finished_not_when_the_driver_saw_it(tmp_pat
 
     pending = {"run_id": "r", "input_uri": str(tmp_path / "missing.png"), "status": "pending", "marker_uri": str(tmp_path / "m.json"),
                "item": {"uri": str(tmp_path / "missing.png"), "name": "missing.png"}}
-    failed_at = time.time()
+    before = datetime.now(timezone.utc)
     [(record, _)] = _rows(prepare_rows(_batch([(pending, b"")]), (64, 128), False, 10**6))
-    time.sleep(0.5)  # the row waits in Ray's queues before the driver gets it
+    failed_by = datetime.now(timezone.utc)
+    time.sleep(0.1)  # the row waits in Ray's queues before the driver gets it
     writer = ManifestWriter(str(tmp_path / "out"), "r", 10_000, "v")
     row = writer.add(record)
     assert row["status"] == "failed"
-    assert abs(row["finished_at"] - datetime.fromtimestamp(failed_at, timezone.utc)).total_seconds() < 0.4
+    assert before <= row["finished_at"] <= failed_by
 
 
 # ---- row 14: manifest parts by rows and time -------------------------------------------------
@@ -424,11 +371,11 @@ def test_manifest_parts_are_sized_by_rows_and_time(tmp_path):
     from pipelines.formats import ManifestWriter
 
     assert BulkConfig.manifest_flush_rows >= 10_000 and BulkConfig.manifest_flush_seconds <= 60
-    writer = ManifestWriter(str(tmp_path / "out"), "r", 10_000, "v", flush_seconds=0.3)
+    writer = ManifestWriter(str(tmp_path / "out"), "r", 10_000, "v", flush_seconds=60)
     for index in range(500):
         writer.add({"run_id": "r", "input_uri": f"/x/{index}.png", "status": "failed"})
     assert writer.files == []  # 500 rows within the time: one part to come, not ten
-    time.sleep(0.35)
+    writer.last_flush -= 60  # a minute later
     writer.add({"run_id": "r", "input_uri": "/x/last.png", "status": "failed"})
     assert len(writer.files) == 1
 
@@ -447,12 +394,9 @@ def test_listing_many_inputs_from_a_list_file_or_glob_is_linear(tmp_path):
     (folder / "img00007_rect.txt").write_text("1 1 2 2")
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(map(str, names)) + "\n")
-    for spec in (str(listing), str(folder / "*.png")):
-        start = time.perf_counter()
+    for spec in (str(listing), str(folder / "*.png")):  # its speed: benchmarks/reliability.py
         items = list_inputs([spec])
-        seconds = time.perf_counter() - start
         assert len(items) == 4000 and items[7].rect_uri.endswith("img00007_rect.txt")
-        assert seconds < 3, f"{spec}: {seconds:.1f} s"  # was 40 s: the folder was listed once per input
 
 
 # ---- rows 8, 9: checkpoints that lie or attack ---------------------------------------------
@@ -474,10 +418,8 @@ def test_a_header_config_that_lies_about_its_tensors_is_refused_at_once(tmp_path
     config = json.loads(header["config"])
     config["coarse_filter"]["num_stacks"] = 100_000
     save_file(tensors, tmp_path / "lying.safetensors", metadata={**header, "config": json.dumps(config)})
-    start = time.perf_counter()
-    with pytest.raises(CheckpointError, match="num_stacks 100000"):
+    with pytest.raises(CheckpointError, match="num_stacks 100000"):  # refused before a layer is built
         read_checkpoint(tmp_path / "lying.safetensors")
-    assert time.perf_counter() - start < 5
 
 
 class _RunsCode:
@@ -540,7 +482,7 @@ def test_a_terminated_driver_keeps_its_rows_and_leaves_no_process_or_temporary(t
     deadline = time.monotonic() + 240
     while max(map(int, re.findall(rb"ok=(\d+)", bytes(stderr))), default=0) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    started = _descendants_of(driver.pid)  # the private Ray instance: GCS, raylet, agents, workers
+    started = descendants_of(driver.pid)  # the private Ray instance: GCS, raylet, agents, workers
     assert started, "the job started no Ray processes"
     driver.send_signal(signal.SIGTERM)
     driver.wait(timeout=120)
