@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from model.reconstruction.reconstruct import ReconstructionConfig
-from pipelines.bulk import BulkConfig, run_bulk
-from pipelines.formats import read_manifest
-from pipelines.checkpoints import SHIPPED_PLAIN_CHECKPOINT, default_checkpoint
-from pipelines.ray_runtime import connect_ray
+from pipelines.jobs.bulk import BulkConfig, run_bulk
+from pipelines.common.formats import read_manifest
+from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT, default_checkpoint
+from pipelines.common.ray_runtime import connect_ray
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "person.png"
 STAGES = ("read", "prepare", "encode", "surface", "mesh", "write")

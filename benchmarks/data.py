@@ -38,7 +38,7 @@ def bench_subject(subject, rng, views: int, points: int, stats: dict) -> None:
     from model.data.render import get_renderer, png_bytes, procedural_background, random_lighting, sample_views
     from model.data.sampling import SamplingConfig
     from model.data.sampling import label_views
-    from pipelines.formats import dataset_shard_bytes
+    from pipelines.common.formats import dataset_shard_bytes
 
     renderer = get_renderer(1024)
     vs = sample_views(rng, views)

@@ -59,7 +59,7 @@ def bare_loop(checkpoint: str, resolution: int, images: int, batch: int, device:
 def pipeline(checkpoint: str, resolution: int, images: int, batch: int, use_gpu: bool, workdir: Path) -> float:
     """images/s of the Ray Data job on `images` copies of the example (Ray already connected)."""
     from model.reconstruction.reconstruct import ReconstructionConfig
-    from pipelines.bulk import BulkConfig, run_bulk
+    from pipelines.jobs.bulk import BulkConfig, run_bulk
 
     inputs = workdir / f"in-{resolution}"
     inputs.mkdir(exist_ok=True)
@@ -76,9 +76,9 @@ def pipeline(checkpoint: str, resolution: int, images: int, batch: int, use_gpu:
 
 def train_step(workdir: Path, preset: str, use_gpu: bool, steps: int, warmup: int) -> float:
     """Median seconds per step of one Ray Train worker on the coarse stage (Ray already connected)."""
-    from pipelines.data_jobs import JobConfig, SampleSettings, run_job
-    from pipelines.formats import read_training_metrics
-    from pipelines.train import TrainConfig, run_training
+    from pipelines.jobs.data import JobConfig, SampleSettings, run_job
+    from pipelines.common.formats import read_training_metrics
+    from pipelines.jobs.train import TrainConfig, run_training
 
     data = str(workdir / "data")
     run_job(JobConfig(out=data, kind="synth", count=8, settings=SampleSettings(views=2, resolution=512, val_fraction=0,
@@ -94,8 +94,8 @@ def train_step(workdir: Path, preset: str, use_gpu: bool, steps: int, warmup: in
 
 def main() -> None:
     from model.reconstruction.reconstruct import cpu_has_bf16, resolved_precision
-    from pipelines.checkpoints import SHIPPED_PLAIN_CHECKPOINT
-    from pipelines.ray_runtime import connect_ray
+    from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT
+    from pipelines.common.ray_runtime import connect_ray
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)

@@ -77,7 +77,7 @@ def trained_field(resolution: int, precision: str) -> dict:
     from model.reconstruction.preprocess import prepare_image_file
     from model.reconstruction.reconstruct import ReconstructionConfig, SurfaceSamples, encode_outputs, finish, occupancy_function
     from model.reconstruction.surface import evaluate_grid
-    from pipelines.checkpoints import SHIPPED_PLAIN_CHECKPOINT
+    from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT
 
     net = model.load_checkpoint(str(SHIPPED_PLAIN_CHECKPOINT)).eval()
     prepared = prepare_image_file(ROOT / "examples" / "person.png", sizes=(net.config.coarse_size, net.config.fine_size))

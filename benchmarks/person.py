@@ -27,10 +27,10 @@ from PIL import Image
 from model.person import PersonFinder, PersonFinderConfig
 from model.reconstruction.reconstruct import ReconstructionConfig
 from model.data.render import procedural_background
-from pipelines.bulk import BulkConfig, run_bulk
-from pipelines.formats import read_manifest
-from pipelines.checkpoints import default_checkpoint
-from pipelines.ray_runtime import connect_ray
+from pipelines.jobs.bulk import BulkConfig, run_bulk
+from pipelines.common.formats import read_manifest
+from pipelines.common.checkpoints import default_checkpoint
+from pipelines.common.ray_runtime import connect_ray
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "synthetic_person.png"
 STAGES = ("read", "prepare", "encode", "surface", "mesh", "write")

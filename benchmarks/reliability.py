@@ -29,10 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.faults, tests.helpers
 
 from model.reconstruction.reconstruct import ReconstructionConfig  # noqa: E402
-from pipelines.bulk import BulkConfig, run_bulk  # noqa: E402
-from pipelines.checkpoints import default_checkpoint  # noqa: E402
-from pipelines.formats import read_manifest  # noqa: E402
-from pipelines.inputs import list_inputs  # noqa: E402
+from pipelines.jobs.bulk import BulkConfig, run_bulk  # noqa: E402
+from pipelines.common.checkpoints import default_checkpoint  # noqa: E402
+from pipelines.common.formats import read_manifest  # noqa: E402
+from pipelines.common.inputs import list_inputs  # noqa: E402
 
 
 def _files(folder: Path, count: int, content: bytes) -> Path:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.checkpoints import SHIPPED_PLAIN_CHECKPOINT
+from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT
 
 # Official PIFuHD octree (NumPy, dense grid set-up) on a 2-core machine of this kind,
 # analytic human-like shape (shared/notes/pifuhd.md).

@@ -20,10 +20,10 @@ import time
 import numpy as np
 import torch
 
-from pipelines.dataset import iter_batches
-from pipelines.formats import read_training_metrics
-from pipelines.ray_runtime import connect_ray
-from pipelines.train import TrainConfig, _optimizer, build_stage, initial_network, run_training, to_tensors
+from pipelines.common.dataset import iter_batches
+from pipelines.common.formats import read_training_metrics
+from pipelines.common.ray_runtime import connect_ray
+from pipelines.jobs.train import TrainConfig, _optimizer, build_stage, initial_network, run_training, to_tensors
 
 
 REPORT = 5  # steps per timed block

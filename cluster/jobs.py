@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from pipelines import exit_codes
+from pipelines.common import exit_codes
 
 if TYPE_CHECKING:  # Ray is imported lazily: `pifuhd --help` must stay instant.
     from ray.job_submission import JobSubmissionClient
@@ -65,7 +65,7 @@ WORKING_DIR_EXCLUDES: tuple[str, ...] = (
 # Commands that act on the local machine and make no sense as a cluster job.
 LOCAL_ONLY_COMMANDS = frozenset({"submit", "jobs", "metrics"})
 
-# `pifuhd jobs status/logs --wait` end with the job's own exit code, or these (pipelines.exit_codes).
+# `pifuhd jobs status/logs --wait` end with the job's own exit code, or these (pipelines.common.exit_codes).
 EXIT_SUCCEEDED = exit_codes.OK
 EXIT_FAILED = exit_codes.CLUSTER  # the job failed without an exit code of its own
 EXIT_UNREACHABLE = exit_codes.CLUSTER

@@ -41,7 +41,7 @@ LOOPBACK = "127.0.0.1"
 RAY_SD_FILE = "prom_metrics_service_discovery.json"
 
 # Metric families the project exports (prometheus_client names, without the _total /
-# _bucket suffixes Prometheus adds), by type, as pipelines/telemetry.py defines them
+# _bucket suffixes Prometheus adds), by type, as pipelines/common/telemetry.py defines them
 # (BulkMetrics for reconstruction, TrainMetrics for training). Dashboards may only query
 # these and RAY_METRICS; tests/test_metrics_stack.py checks both against those registries.
 PROJECT_METRICS: dict[str, str] = {

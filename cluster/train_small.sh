@@ -14,7 +14,7 @@
 #       (--body-guided: the coarse MLP also reads the body's distance and normal; true bodies, disturbed):
 #       STAGES="coarse fine package" INIT=v2.safetensors COARSE_STEPS=500 FINE_STEPS=120 LR_DECAY=late BODY=1
 #   v4: the v3 body arm continued with every training row in the body's depth frame (the body centred in
-#       depth by its own box, as inference has a fitted one; pipelines.dataset.to_body_frame) and the
+#       depth by its own box, as inference has a fitted one; pipelines.common.dataset.to_body_frame) and the
 #       body-shift noise re-measured on the lifter's fits (4 cm in depth): coarse 400 (x0.1 at 320), fine
 #       100 (x0.1 at 84): STAGES="coarse fine package" INIT=v3-body.safetensors COARSE_STEPS=400 FINE_STEPS=100
 #       LR_DECAY=late FINE_DECAY=84 BODY=1

@@ -14,9 +14,9 @@ import sys
 import traceback
 
 from model.network.config import PRESETS  # plain dataclasses: `pifuhd --help` loads no torch
-from pipelines import exit_codes
-from pipelines.exit_codes import UsageError, build_config
-from pipelines.uris import uri_argument
+from pipelines.common import exit_codes
+from pipelines.common.exit_codes import UsageError, build_config
+from pipelines.common.uris import uri_argument
 
 
 PRESET_NAMES = tuple(PRESETS)
@@ -50,8 +50,8 @@ def _checkpoint_convert(args: argparse.Namespace) -> int:
     import torch
 
     from model.network.checkpoint import FORMAT, load_checkpoint, preset_name, save_checkpoint
-    from pipelines.checkpoints import fetch_checkpoint
-    from pipelines.uris import redact
+    from pipelines.common.checkpoints import fetch_checkpoint
+    from pipelines.common.uris import redact
 
     if args.max_shard_mib is not None and not args.max_shard_mib > 0:
         raise UsageError(f"--max-shard-mib must be positive, not {args.max_shard_mib}")
@@ -75,8 +75,8 @@ def _checkpoint_convert(args: argparse.Namespace) -> int:
 def _reconstruct_config(args: argparse.Namespace):
     from model.person import PersonOptions
     from model.reconstruction.reconstruct import ReconstructionConfig
-    from pipelines.bulk import BulkConfig
-    from pipelines.checkpoints import SHIPPED_PLAIN_CHECKPOINT, default_checkpoint
+    from pipelines.jobs.bulk import BulkConfig
+    from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT, default_checkpoint
 
     return build_config(
         BulkConfig,
@@ -106,8 +106,8 @@ def _reconstruct_config(args: argparse.Namespace):
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from pipelines.bulk import run_bulk
-    from pipelines.ray_runtime import connect_ray
+    from pipelines.jobs.bulk import run_bulk
+    from pipelines.common.ray_runtime import connect_ray
 
     config = _reconstruct_config(args)
     if not args.in_process:
@@ -117,7 +117,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace):
-    from pipelines.train import TrainConfig
+    from pipelines.jobs.train import TrainConfig
 
     return build_config(
         TrainConfig,
@@ -134,8 +134,8 @@ def _train_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipelines.ray_runtime import connect_ray
-    from pipelines.train import describe, run_training
+    from pipelines.common.ray_runtime import connect_ray
+    from pipelines.jobs.train import describe, run_training
 
     config = _train_config(args)
     connect_ray(args.address, log_to_driver=True)
@@ -144,7 +144,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_package(args: argparse.Namespace) -> int:
-    from pipelines.train import package_model
+    from pipelines.jobs.train import package_model
 
     print(f"wrote {package_model(args.runs, args.output, recipe=args.recipe, half=not args.float32, continued_from=args.continued_from)}")
     return 0
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     package.add_argument("--float32", action="store_true", help="keep float32 weights (default float16)")
     package.add_argument("--continued-from", help="the packaged model the runs continued: keeps its untrained stages' records")
     package.set_defaults(handler=_checkpoint_package)
-    from pipelines.calibrate import register_cli as register_calibrate
+    from pipelines.jobs.calibrate import register_cli as register_calibrate
 
     register_calibrate(checkpoint_commands)
 
@@ -277,11 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cluster.jobs import register_cli as register_jobs
     from cluster.metrics_stack import register_cli as register_metrics
-    from pipelines.data_jobs import register_cli as register_data
-    from pipelines.evaluate import register_cli as register_evaluate
-    from pipelines.fit import register_cli as register_fit
-    from pipelines.lifter import register_cli as register_lifter
-    from pipelines.report import register_cli as register_report
+    from pipelines.jobs.data import register_cli as register_data
+    from pipelines.jobs.evaluate import register_cli as register_evaluate
+    from pipelines.jobs.fit import register_cli as register_fit
+    from pipelines.jobs.lifter import register_cli as register_lifter
+    from pipelines.jobs.report import register_cli as register_report
 
     register_data(commands)
     register_evaluate(commands)
@@ -330,7 +330,7 @@ def configure_console(verbose: bool) -> None:
     import logging
     import os
 
-    from pipelines.ray_runtime import VERBOSE_ENV
+    from pipelines.common.ray_runtime import VERBOSE_ENV
 
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
@@ -347,7 +347,7 @@ def _terminate(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from model.errors import PifuhdError
-    from pipelines.uris import redact
+    from pipelines.common.uris import redact
 
     args = build_parser().parse_args(argv)
     configure_console(args.verbose)

@@ -134,7 +134,7 @@ def s3_bucket(s3_server, request):
 def ray_local(s3_server, tmp_path_factory):
     """A private local Ray instance on loopback (2 CPUs, no dashboard), shared by all tests."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_worker_niceness"] = "0"  # as `pipelines.ray_runtime.connect_ray` runs the product
+    os.environ["RAY_worker_niceness"] = "0"  # as `pipelines.common.ray_runtime.connect_ray` runs the product
     import ray
 
     ray.init(
@@ -152,7 +152,7 @@ def ray_local(s3_server, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dataset(ray_local, tmp_path_factory):
     """5 synthetic subjects x 2 views at 512, made by the data job itself."""
-    from pipelines.data_jobs import JobConfig, SampleSettings, run_job
+    from pipelines.jobs.data import JobConfig, SampleSettings, run_job
     from model.data.sampling import SamplingConfig
 
     out = str(tmp_path_factory.mktemp("dataset"))

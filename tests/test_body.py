@@ -206,9 +206,9 @@ def _photo_files(body) -> dict[str, bytes]:
 def test_fit_job_on_ray_with_s3(ray_local, s3_bucket, bodies):
     import s3fs
 
-    from pipelines.fit import FitJobConfig, run_fit
-    from pipelines.formats import FIT_MANIFEST_SCHEMA
-    from pipelines.formats import read_manifest
+    from pipelines.jobs.fit import FitJobConfig, run_fit
+    from pipelines.common.formats import FIT_MANIFEST_SCHEMA
+    from pipelines.common.formats import read_manifest
 
     fs = s3fs.S3FileSystem()
     good = _photo_files(bodies[(101, "stand", 0)])
@@ -254,8 +254,8 @@ def test_reconstruct_with_a_body_guided_model_fits_and_reads_the_body(tmp_path, 
     from model.network.checkpoint import load_checkpoint, save_checkpoint
     from model.reconstruction.preprocess import prepare_image_file
     from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct
-    from pipelines.bulk import BulkConfig, run_bulk
-    from pipelines.formats import read_manifest
+    from pipelines.jobs.bulk import BulkConfig, run_bulk
+    from pipelines.common.formats import read_manifest
     from tests.helpers import tiny_network
 
     guided = tiny_network().with_body_guidance()

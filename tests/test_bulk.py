@@ -16,10 +16,10 @@ import s3fs
 import trimesh
 from PIL import Image
 
-from pipelines.bulk import BulkConfig, run_bulk
-from pipelines.formats import read_manifest
+from pipelines.jobs.bulk import BulkConfig, run_bulk
+from pipelines.common.formats import read_manifest
 from model.reconstruction.reconstruct import ReconstructionConfig
-from pipelines.storage import safe_stem
+from pipelines.common.storage import safe_stem
 from tests.helpers import person_image, write_tiny_checkpoint
 
 RESOLUTION = 64
@@ -131,7 +131,7 @@ def test_output_names_stay_under_the_root_and_never_collide():
 
 
 def test_credentials_never_reach_the_manifest(tmp_path, checkpoint):
-    from pipelines.uris import redact
+    from pipelines.common.uris import redact
 
     assert redact("s3://AKIAXXXX:secret@bucket/key.png") == "s3://bucket/key.png"
     person_image(tmp_path / "in" / "a.png")
@@ -184,7 +184,7 @@ def test_metrics_reach_a_real_prometheus(tmp_path, checkpoint):
 
 
 def test_single_files_and_lists_find_their_sidecars(tmp_path, monkeypatch):
-    from pipelines.inputs import list_inputs
+    from pipelines.common.inputs import list_inputs
 
     person_image(tmp_path / "a.png", mode="RGB")
     (tmp_path / "a_rect.txt").write_text("60 10 180 430")

@@ -177,7 +177,7 @@ def test_a_safetensors_header_length_starting_like_a_pickle_is_still_safetensors
 
 def test_sharded_checkpoint_loads_as_the_single_file_does(tmp_path):
     from model.network.checkpoint import INDEX_NAME
-    from pipelines.checkpoints import checkpoint_identity
+    from pipelines.common.checkpoints import checkpoint_identity
 
     torch.manual_seed(2)
     net = model.PIFuHD.from_config(model.preset("tiny")).eval()
@@ -230,7 +230,7 @@ def test_a_damaged_shard_index_is_one_clear_error(tmp_path, damage, message):
 
 
 def test_convert_shards_the_shipped_model_under_16_mib_and_keeps_its_record(tmp_path):
-    from pipelines.checkpoints import SHIPPED_CHECKPOINT
+    from pipelines.common.checkpoints import SHIPPED_CHECKPOINT
 
     out = tmp_path / "shards"
     result = subprocess.run(
@@ -250,7 +250,7 @@ def test_convert_shards_the_shipped_model_under_16_mib_and_keeps_its_record(tmp_
 def test_a_sharded_checkpoint_is_fetched_from_s3(s3_bucket, tmp_path):
     import s3fs
 
-    from pipelines.checkpoints import fetch_checkpoint
+    from pipelines.common.checkpoints import fetch_checkpoint
 
     net = model.PIFuHD.from_config(model.preset("tiny")).eval()
     folder = save_checkpoint(net, tmp_path / "sharded", max_shard_bytes=256 * 1024)

@@ -63,12 +63,12 @@ def test_preset_names_match_the_model_presets():
 
 
 def test_the_formats_write_and_read_every_table_without_torch_or_ray(tmp_path):
-    """Every job table round-trips through `pipelines.formats`, and neither it, the storage layer,
+    """Every job table round-trips through `pipelines.common.formats`, and neither it, the storage layer,
     the URI checks nor the report reader loads the heavy stacks."""
     code = f"""
 import sys
-import pipelines.dataset, pipelines.report, pipelines.storage, pipelines.uris
-from pipelines import formats
+import pipelines.common.dataset, pipelines.jobs.report, pipelines.common.storage, pipelines.common.uris
+from pipelines.common import formats
 out = {str(tmp_path)!r}
 writer = formats.ManifestWriter(out, "r1", flush_rows=1, constants="v1")
 writer.add({{"input_uri": "a.png", "status": "ok", "vertices": 3.0, "finished_at": 0}})
@@ -88,7 +88,7 @@ print(manifest["vertices"].tolist(), manifest["checkpoint_version"].tolist(), su
 
 
 def test_exit_codes_say_what_went_wrong(tmp_path, capsys):
-    from pipelines import exit_codes
+    from pipelines.common import exit_codes
     from tests.helpers import person_image, write_tiny_checkpoint
 
     checkpoint = str(write_tiny_checkpoint(tmp_path / "tiny.safetensors"))

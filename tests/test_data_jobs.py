@@ -12,8 +12,8 @@ import trimesh
 from PIL import Image
 
 from model.data.scans import ScanError, ScanRef, find_scans, load_scan
-from pipelines import dataset as fmt, formats
-from pipelines.data_jobs import JobConfig, SampleSettings, make_job_subject, register_cli, subject_rows
+from pipelines.common import dataset as fmt, formats
+from pipelines.jobs.data import JobConfig, SampleSettings, make_job_subject, register_cli, subject_rows
 from model.data.sampling import SamplingConfig
 
 

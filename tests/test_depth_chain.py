@@ -97,11 +97,11 @@ def test_silhouette_slab_has_the_outline_and_a_thickness_from_the_edge_distance(
 @pytest.mark.slow
 def test_small_preset_overfits_one_view_with_the_right_depth(body_model):
     """Training sample -> loss -> network -> mesh: one view learnt by heart comes back in cm."""
-    from pipelines import dataset as fmt, formats
-    from pipelines.data_jobs import SampleSettings, subject_rows
-    from pipelines.evaluate import depth_extent
+    from pipelines.common import dataset as fmt, formats
+    from pipelines.jobs.data import SampleSettings, subject_rows
+    from pipelines.jobs.evaluate import depth_extent
     from model.training.stages import stage_inputs
-    from pipelines.train import TrainConfig, build_stage, to_tensors
+    from pipelines.jobs.train import TrainConfig, build_stage, to_tensors
     from model.data.sampling import SamplingConfig
     import model
 

@@ -13,7 +13,7 @@ from scipy.spatial.transform import Rotation
 
 from model.evaluation.metrics import rigid_icp
 from pipelines.cli import main
-from pipelines.evaluate import EvalConfig, pair_metrics, run_evaluation
+from pipelines.jobs.evaluate import EvalConfig, pair_metrics, run_evaluation
 
 
 def sphere(radius: float = 10.0, centre=(0.0, 0.0, 0.0)) -> trimesh.Trimesh:
@@ -123,7 +123,7 @@ def test_folder_mode_reads_and_writes_object_storage(s3_bucket, tmp_path):
 
 
 def test_manifest_mode_pairs_by_input_stem(tmp_path):
-    from pipelines.formats import ManifestWriter
+    from pipelines.common.formats import ManifestWriter
 
     gt = tmp_path / "gt"
     gt.mkdir()
@@ -153,7 +153,7 @@ def test_manifest_mode_pairs_by_input_stem(tmp_path):
 def test_split_dataset(ray_local, tmp_path_factory) -> str:
     """2 synthetic subjects x 1 view at 512, all in the test split, made by the data job itself."""
     from model.data.sampling import SamplingConfig
-    from pipelines.data_jobs import JobConfig, SampleSettings, run_job
+    from pipelines.jobs.data import JobConfig, SampleSettings, run_job
 
     out = str(tmp_path_factory.mktemp("eval-dataset"))
     settings = SampleSettings(views=1, resolution=512, val_fraction=0, test_fraction=1.0,
@@ -163,8 +163,8 @@ def test_split_dataset(ray_local, tmp_path_factory) -> str:
 
 
 def test_checkpoint_mode_reconstructs_the_test_split(test_split_dataset, tmp_path):
-    from pipelines.dataset import list_shards
-    from pipelines.evaluate import load_mesh, prepared_view, read_view
+    from pipelines.common.dataset import list_shards
+    from pipelines.jobs.evaluate import load_mesh, prepared_view, read_view
     from tests.helpers import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
@@ -244,9 +244,9 @@ def test_calibration_stores_the_best_level_and_reconstruction_reads_it(tiny_data
 
     from model.network.checkpoint import load_checkpoint, read_checkpoint
     from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct, surface_level
-    from pipelines.calibrate import CalibrationConfig
-    from pipelines.dataset import list_shards
-    from pipelines.evaluate import prepared_view, read_view
+    from pipelines.jobs.calibrate import CalibrationConfig
+    from pipelines.common.dataset import list_shards
+    from pipelines.jobs.evaluate import prepared_view, read_view
     from tests.helpers import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")

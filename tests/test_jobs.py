@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from cluster import jobs
-from pipelines import cli, exit_codes
+from pipelines import cli
+from pipelines.common import exit_codes
 from tests.helpers import free_ports, processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -115,8 +115,8 @@ def registry_families(registry) -> dict[str, str]:
 
 
 def test_known_metrics_match_the_pipeline_registries():
-    """PROJECT_METRICS agrees with the registries pipelines/telemetry.py defines."""
-    from pipelines import telemetry as module
+    """PROJECT_METRICS agrees with the registries pipelines/common/telemetry.py defines."""
+    from pipelines.common import telemetry as module
 
     bulk = registry_families(module.BulkMetrics(pipeline="test").registry)
     for name, kind in bulk.items():
@@ -245,7 +245,7 @@ def test_metrics_stack_end_to_end(tmp_path, capsys):
 
         # The project's own training exporter, read back through the dashboard's query.
         try:
-            from pipelines.telemetry import TrainMetrics
+            from pipelines.common.telemetry import TrainMetrics
         except ImportError:
             TrainMetrics = None
         if TrainMetrics is not None:

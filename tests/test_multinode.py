@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.formats import read_manifest
+from pipelines.common.formats import read_manifest
 from tests.helpers import free_ports, person_image, processes_mentioning, write_tiny_checkpoint
 
 # `ray start` itself, with one guard lifted. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every Ray
@@ -216,7 +216,7 @@ def test_training_resumes_on_the_remaining_node(cluster, tmp_path, tiny_dataset)
 
     assert driver.returncode == 0, stderr[-3000:]
     assert "after 8 steps" in stdout and (run / "model.safetensors").exists()
-    from pipelines.formats import read_training_metrics
+    from pipelines.common.formats import read_training_metrics
 
     steps = sorted(read_training_metrics(str(run))["step"])
     # Resumed from a checkpoint, not from scratch: step 2 (the checkpoint seen before the kill) came once.

@@ -465,7 +465,7 @@ def test_pixel_centres_sample_their_own_colour():
 
 def test_one_sidecar_rule_for_local_files_and_uris(tmp_path):
     from model.reconstruction.preprocess import match_sidecars, sidecar_index
-    from pipelines.inputs import list_inputs
+    from pipelines.common.inputs import list_inputs
 
     siblings = ["s3://b/in/photo.jpg", "s3://b/in/photo_mask.PNG", "s3://b/in/photo_Rect.TXT", "s3://b/in/photo2_keypoints.json"]
     assert match_sidecars("s3://b/in/photo.jpg", sidecar_index(siblings)) == {"mask": "s3://b/in/photo_mask.PNG", "rect": "s3://b/in/photo_Rect.TXT", "keypoints": None}

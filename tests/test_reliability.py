@@ -49,7 +49,7 @@ def test_large_image_is_cropped_before_float_conversion(tmp_path):
 
 def _bulk_config(inputs, output, checkpoint, **kwargs):
     from model.reconstruction.reconstruct import ReconstructionConfig
-    from pipelines.bulk import BulkConfig
+    from pipelines.jobs.bulk import BulkConfig
 
     return BulkConfig(inputs=tuple(inputs), output=str(output), checkpoint=checkpoint,
                       reconstruction=ReconstructionConfig(resolution=64), **kwargs)
@@ -85,8 +85,8 @@ def _cpus_freed(ray, seconds: float = 30.0) -> bool:
 def test_input_that_kills_its_worker_becomes_a_failed_row(ray_local, busy_cores, tmp_path, checkpoint):
     """With both cores busy: the retries of the killed input run at once (the finished pipeline's
     stage actors do not hold the CPUs they need), and the good inputs never fail."""
-    from pipelines.bulk import run_bulk
-    from pipelines.formats import read_manifest
+    from pipelines.jobs.bulk import run_bulk
+    from pipelines.common.formats import read_manifest
     from tests.helpers import person_image
 
     good = [person_image(tmp_path / "in" / f"p{i}.png") for i in range(2)]
@@ -111,8 +111,8 @@ def test_input_that_kills_its_worker_becomes_a_failed_row(ray_local, busy_cores,
 def test_input_that_hangs_its_worker_becomes_a_failed_row_and_the_job_ends(ray_local, tmp_path, checkpoint):
     """A read that never returns (a named pipe nobody writes) stalls the pipeline: after
     `stall_timeout_s` without progress the job runs what is missing alone, and fails what hangs again."""
-    from pipelines.bulk import run_bulk
-    from pipelines.formats import read_manifest
+    from pipelines.jobs.bulk import run_bulk
+    from pipelines.common.formats import read_manifest
     from tests.helpers import person_image
 
     good = [person_image(tmp_path / "in" / f"p{i}.png") for i in range(2)]
@@ -147,7 +147,7 @@ def _release_fifo_readers(fifo) -> None:
 
 
 def _run(inputs, output, checkpoint, **kwargs):
-    from pipelines.bulk import run_bulk
+    from pipelines.jobs.bulk import run_bulk
 
     return run_bulk(_bulk_config(inputs, output, checkpoint, **kwargs), in_process=True, progress=False)
 
@@ -161,8 +161,8 @@ def _tree_text(root) -> str:
 
 
 def test_only_local_file_and_s3_uris_are_read_and_no_secret_is_shown(tmp_path, checkpoint, capfd, caplog):
-    from pipelines.formats import read_manifest
-    from pipelines.uris import redact
+    from pipelines.common.formats import read_manifest
+    from pipelines.common.uris import redact
 
     chained = tmp_path / "in" / "odd::name.png"  # '::' in a file name is part of the name, not a URL chain
     chained.parent.mkdir()
@@ -209,7 +209,7 @@ def test_output_and_checkpoint_uris_outside_the_allow_list_are_usage_errors(tmp_
 
 
 def test_file_names_that_are_not_utf8(tmp_path, checkpoint):
-    from pipelines.formats import read_manifest
+    from pipelines.common.formats import read_manifest
     from tests.helpers import person_image
 
     folder = tmp_path / "in"
@@ -230,8 +230,8 @@ def test_file_names_that_are_not_utf8(tmp_path, checkpoint):
 def test_a_torn_parquet_part_is_skipped_with_a_warning_naming_it(tmp_path, checkpoint, caplog):
     import pandas as pd
 
-    from pipelines.formats import read_manifest
-    from pipelines.formats import read_training_metrics
+    from pipelines.common.formats import read_manifest
+    from pipelines.common.formats import read_training_metrics
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "text.png").write_bytes(b"not an image")
@@ -297,7 +297,7 @@ def test_an_input_whose_row_was_lost_after_its_files_were_written_is_ok_not_skip
     retry finds this run's marker and reports the input ok; another run's marker means skipped."""
     import json
 
-    from pipelines.bulk import _finished
+    from pipelines.jobs.bulk import _finished
 
     marker = tmp_path / "a.json"
     marker.write_text(json.dumps({"run_id": "run-1", "content_hash": "h", "checkpoint_id": "c", "vertices": 10, "faces": 16,
@@ -314,8 +314,8 @@ def test_an_input_whose_row_was_lost_after_its_files_were_written_is_ok_not_skip
 
 
 def test_sidecars_are_size_limited_and_deep_json_is_an_input_error(tmp_path, checkpoint):
-    from pipelines.bulk import MAX_TEXT_SIDECAR_BYTES
-    from pipelines.formats import read_manifest
+    from pipelines.jobs.bulk import MAX_TEXT_SIDECAR_BYTES
+    from pipelines.common.formats import read_manifest
     from tests.helpers import person_image
 
     for name in ("deep", "huge"):
@@ -334,7 +334,7 @@ def test_sidecars_are_size_limited_and_deep_json_is_an_input_error(tmp_path, che
 
 
 def test_output_names_hash_the_whole_uri_with_128_bits():
-    from pipelines.storage import safe_stem
+    from pipelines.common.storage import safe_stem
 
     tail = "a/b/c/d/photo.png"
     one, two = safe_stem(tail, f"s3://bucket/x/{tail}"), safe_stem(tail, f"s3://bucket/y/{tail}")
@@ -348,8 +348,8 @@ def test_output_names_hash_the_whole_uri_with_128_bits():
 def test_finished_at_is_when_the_row_finished_not_when_the_driver_saw_it(tmp_path):
     from datetime import datetime, timezone
 
-    from pipelines.bulk import _batch, _rows, prepare_rows
-    from pipelines.formats import ManifestWriter
+    from pipelines.jobs.bulk import _batch, _rows, prepare_rows
+    from pipelines.common.formats import ManifestWriter
 
     pending = {"run_id": "r", "input_uri": str(tmp_path / "missing.png"), "status": "pending", "marker_uri": str(tmp_path / "m.json"),
                "item": {"uri": str(tmp_path / "missing.png"), "name": "missing.png"}}
@@ -367,8 +367,8 @@ def test_finished_at_is_when_the_row_finished_not_when_the_driver_saw_it(tmp_pat
 
 
 def test_manifest_parts_are_sized_by_rows_and_time(tmp_path):
-    from pipelines.bulk import BulkConfig
-    from pipelines.formats import ManifestWriter
+    from pipelines.jobs.bulk import BulkConfig
+    from pipelines.common.formats import ManifestWriter
 
     assert BulkConfig.manifest_flush_rows >= 10_000 and BulkConfig.manifest_flush_seconds <= 60
     writer = ManifestWriter(str(tmp_path / "out"), "r", 10_000, "v", flush_seconds=60)
@@ -384,7 +384,7 @@ def test_manifest_parts_are_sized_by_rows_and_time(tmp_path):
 
 
 def test_listing_many_inputs_from_a_list_file_or_glob_is_linear(tmp_path):
-    from pipelines.inputs import list_inputs
+    from pipelines.common.inputs import list_inputs
 
     folder = tmp_path / "many"
     folder.mkdir()
@@ -461,7 +461,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_terminated_driver_keeps_its_rows_and_leaves_no_process_or_temporary(tmp_path, checkpoint):
-    from pipelines.formats import read_manifest
+    from pipelines.common.formats import read_manifest
     from tests.helpers import person_image
 
     count = 40  # enough that the job is still running when the signal comes, on a quiet machine too
@@ -505,7 +505,7 @@ def test_rows_survive_an_output_store_that_fails_and_come_back_with_it(tmp_path,
     inputs, keeps every computed row in the local spool and says so; once the store is back the
     next job moves them in, and each input is in the manifest exactly once."""
     from model.errors import StoreError
-    from pipelines.formats import read_manifest, spool_folder
+    from pipelines.common.formats import read_manifest, spool_folder
     from tests.helpers import person_image
 
     for index in range(3):
@@ -536,7 +536,7 @@ def test_the_writability_check_writes_real_bytes(tmp_path):
     probe = ("import resource, signal\n"
              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
              "resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))\n"
-             "from pipelines.bulk import check_writable\n"
+             "from pipelines.jobs.bulk import check_writable\n"
              f"check_writable({str(tmp_path / 'out')!r})\n")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "InputError" in result.stderr and "not writable" in result.stderr, result.stderr
@@ -581,7 +581,7 @@ def test_nan_weights_are_refused_and_an_empty_mesh_is_a_failed_row(tmp_path, che
     from safetensors import safe_open
 
     from pipelines.cli import main
-    from pipelines.formats import read_manifest
+    from pipelines.common.formats import read_manifest
     from tests.helpers import person_image
 
     person_image(tmp_path / "in" / "a.png")
@@ -605,7 +605,7 @@ def test_nan_weights_are_refused_and_an_empty_mesh_is_a_failed_row(tmp_path, che
 
 
 def test_a_credentialed_and_a_plain_uri_of_one_object_are_one_input(tmp_path, s3_server):
-    from pipelines.inputs import list_inputs
+    from pipelines.common.inputs import list_inputs
 
     plain = "s3://bucket/photos/a.png"
     items = list_inputs([str(_list_file(tmp_path, ["s3://KEY:SECRET@bucket/photos/a.png", plain]))])
@@ -620,7 +620,7 @@ def _list_file(tmp_path, lines):
 
 def test_an_input_that_fails_while_writing_leaves_no_outputs(tmp_path, checkpoint):
     """A write that fails half-way (a full disk; here a folder where the preview goes) leaves no mesh without a row."""
-    from pipelines.formats import read_manifest
+    from pipelines.common.formats import read_manifest
     from tests.helpers import person_image
 
     person_image(tmp_path / "in" / "a.png")
@@ -634,7 +634,7 @@ def test_an_input_that_fails_while_writing_leaves_no_outputs(tmp_path, checkpoin
 
 
 def test_every_shape_of_secret_is_redacted():
-    from pipelines.uris import redact
+    from pipelines.common.uris import redact
 
     cases = {
         "pushing to user:hunter2pass@127.0.0.1:9091 failed": "pushing to 127.0.0.1:9091 failed",
@@ -686,7 +686,7 @@ def test_listing_errors_and_deep_checkpoint_headers_are_one_line_errors(tmp_path
 
     from model.errors import CheckpointError, InputError
     from model.network.checkpoint import read_checkpoint
-    from pipelines.inputs import list_inputs
+    from pipelines.common.inputs import list_inputs
     from tests.helpers import write_tiny_checkpoint
 
     with pytest.raises(InputError, match="cannot be listed"):
@@ -701,7 +701,7 @@ def test_listing_errors_and_deep_checkpoint_headers_are_one_line_errors(tmp_path
 
 
 def test_sigint_writes_what_it_has_and_exits_130(tmp_path, checkpoint):
-    from pipelines.formats import read_manifest
+    from pipelines.common.formats import read_manifest
     from tests.helpers import person_image
 
     count = 30

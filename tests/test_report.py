@@ -16,7 +16,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from pipelines.report import ReportConfig, make_report, nice_ticks
+from pipelines.jobs.report import ReportConfig, make_report, nice_ticks
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -29,8 +29,8 @@ def _png(path: Path, colour: tuple[int, int, int], size=(1280, 256)) -> str:
 @pytest.fixture
 def report_inputs(tmp_path) -> dict:
     """A bulk output (2 runs, a failure), an evaluation (in process, real metrics) and a training run."""
-    from pipelines.formats import ManifestWriter
-    from pipelines.evaluate import EvalConfig, run_evaluation
+    from pipelines.common.formats import ManifestWriter
+    from pipelines.jobs.evaluate import EvalConfig, run_evaluation
 
     bulk = tmp_path / "bulk"
     (bulk / "meshes").mkdir(parents=True)

@@ -10,7 +10,7 @@ from scipy.ndimage import binary_dilation
 import model
 from model.reconstruction.preprocess import prepare_image_file
 from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct
-from pipelines.checkpoints import SHIPPED_CHECKPOINT, default_checkpoint
+from pipelines.common.checkpoints import SHIPPED_CHECKPOINT, default_checkpoint
 
 EXAMPLE = SHIPPED_CHECKPOINT.parents[2] / "examples" / "synthetic_person.png"  # a held-out test view
 

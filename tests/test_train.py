@@ -8,14 +8,14 @@ import torch
 
 import model
 from pathlib import Path
-from pipelines.storage import filesystem
+from pipelines.common.storage import filesystem
 from model.training.stages import TRAINED_PARTS, window_calib
-from pipelines.formats import read_training_metrics
-from pipelines.train import TrainConfig, build_stage, initial_network, package_model, run_training, to_tensors
+from pipelines.common.formats import read_training_metrics
+from pipelines.jobs.train import TrainConfig, build_stage, initial_network, package_model, run_training, to_tensors
 
 
 def _fixed_batch(uri: str, size: int = 2) -> dict:
-    from pipelines.dataset import iter_batches
+    from pipelines.common.dataset import iter_batches
 
     return to_tensors(next(iter_batches(uri, "train", size)), torch.device("cpu"))
 
@@ -53,7 +53,7 @@ def test_body_frame_centres_each_body_in_depth_and_moves_only_depth(tiny_dataset
     """Training rows move to the frame inference reads a fitted body in (its own depth box centred)."""
     import trimesh
 
-    from pipelines.dataset import iter_batches, to_body_frame
+    from pipelines.common.dataset import iter_batches, to_body_frame
 
     decoded = next(iter_batches(tiny_dataset, "train", 4))
     moved = to_body_frame(decoded, tiny_dataset)
@@ -139,7 +139,7 @@ def test_corrupt_init_checkpoint_is_a_clear_error(tmp_path):
 
 
 def _local(uri: str) -> str:
-    from pipelines.checkpoints import fetch_checkpoint
+    from pipelines.common.checkpoints import fetch_checkpoint
 
     return fetch_checkpoint(uri)
 
@@ -156,7 +156,7 @@ def test_torn_shards_and_non_finite_losses_stop_training_with_a_clear_error(ray_
     import pyarrow.parquet as pq
 
     from model.errors import InputError
-    from pipelines.train import NonFiniteLoss
+    from pipelines.jobs.train import NonFiniteLoss
 
     base = dict(stage="coarse", out=str(tmp_path / "runs"), preset="tiny", batch_size=1, points_per_sample=256,
                 steps=2, checkpoint_every=1, validate_every=100, cpus_per_worker=0.5, max_failures=0)

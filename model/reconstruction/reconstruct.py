@@ -161,7 +161,7 @@ def occupancy_function(net: PIFuHD, features, body=None, silhouette: torch.Tenso
 
 def surface_level(net: PIFuHD) -> float:
     """The occupancy level `net`'s surface is extracted at: its checkpoint's `surface_level`
-    (calibrated on held-out views, `pipelines.calibrate`), else 0.5."""
+    (calibrated on held-out views, `pipelines.jobs.calibrate`), else 0.5."""
     return float(getattr(net, "checkpoint_metadata", {}).get("surface_level", 0.5))
 
 

@@ -62,7 +62,7 @@ class BodyNoise:
     """The errors of a fitted body, put on the true one a body-guided model trains with (cm).
 
     A fitted body sits off the true one (shift; along z most: an orthographic photo fixes no depth,
-    and both are centred in depth by their own box, `pipelines.dataset.to_body_frame`, so a limb
+    and both are centred in depth by their own box, `pipelines.common.dataset.to_body_frame`, so a limb
     misplaced in depth moves the rest), is too thick or thin (offset), and the rest is per-point
     jitter. To first order, moving a body by t changes the distance at a point with body normal n by
     -n.t, and growing it by d by -d.

@@ -4,7 +4,7 @@
     CoarseStage  coarse hourglass + MLP; every stack's prediction supervised (weighted BCE)
     FineStage    fine hourglass + MLP on a random half-size window, the coarse level frozen
 
-Each stage's forward takes a decoded batch (`pipelines.dataset.decode_table` as tensors) and a
+Each stage's forward takes a decoded batch (`pipelines.common.dataset.decode_table` as tensors) and a
 torch Generator and returns (loss, extras), so a data-parallel wrapper (DDP) wraps exactly the
 trainable part. `freeze_for(net, stage)` leaves trainable only what the stage trains.
 """

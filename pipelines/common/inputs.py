@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 
 from model.errors import InputError
 from model.reconstruction.preprocess import is_sidecar, match_sidecars, sidecar_index
-from pipelines.exit_codes import UsageError
-from pipelines.storage import IMAGE_EXTENSIONS, filesystem, full_uri
-from pipelines.uris import UnsupportedURIError, check_uri, redact
+from pipelines.common.exit_codes import UsageError
+from pipelines.common.storage import IMAGE_EXTENSIONS, filesystem, full_uri
+from pipelines.common.uris import UnsupportedURIError, check_uri, redact
 
 log = logging.getLogger(__name__)
 

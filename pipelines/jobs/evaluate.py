@@ -66,10 +66,10 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from pipelines import exit_codes, storage
-from pipelines.exit_codes import build_config
-from pipelines.formats import beats_baseline, summarize, write_results
-from pipelines.uris import uri_argument
+from pipelines.common import exit_codes, storage
+from pipelines.common.exit_codes import build_config
+from pipelines.common.formats import beats_baseline, summarize, write_results
+from pipelines.common.uris import uri_argument
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def ground_truth_meshes(gt: str, split: str) -> dict[str, str]:
     the subjects of `split` ("all": every subject) as its card lists them."""
     if not is_dataset(gt):
         return list_meshes(gt)
-    from pipelines.dataset import read_card
+    from pipelines.common.dataset import read_card
 
     meshes = list_meshes(storage.join(gt, "meshes"))
     card = read_card(gt) or {}
@@ -267,7 +267,7 @@ def _text(value) -> str | None:
 def manifest_items(output: str, gt_meshes: dict[str, str]) -> tuple[list[dict], int]:
     """(one item per GT mesh, manifest inputs without a GT) pairing the latest manifest row of
     each input with the GT mesh of the input's file-name stem."""
-    from pipelines.formats import read_manifest
+    from pipelines.common.formats import read_manifest
 
     manifest = read_manifest(output)
     latest: dict[str, dict] = {}
@@ -296,7 +296,7 @@ def manifest_items(output: str, gt_meshes: dict[str, str]) -> tuple[list[dict], 
 
 def checkpoint_items(dataset: str, split: str) -> list[dict]:
     """One item per stored view of the split: where its row is, and its subject's GT mesh."""
-    from pipelines import dataset as fmt
+    from pipelines.common import dataset as fmt
 
     uri = fmt.normalise_uri(dataset)
     shards = fmt.list_shards(uri, None if split == "all" else split)
@@ -433,7 +433,7 @@ class PairWorker:
         self.net = None
         if checkpoint is not None:
             from model.network.checkpoint import load_checkpoint
-            from pipelines.checkpoints import fetch_checkpoint
+            from pipelines.common.checkpoints import fetch_checkpoint
 
             device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
             self.net = load_checkpoint(fetch_checkpoint(checkpoint)).eval().to(device)
@@ -522,7 +522,7 @@ def view_body(view: dict, item: dict, prepared, bodies: str = "fitted"):
         return (np.asarray(body.vertices), np.asarray(body.faces)), None
     from model.body.guidance import with_fitted_body
     from model.reconstruction.preprocess import Crop
-    from pipelines.fit import person_finder
+    from pipelines.jobs.fit import person_finder
 
     size = view["image"].shape[-1]
     people = person_finder().find(view["rgb"])
@@ -553,12 +553,12 @@ def read_view(shard: str, row: int) -> dict:
     largest stored size S, rgb (S, S, 3) uint8 (the stored pixels, for the person finder),
     view_from_canonical (4, 4) float64, units_per_cm (float).
     """
-    from pipelines import dataset as fmt
+    from pipelines.common import dataset as fmt
 
     columns = ["image_512", "image_1024", "mask_512", "mask_1024", "view_from_canonical", "units_per_cm"]
     record = storage.read_parquet(shard, columns=columns).slice(row, 1).to_pylist()[0]
     size = 1024 if record["image_1024"] is not None else 512
-    # The same decoding as pipelines.dataset.decode_table (what training and validation see).
+    # The same decoding as pipelines.common.dataset.decode_table (what training and validation see).
     rgb = np.ascontiguousarray(fmt.decode_png(record[f"image_{size}"])[..., :3])
     image = rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     mask = fmt.decode_png(record[f"mask_{size}"]).astype(np.float32)[None] / 255
@@ -704,7 +704,7 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
     checkpoint, checkpoint_id = None, ""
     if mode == "checkpoint":
         from model.network.checkpoint import read_checkpoint
-        from pipelines.checkpoints import checkpoint_identity, default_checkpoint, fetch_checkpoint
+        from pipelines.common.checkpoints import checkpoint_identity, default_checkpoint, fetch_checkpoint
 
         try:
             checkpoint = default_checkpoint() if config.pred in (None, "shipped") else config.pred
@@ -767,7 +767,7 @@ def _config(args: argparse.Namespace) -> EvalConfig:
 
 def _run(args: argparse.Namespace) -> int:
     from model.errors import PifuhdError
-    from pipelines.ray_runtime import connect_ray
+    from pipelines.common.ray_runtime import connect_ray
 
     config = _config(args)
     try:
@@ -790,7 +790,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
         "evaluate",
         help="Chamfer, P2S, normal and F-score metrics against ground-truth meshes (Ray Data)",
         description="Evaluate reconstructions against ground truth with the PIFuHD protocol (cm; see "
-        "pipelines/evaluate.py). --pred CHECKPOINT with --gt DATASET reconstructs every view of the --split "
+        "pipelines/jobs/evaluate.py). --pred CHECKPOINT with --gt DATASET reconstructs every view of the --split "
         "subjects (default: the test split); --pred MESH_DIR or a bulk output folder with --gt MESH_DIR (or a "
         "dataset) pairs meshes by file-name stem. Writes OUT/results.parquet and OUT/summary.json.",
     )

@@ -12,7 +12,7 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
 
 from model.errors import PifuhdError
-from pipelines.uris import redact
+from pipelines.common.uris import redact
 
 log = logging.getLogger(__name__)
 

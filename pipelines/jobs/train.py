@@ -41,10 +41,10 @@ from model.training.augment import BodyNoise, MaskNoise
 from model.training.losses import VGG19Features
 from model.training.stages import (STAGES, TRAINED_PARTS, CoarseStage, FineStage, NormalStage, body_inputs,
                                    freeze_for, stage_inputs)
-from pipelines.formats import read_training_metrics, write_training_metrics
-from pipelines.storage import filesystem, is_remote, join, pyarrow_filesystem, write_bytes_atomic
-from pipelines.telemetry import check_pushgateway
-from pipelines.uris import redact
+from pipelines.common.formats import read_training_metrics, write_training_metrics
+from pipelines.common.storage import filesystem, is_remote, join, pyarrow_filesystem, write_bytes_atomic
+from pipelines.common.telemetry import check_pushgateway
+from pipelines.common.uris import redact
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class TrainConfig:
     """One training run of one stage."""
 
     stage: str
-    data: str  # dataset URI (pipelines.dataset format)
+    data: str  # dataset URI (pipelines.common.dataset format)
     out: str  # storage root: local folder or s3://bucket/prefix; the run lives in OUT/NAME
     name: str = ""  # run name; default "<preset>-<stage>". Same name again = resume.
     preset: str = "small"
@@ -88,7 +88,7 @@ class TrainConfig:
     z_size: float | None = None
     # Coarse and fine stages: train the body-guided variant (model.network.config body_channels), on the
     # synthetic data's true bodies disturbed like fitted ones (model.training.augment.BodyNoise), every row
-    # moved to the body's depth frame as inference has it (pipelines.dataset.to_body_frame). An --init
+    # moved to the body's depth frame as inference has it (pipelines.common.dataset.to_body_frame). An --init
     # model without body inputs gains them with zero weights, so it starts as that model.
     body_guided: bool = False
     body_noise: BodyNoise = field(default_factory=BodyNoise)
@@ -142,7 +142,7 @@ def build_stage(net: PIFuHD, config: TrainConfig) -> nn.Module:
 
 def initial_network(config: TrainConfig) -> PIFuHD:
     if config.init:
-        from pipelines.checkpoints import fetch_checkpoint
+        from pipelines.common.checkpoints import fetch_checkpoint
 
         net = load_checkpoint(fetch_checkpoint(config.init))
         if net.config != model.preset(config.preset):
@@ -216,7 +216,7 @@ def _load_validation(config: TrainConfig) -> tuple[list[dict], dict, dict]:
     stored, their bodies (canonical frame)."""
     import trimesh
 
-    from pipelines.dataset import iter_batches, to_body_frame
+    from pipelines.common.dataset import iter_batches, to_body_frame
 
     if config.val_samples <= 0:
         return [], {}, {}
@@ -277,9 +277,9 @@ def _sample_names(decoded: dict) -> list[str]:
 
 
 def decode_rows(table, data: str, body_frame: bool) -> dict:
-    """Raw shard rows -> a decoded batch (pipelines.dataset.decode_table), in each body's depth
+    """Raw shard rows -> a decoded batch (pipelines.common.dataset.decode_table), in each body's depth
     frame for a body-guided model."""
-    from pipelines.dataset import decode_table, to_body_frame
+    from pipelines.common.dataset import decode_table, to_body_frame
 
     decoded = decode_table(table)
     return to_body_frame(decoded, data) if body_frame else decoded
@@ -336,7 +336,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipelines.telemetry import TrainMetrics
+    from pipelines.common.telemetry import TrainMetrics
 
     config = TrainConfig.from_dict(config_dict)
     if config.threads_per_worker:
@@ -444,7 +444,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.dataset import open_shards
+    from pipelines.common.dataset import open_shards
 
     # Raw rows (PNG bytes) travel to the workers, which decode them: a decoded sample is ~12 MB
     # of float32, and moving that through the object store cost more than the training step.
@@ -501,7 +501,7 @@ def package_model(run_uris: list[str], output: str, recipe: str = "", half: bool
     continued_from: the packaged model these runs continued (their first --init); stages none of
     the runs trained keep that model's weights, and its stage records and recipe are kept too.
     """
-    from pipelines.checkpoints import fetch_checkpoint
+    from pipelines.common.checkpoints import fetch_checkpoint
 
     net = load_checkpoint(fetch_checkpoint(join(run_uris[-1], "model.safetensors")))
     stages = []

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.exit_codes import build_config
-from pipelines.uris import check_uri, uri_argument
+from pipelines.common.exit_codes import build_config
+from pipelines.common.uris import check_uri, uri_argument
 
 DEFAULT_LEVELS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 
@@ -60,9 +60,9 @@ def calibrate(config: CalibrationConfig, log=print) -> dict:
 
     from model.network.checkpoint import load_checkpoint, with_metadata
     from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct
-    from pipelines import storage
-    from pipelines.checkpoints import fetch_checkpoint
-    from pipelines.evaluate import checkpoint_items, pair_metrics, scaled_mesh, stored_view, view_body
+    from pipelines.common import storage
+    from pipelines.common.checkpoints import fetch_checkpoint
+    from pipelines.jobs.evaluate import checkpoint_items, pair_metrics, scaled_mesh, stored_view, view_body
 
     local = fetch_checkpoint(config.checkpoint)
     net = load_checkpoint(local).eval().to("cuda" if torch.cuda.is_available() else "cpu")

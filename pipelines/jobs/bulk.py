@@ -23,7 +23,7 @@ finished mesh; a re-run skips inputs whose marker has the same content hash and 
 (resume after a killed driver or worker).
 
 Manifest (Parquet, `OUT/manifest/run-<run_id>-<part>.parquet`, append-only, one row per input
-per run, or per person with `all_people`): see `pipelines.formats.MANIFEST_SCHEMA`.
+per run, or per person with `all_people`): see `pipelines.common.formats.MANIFEST_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ from model.body.fit import FitConfig
 from model.errors import InputError, SurfaceError
 from model.person import PersonInput, PersonOptions
 from model.reconstruction.reconstruct import MESH_FORMATS, ReconstructionConfig
-from pipelines.formats import MANIFEST_SCHEMA, ManifestWriter, recover_spool
-from pipelines.inputs import InputItem, list_inputs
-from pipelines.stage_actors import end_stage_actors, register_this_actor, start_registry
-from pipelines.telemetry import BulkMetrics, check_port, check_pushgateway
-from pipelines.storage import filesystem, join, remove_quietly, remove_stale_temporaries, safe_stem, write_bytes_atomic
-from pipelines.uris import check_uri, redact
+from pipelines.common.formats import MANIFEST_SCHEMA, ManifestWriter, recover_spool
+from pipelines.common.inputs import InputItem, list_inputs
+from pipelines.common.stage_actors import end_stage_actors, register_this_actor, start_registry
+from pipelines.common.telemetry import BulkMetrics, check_port, check_pushgateway
+from pipelines.common.storage import filesystem, join, remove_quietly, remove_stale_temporaries, safe_stem, write_bytes_atomic
+from pipelines.common.uris import check_uri, redact
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class Summary:
             print(f"  failed: {uri}: {reason}")
         if self.manifest_files:
             print(f"manifest: {self.manifest_files[0].rsplit('/', 1)[0]}/ ({len(self.manifest_files)} parts)")
-        from pipelines import exit_codes
+        from pipelines.common import exit_codes
 
         return exit_codes.INPUTS_FAILED if fail_on_error and self.failed else exit_codes.OK
 
@@ -481,7 +481,7 @@ class InputPreparer:
         in the network frame for a body-guided model."""
         from model.body.export import body_json, mesh_bytes
         from model.body.guidance import with_fitted_body
-        from pipelines.fit import find_person
+        from pipelines.jobs.fit import find_person
 
         start = time.perf_counter()
         name = redact(row["input_uri"])
@@ -515,7 +515,7 @@ class SurfaceSampler:
         self.config = reconstruction
 
     def _load(self, checkpoint: str):
-        from pipelines.checkpoints import fetch_checkpoint
+        from pipelines.common.checkpoints import fetch_checkpoint
         from model.network.checkpoint import load_checkpoint
 
         return load_checkpoint(fetch_checkpoint(checkpoint)).to(self.device)
@@ -673,7 +673,7 @@ def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool, 
     """The three stages on a dataset of records: prepare (CPU actors), model (GPU or CPU actors), finish.
 
     The actor pools have a fixed size and their actors register with `registry`, so that the driver
-    can end them with the pipeline (`pipelines.stage_actors`)."""
+    can end them with the pipeline (`pipelines.common.stage_actors`)."""
     import ray
 
     mib = 1 << 20
@@ -874,7 +874,7 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     """Run one bulk job to completion; Ray must already be initialised unless `in_process`."""
     from model.network.checkpoint import check_finite_weights, read_checkpoint
     from model.errors import CheckpointError
-    from pipelines.checkpoints import checkpoint_identity, fetch_checkpoint
+    from pipelines.common.checkpoints import checkpoint_identity, fetch_checkpoint
 
     start = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]

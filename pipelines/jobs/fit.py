@@ -1,6 +1,6 @@
 """`pifuhd fit`: the anny body fitted to every input photo, on Ray Data.
 
-    list inputs (driver, `pipelines.inputs`)
+    list inputs (driver, `pipelines.common.inputs`)
       -> read, hash, find the person, fit, write     CPU tasks, one image each (`fit_rows`)
       -> manifest rows streamed back to the driver, appended to Parquet
 
@@ -32,15 +32,15 @@ import pyarrow as pa
 from model.body.export import MESH_FORMATS
 from model.body.fit import WORLD_SOURCES, FitConfig
 from model.errors import InputError
-from pipelines.bulk import (
+from pipelines.jobs.bulk import (
     MAX_IMAGE_BYTES, MAX_TEXT_SIDECAR_BYTES, Summary, _batch, check_writable, drain_results, _fail, _finished_marker, _read, _rows, _stage_dataset,
     _stage_results, _where, stage_schema,
 )
-from pipelines.formats import FIT_MANIFEST_SCHEMA, ManifestWriter, recover_spool
-from pipelines.inputs import InputItem, list_inputs
-from pipelines.exit_codes import build_config
-from pipelines.uris import uri_argument
-from pipelines.storage import join, redact, safe_stem, write_bytes_atomic
+from pipelines.common.formats import FIT_MANIFEST_SCHEMA, ManifestWriter, recover_spool
+from pipelines.common.inputs import InputItem, list_inputs
+from pipelines.common.exit_codes import build_config
+from pipelines.common.uris import uri_argument
+from pipelines.common.storage import join, redact, safe_stem, write_bytes_atomic
 
 @dataclass(frozen=True)
 class FitJobConfig:
@@ -272,7 +272,7 @@ def _fit_config(args) -> FitJobConfig:
 
 
 def _fit_command(args) -> int:
-    from pipelines.ray_runtime import connect_ray
+    from pipelines.common.ray_runtime import connect_ray
 
     config = _fit_config(args)
     if not args.in_process:

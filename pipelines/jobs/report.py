@@ -28,9 +28,9 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from pipelines import exit_codes, storage
-from pipelines.telemetry import BULK_STAGES
-from pipelines.uris import uri_argument
+from pipelines.common import exit_codes, storage
+from pipelines.common.telemetry import BULK_STAGES
+from pipelines.common.uris import uri_argument
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _kind_of_table(columns) -> str | None:
 def load_sources(uri: str) -> list[Source]:
     """The sources one input holds (a folder may hold several); ValueError if none."""
     import pandas as pd
-    from pipelines.formats import read_manifest, read_results, read_training_metrics
+    from pipelines.common.formats import read_manifest, read_results, read_training_metrics
 
     fs, path = storage.filesystem(uri)
     name = uri.rstrip("/").rsplit("/", 1)[-1]
@@ -405,7 +405,7 @@ def _failures_table(table) -> str:
 
 def evaluation_section(source: Source, config: ReportConfig, page: Page) -> str:
     """Summary, metric distributions, failures and the worst cases of one evaluation."""
-    from pipelines.formats import HIGHER_IS_BETTER, METRICS, beats_baseline, summarize
+    from pipelines.common.formats import HIGHER_IS_BETTER, METRICS, beats_baseline, summarize
 
     table = source.table
     parts = [f"<h2>Evaluation: {_esc(source.uri)}</h2>"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 from model.data.humans import POSE_FAMILIES
-from pipelines.exit_codes import build_config
-from pipelines.uris import uri_argument
+from pipelines.common.exit_codes import build_config
+from pipelines.common.uris import uri_argument
 
 
 def _recipe(args):
@@ -24,7 +24,7 @@ def _recipe(args):
 
 def _train(args) -> int:
     from model.body.lifter import finder_pairs, lifter_bytes, train_lifter, training_poses
-    from pipelines import storage
+    from pipelines.common import storage
 
     recipe = _recipe(args)
     start = time.perf_counter()

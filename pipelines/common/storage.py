@@ -1,7 +1,7 @@
-"""Local paths and object-storage URIs (the schemes of `pipelines.uris`) behind one small API.
+"""Local paths and object-storage URIs (the schemes of `pipelines.common.uris`) behind one small API.
 
 S3 endpoints and credentials come from the environment (AWS_* variables, an
-instance role); they never appear in URIs we log or store (`pipelines.uris.redact`).
+instance role); they never appear in URIs we log or store (`pipelines.common.uris.redact`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 import pyarrow.parquet as pq
 
-from pipelines.uris import check_uri, redact
+from pipelines.common.uris import check_uri, redact
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ that `pifuhd report` and any notebook read a job's outputs without loading a mod
     OUT/results.parquet                        `pifuhd evaluate` (RESULT_SCHEMA): one row per pair
     RUN/metrics/step-<step>.parquet            `pifuhd train`: one row per report (columns vary)
     DATASET/shards/<split>/part-*.parquet      `pifuhd data` (DATASET_SCHEMA; layout and decoding
-                                               in `pipelines.dataset`)
+                                               in `pipelines.common.dataset`)
     DATASET/failures.parquet                   subjects that could not be made (DATASET_FAILURE_SCHEMA)
 """
 
@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 
 from model.errors import StoreError
-from pipelines import storage
-from pipelines.storage import join
-from pipelines.uris import redact
+from pipelines.common import storage
+from pipelines.common.storage import join
+from pipelines.common.uris import redact
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ DATASET_SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 IMAGE_KINDS = ("image", "mask", "normal_front", "normal_back")
 _f32_list = pa.list_(pa.float32())
-# One row per (subject, view), in the network's frame (see `pipelines.dataset`).
+# One row per (subject, view), in the network's frame (see `pipelines.common.dataset`).
 DATASET_SCHEMA = pa.schema(
     [
         ("schema_version", pa.int16()),

@@ -9,7 +9,7 @@ Both jobs are the same pipeline over a list of subjects:
 
 Subjects already in a shard are skipped, so a re-run resumes. A subject that fails (a corrupt
 scan, say) becomes a row of failures.parquet with its reason; the job goes on and exits 0.
-The driver finally rewrites dataset.json from the shards. Layout: pipelines/dataset.py.
+The driver finally rewrites dataset.json from the shards. Layout: pipelines/common/dataset.py.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipelines.exit_codes import build_config
-from pipelines.ray_runtime import connect_ray
-from pipelines.uris import uri_argument
+from pipelines.common.exit_codes import build_config
+from pipelines.common.ray_runtime import connect_ray
+from pipelines.common.uris import uri_argument
 
 if TYPE_CHECKING:
     from model.data.humans import HumanConfig
@@ -99,7 +99,7 @@ class JobConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        from pipelines.uris import check_uri
+        from pipelines.common.uris import check_uri
 
         if self.kind not in ("synth", "scans"):
             raise ValueError(f"kind must be 'synth' or 'scans', not {self.kind!r}")
@@ -140,8 +140,8 @@ def _id_key(subject_id: str) -> int:
 
 
 def subject_rows(subject, split: str, source: str, rng: np.random.Generator, settings: SampleSettings) -> list[dict]:
-    """Render and label every view of one subject: a list of rows of `pipelines.formats.DATASET_SCHEMA`."""
-    from pipelines.formats import DATASET_SCHEMA_VERSION
+    """Render and label every view of one subject: a list of rows of `pipelines.common.formats.DATASET_SCHEMA`."""
+    from pipelines.common.formats import DATASET_SCHEMA_VERSION
     from model.data.render import get_renderer, image_background, network_calib, png_bytes, procedural_background, random_lighting, sample_views
     from model.data.sampling import label_views
 
@@ -228,7 +228,7 @@ def with_scan_body(subject):
     `info["body_error"]`: its rows then carry no body, and the subject is still training data."""
     from model.body.scan import fit_scan_body
     from model.errors import InputError
-    from pipelines.fit import person_finder
+    from pipelines.jobs.fit import person_finder
 
     try:
         body, fit = fit_scan_body(subject, person_finder())
@@ -257,7 +257,7 @@ class SubjectWorker:
             load_body_model()
 
     def __call__(self, batch: dict) -> dict:
-        from pipelines import dataset as fmt, formats, storage
+        from pipelines.common import dataset as fmt, formats, storage
 
         job, s = self.job, self.job.settings
         ids = list(batch["subject_id"])
@@ -331,7 +331,7 @@ def work_items(job: JobConfig) -> list[dict]:
 
 def run_job(job: JobConfig) -> dict:
     """Run a data job to completion and return its summary (also printed unless quiet)."""
-    from pipelines import dataset as fmt
+    from pipelines.common import dataset as fmt
 
     job = dataclasses.replace(job, out=fmt.normalise_uri(job.out))
     log = (lambda *a: None) if job.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))

@@ -1,4 +1,4 @@
-"""Training data on any filesystem: its layout, writer helpers and reader (schema: `pipelines.formats`).
+"""Training data on any filesystem: its layout, writer helpers and reader (schema: `pipelines.common.formats`).
 
 Layout under a dataset URI (a local folder or s3://bucket/prefix):
 
@@ -31,11 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import storage
-from pipelines.formats import DATASET_FAILURE_SCHEMA, DATASET_SCHEMA_VERSION, SPLITS
-from pipelines.storage import join  # noqa: F401 - part of this module's API (fmt.join)
+from pipelines.common import storage
+from pipelines.common.formats import DATASET_FAILURE_SCHEMA, DATASET_SCHEMA_VERSION, SPLITS
+from pipelines.common.storage import join  # noqa: F401 - part of this module's API (fmt.join)
 from model.errors import InputError
-from pipelines.uris import check_uri, redact
+from pipelines.common.uris import check_uri, redact
 
 if TYPE_CHECKING:
     import ray

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from model.cache import CACHE_ROOT
 from model.errors import CheckpointError
-from pipelines.storage import filesystem, is_remote
+from pipelines.common.storage import filesystem, is_remote
 
 # The model trained by this project and shipped with it (see README, "Shipped model").
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "model" / "weights" / "pifuhd-small.safetensors"
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[2] / "model" / "weights" / "pifuhd-small.safetensors"
 # The shipped model reads a body fitted to each photo; this one, trained alike without that input,
 # meshes the photos no body can be fitted to (no landmarks: a cropped torso, a drawing).
 SHIPPED_PLAIN_CHECKPOINT = SHIPPED_CHECKPOINT.with_name("pifuhd-small-plain.safetensors")
