@@ -23,7 +23,7 @@ import torch
 from pipelines.common.dataset import iter_batches
 from pipelines.common.formats import read_training_metrics
 from pipelines.common.ray_runtime import connect_ray
-from pipelines.jobs.train import TrainConfig, _optimizer, build_stage, initial_network, run_training, to_tensors
+from pipelines.jobs.train import TrainConfig, build_stage, make_optimizer, initial_network, run_training, to_tensors
 
 
 REPORT = 5  # steps per timed block
@@ -35,7 +35,7 @@ def plain_loop(config: TrainConfig, warmup: int, steps: int) -> float:
     torch.set_num_threads(2)
     net = initial_network(config)
     stage = build_stage(net, config)
-    optimizer = _optimizer([p for p in stage.parameters() if p.requires_grad], config)
+    optimizer = make_optimizer([p for p in stage.parameters() if p.requires_grad], config)
     generator = torch.Generator().manual_seed(0)
     batches = iter_batches(config.data, "train", config.batch_size)
     blocks, start = [], time.perf_counter()

@@ -12,6 +12,7 @@ import json
 import signal
 import sys
 import traceback
+from importlib.metadata import entry_points
 
 from model.network.config import PRESETS  # plain dataclasses: `pifuhd --help` loads no torch
 from pipelines.common import exit_codes
@@ -20,6 +21,7 @@ from pipelines.common.uris import uri_argument
 
 
 PRESET_NAMES = tuple(PRESETS)
+COMMAND_ENTRY_POINTS = "pifuhd.commands"  # each: a function that adds its sub-commands to the parser's
 
 
 def _checkpoint_inspect(args: argparse.Namespace) -> int:
@@ -275,8 +277,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     train.set_defaults(handler=_train, config=_train_config)
 
-    from cluster.jobs import register_cli as register_jobs
-    from cluster.metrics_stack import register_cli as register_metrics
     from pipelines.jobs.data import register_cli as register_data
     from pipelines.jobs.evaluate import register_cli as register_evaluate
     from pipelines.jobs.fit import register_cli as register_fit
@@ -288,8 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_fit(commands)
     register_lifter(commands)
     register_report(commands)
-    register_jobs(commands)
-    register_metrics(commands)
+    # Commands other packages add (this project's cluster/: submit, jobs, metrics), found through
+    # the "pifuhd.commands" entry points of pyproject.toml, so that pipelines/ never imports them.
+    for entry in sorted(entry_points(group=COMMAND_ENTRY_POINTS), key=lambda e: e.name):
+        entry.load()(commands)
     _show_defaults(parser)
     return parser
 

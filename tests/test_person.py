@@ -17,7 +17,8 @@ from model.person import PersonFinder, PersonFinderConfig, PersonOptions, prepar
 from model.reconstruction.preprocess import load_image
 from model.reconstruction.reconstruct import ReconstructionConfig
 from model.data.render import Renderer, View, procedural_background, random_lighting
-from pipelines.jobs.bulk import BulkConfig, InputPreparer, initial_rows, run_bulk
+from pipelines.jobs.bulk import BulkConfig, initial_rows, run_bulk
+from pipelines.jobs.bulk_stages import InputPreparer
 from pipelines.common.formats import read_manifest
 from pipelines.common.inputs import list_inputs
 from tests.helpers import write_tiny_checkpoint

@@ -297,7 +297,7 @@ def test_an_input_whose_row_was_lost_after_its_files_were_written_is_ok_not_skip
     retry finds this run's marker and reports the input ok; another run's marker means skipped."""
     import json
 
-    from pipelines.jobs.bulk import _finished
+    from pipelines.jobs.bulk_stages import already_finished
 
     marker = tmp_path / "a.json"
     marker.write_text(json.dumps({"run_id": "run-1", "content_hash": "h", "checkpoint_id": "c", "vertices": 10, "faces": 16,
@@ -305,7 +305,7 @@ def test_an_input_whose_row_was_lost_after_its_files_were_written_is_ok_not_skip
     statuses = []
     for run_id in ("run-1", "run-2"):
         record = {"run_id": run_id, "marker_uri": str(marker), "content_hash": "h", "checkpoint_id": "c", "faces": None}
-        assert _finished(record)
+        assert already_finished(record)
         statuses.append((record["status"], record["faces"]))
     assert statuses == [("ok", 16), ("skipped", 16)]
 
@@ -314,7 +314,7 @@ def test_an_input_whose_row_was_lost_after_its_files_were_written_is_ok_not_skip
 
 
 def test_sidecars_are_size_limited_and_deep_json_is_an_input_error(tmp_path, checkpoint):
-    from pipelines.jobs.bulk import MAX_TEXT_SIDECAR_BYTES
+    from pipelines.common.stage_rows import MAX_TEXT_SIDECAR_BYTES
     from pipelines.common.formats import read_manifest
     from tests.helpers import person_image
 
@@ -348,13 +348,16 @@ def test_output_names_hash_the_whole_uri_with_128_bits():
 def test_finished_at_is_when_the_row_finished_not_when_the_driver_saw_it(tmp_path):
     from datetime import datetime, timezone
 
-    from pipelines.jobs.bulk import _batch, _rows, prepare_rows
+    from model.person import PersonOptions
+    from pipelines.common.stage_rows import rows, to_table
+    from pipelines.jobs.bulk_stages import STAGE_SCHEMA, InputPreparer
     from pipelines.common.formats import ManifestWriter
 
     pending = {"run_id": "r", "input_uri": str(tmp_path / "missing.png"), "status": "pending", "marker_uri": str(tmp_path / "m.json"),
                "item": {"uri": str(tmp_path / "missing.png"), "name": "missing.png"}}
     before = datetime.now(timezone.utc)
-    [(record, _)] = _rows(prepare_rows(_batch([(pending, b"")]), (64, 128), False, 10**6))
+    preparer = InputPreparer(sizes=(64, 128), overwrite=False, max_pixels=10**6, person=PersonOptions(), mesh_format="obj")
+    [(record, _)] = rows(preparer(to_table([(pending, b"")], STAGE_SCHEMA)))
     failed_by = datetime.now(timezone.utc)
     time.sleep(0.1)  # the row waits in Ray's queues before the driver gets it
     writer = ManifestWriter(str(tmp_path / "out"), "r", 10_000, "v")
@@ -536,7 +539,7 @@ def test_the_writability_check_writes_real_bytes(tmp_path):
     probe = ("import resource, signal\n"
              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
              "resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))\n"
-             "from pipelines.jobs.bulk import check_writable\n"
+             "from pipelines.common.stage_rows import check_writable\n"
              f"check_writable({str(tmp_path / 'out')!r})\n")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "InputError" in result.stderr and "not writable" in result.stderr, result.stderr

@@ -163,11 +163,11 @@ def from_body25(points: np.ndarray) -> np.ndarray:
 
 def parse_body_keypoints(source: str | os.PathLike | bytes, name: str | None = None) -> BodyKeypoints:
     """A keypoints sidecar (path or bytes) in MediaPipe-33 or OpenPose BODY_25 layout -> BodyKeypoints."""
-    from model.reconstruction.preprocess import _read_text, _source_name, parse_openpose_people
+    from model.reconstruction.preprocess import read_text, source_name, parse_openpose_people
 
-    name = _source_name(source, name, default="<keypoints bytes>")
+    name = source_name(source, name, default="<keypoints bytes>")
     try:
-        document = json.loads(_read_text(source, name))
+        document = json.loads(read_text(source, name))
     except json.JSONDecodeError as e:
         raise InputError(f"{name}: not valid JSON ({e})") from e
     if isinstance(document, dict) and "landmarks" in document:

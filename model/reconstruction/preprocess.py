@@ -5,7 +5,7 @@ Pipeline, top to bottom:
 1. **Decode** (`load_image`): any PIL-readable file (path or bytes) -> RGB float32
    (H, W, 3) in [0, 1] plus an optional alpha (H, W), EXIF orientation applied.
    `prepare_input` keeps the decoded integer pixels and converts only the crop,
-   so a large photo costs 4 bytes a pixel, not 16 (`_decode`, `_cut_square`).
+   so a large photo costs 4 bytes a pixel, not 16 (`decode_image`, `_cut_square`).
 2. **Person box** (`_person_region`): from, in this priority, an explicit mask
    image, the alpha channel, a rectangle (`NAME_rect.txt`), OpenPose keypoints
    (`NAME_keypoints.json`) or a found person's mask (`model.person`); see
@@ -146,7 +146,7 @@ class Crop:
 
 class DecodedImage(NamedTuple):
     """rgb: (H, W, 3), alpha: (H, W) or None; from `load_image` float32 in [0, 1],
-    from `_decode` as decoded (uint8 / uint16 scaled by their maximum, see `_unit_scale`)."""
+    from `decode_image` as decoded (uint8 / uint16 scaled by their maximum, see `_unit_scale`)."""
 
     rgb: np.ndarray
     alpha: np.ndarray | None
@@ -206,7 +206,7 @@ def _is_bytes(source: object) -> bool:
     return isinstance(source, (bytes, bytearray, memoryview))
 
 
-def _source_name(source: object, name: str | None, default: str = "<bytes>") -> str:
+def source_name(source: object, name: str | None, default: str = "<bytes>") -> str:
     if name is not None:
         return name
     return default if _is_bytes(source) else os.fspath(source)  # type: ignore[arg-type]
@@ -226,7 +226,7 @@ def _read_bytes(source: ImageSource, name: str) -> bytes:
     return data
 
 
-def _open_image(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
+def open_image(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
     """Decode the first frame, fully loaded, EXIF orientation applied.
 
     The pixel count is checked from the header before any pixel is decoded.
@@ -275,7 +275,7 @@ def _apply_exif_orientation(image: Image.Image, name: str) -> Image.Image:
         return image
 
 
-def _decode(image: Image.Image) -> DecodedImage:
+def decode_image(image: Image.Image) -> DecodedImage:
     """Any PIL mode -> (H, W, 3) RGB and the alpha, if any, without a float copy of 8- and 16-bit data.
 
     8-bit modes give uint8 (PIL converts palette, colour-key transparency, CMYK, ... to
@@ -317,7 +317,7 @@ def _unit_scale(values: np.ndarray) -> float:
     return float(np.iinfo(values.dtype).max) if values.dtype.kind in "ui" else 1.0
 
 
-def _as_float(values: np.ndarray) -> np.ndarray:
+def as_float(values: np.ndarray) -> np.ndarray:
     """A decoded array as float32 in [0, 1] (a contiguous copy)."""
     out = np.array(values, dtype=np.float32)
     scale = _unit_scale(values)
@@ -327,9 +327,9 @@ def _as_float(values: np.ndarray) -> np.ndarray:
 
 
 def _to_float(image: Image.Image) -> DecodedImage:
-    """Any PIL mode -> (H, W, 3) float32 RGB in [0, 1] and the alpha, if any (see `_decode`)."""
-    rgb, alpha = _decode(image)
-    return DecodedImage(_as_float(rgb), None if alpha is None else _as_float(alpha))
+    """Any PIL mode -> (H, W, 3) float32 RGB in [0, 1] and the alpha, if any (see `decode_image`)."""
+    rgb, alpha = decode_image(image)
+    return DecodedImage(as_float(rgb), None if alpha is None else as_float(alpha))
 
 
 def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
@@ -351,8 +351,8 @@ def load_image(
     image, too many pixels (more than max_pixels, checked before decoding),
     truncated or corrupt.
     """
-    name = _source_name(source, name)
-    return _to_float(_open_image(source, name, max_pixels))
+    name = source_name(source, name)
+    return _to_float(open_image(source, name, max_pixels))
 
 
 def load_mask(
@@ -363,8 +363,8 @@ def load_mask(
     A pixel is person when any colour channel is nonzero (and, if the file has
     alpha, the alpha is nonzero too). EXIF orientation is applied.
     """
-    name = _source_name(source, name)
-    rgb, alpha = _decode(_open_image(source, name, max_pixels))
+    name = source_name(source, name)
+    rgb, alpha = decode_image(open_image(source, name, max_pixels))
     person = rgb.max(axis=2) > 0
     if alpha is not None:
         person &= alpha > 0
@@ -419,7 +419,7 @@ def is_sidecar(path: str | os.PathLike) -> bool:
     return path.stem.lower().endswith("_mask") and path.suffix.lower() in MASK_EXTENSIONS
 
 
-def _read_text(source: str | os.PathLike | bytes, name: str) -> str:
+def read_text(source: str | os.PathLike | bytes, name: str) -> str:
     try:
         return _read_bytes(source, name).decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -434,9 +434,9 @@ def parse_rect(source: str | os.PathLike | bytes, name: str | None = None) -> Bo
     lines starting with # are ignored). With several lines, the largest
     rectangle is used. InputError for anything else, or w, h <= 0.
     """
-    name = _source_name(source, name, default="<rect bytes>")
+    name = source_name(source, name, default="<rect bytes>")
     boxes = []
-    for number, line in enumerate(_read_text(source, name).splitlines(), start=1):
+    for number, line in enumerate(read_text(source, name).splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -464,9 +464,9 @@ def parse_openpose_people(source: str | os.PathLike | bytes, name: str | None = 
     with 25 (BODY_25) or 18 (COCO-18) keypoints per person, in pixel indices.
     InputError for invalid JSON, a missing or empty "people" list, or a malformed person.
     """
-    name = _source_name(source, name, default="<keypoints bytes>")
+    name = source_name(source, name, default="<keypoints bytes>")
     try:
-        document = json.loads(_read_text(source, name))
+        document = json.loads(read_text(source, name))
     except json.JSONDecodeError as e:
         raise InputError(f"{name}: not valid JSON ({e})") from e
     except RecursionError as e:
@@ -491,7 +491,7 @@ def parse_keypoints(
     are kept; of the people with at least two, the largest (by the larger side of
     their keypoints' box) is returned.
     """
-    name = _source_name(source, name, default="<keypoints bytes>")
+    name = source_name(source, name, default="<keypoints bytes>")
     candidates = []
     for points in parse_openpose_people(source, name):
         confident = points[points[:, 2] > threshold, :2]
@@ -548,7 +548,7 @@ def _as_rect(rect: object, name: str) -> Box:
     if isinstance(rect, Box):
         box = rect
     elif isinstance(rect, (str, os.PathLike)) or _is_bytes(rect):
-        return parse_rect(rect, _source_name(rect, None, default=f"rect for {name}"))
+        return parse_rect(rect, source_name(rect, None, default=f"rect for {name}"))
     else:
         values = [float(v) for v in rect]  # type: ignore[union-attr]
         if len(values) != 4:
@@ -562,7 +562,7 @@ def _as_rect(rect: object, name: str) -> Box:
 def _as_keypoints(keypoints: object, name: str, threshold: float) -> np.ndarray:
     """A keypoints file (path or bytes) or a (K, 2) / (K, 3) array -> (K, 2) confident points."""
     if isinstance(keypoints, (str, os.PathLike)) or _is_bytes(keypoints):
-        kp_name = _source_name(keypoints, None, default=f"keypoints for {name}")
+        kp_name = source_name(keypoints, None, default=f"keypoints for {name}")
         return parse_keypoints(keypoints, kp_name, threshold=threshold)
     points = np.asarray(keypoints, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] not in (2, 3):
@@ -611,7 +611,7 @@ def _person_region(
         if isinstance(mask, np.ndarray):
             mask_name, person = f"mask for {name}", mask != 0
         else:
-            mask_name = _source_name(mask, None, default=f"mask for {name}")
+            mask_name = source_name(mask, None, default=f"mask for {name}")
             person = load_mask(mask, mask_name, max_pixels=max_pixels)
         if person.shape != (height, width):
             raise InputError(
@@ -808,8 +808,8 @@ def prepare_input(
     if isinstance(image_source, DecodedImage):
         name, image = name or "<image>", image_source
     else:
-        name = _source_name(image_source, name)
-        image = _decode(_open_image(image_source, name, max_pixels))
+        name = source_name(image_source, name)
+        image = decode_image(open_image(image_source, name, max_pixels))
     height, width = image.rgb.shape[:2]
 
     box, weight, box_source, mask_source = _person_region(

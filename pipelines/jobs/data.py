@@ -228,7 +228,7 @@ def with_scan_body(subject):
     `info["body_error"]`: its rows then carry no body, and the subject is still training data."""
     from model.body.scan import fit_scan_body
     from model.errors import InputError
-    from pipelines.jobs.fit import person_finder
+    from pipelines.common.person import person_finder
 
     try:
         body, fit = fit_scan_body(subject, person_finder())

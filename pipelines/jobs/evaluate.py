@@ -522,7 +522,7 @@ def view_body(view: dict, item: dict, prepared, bodies: str = "fitted"):
         return (np.asarray(body.vertices), np.asarray(body.faces)), None
     from model.body.guidance import with_fitted_body
     from model.reconstruction.preprocess import Crop
-    from pipelines.jobs.fit import person_finder
+    from pipelines.common.person import person_finder
 
     size = view["image"].shape[-1]
     people = person_finder().find(view["rgb"])

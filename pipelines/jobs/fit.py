@@ -18,7 +18,6 @@ person finder (`model.person`); the mask from `NAME_mask.png`, the image's alpha
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import time
@@ -26,16 +25,12 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import numpy as np
 import pyarrow as pa
 
 from model.body.export import MESH_FORMATS
 from model.body.fit import WORLD_SOURCES, FitConfig
-from model.errors import InputError
-from pipelines.jobs.bulk import (
-    MAX_IMAGE_BYTES, MAX_TEXT_SIDECAR_BYTES, Summary, _batch, check_writable, drain_results, _fail, _finished_marker, _read, _rows, _stage_dataset,
-    _stage_results, _where, stage_schema,
-)
+from pipelines.common import stage_rows
+from pipelines.common.person import find_person
 from pipelines.common.formats import FIT_MANIFEST_SCHEMA, ManifestWriter, recover_spool
 from pipelines.common.inputs import InputItem, list_inputs
 from pipelines.common.exit_codes import build_config
@@ -70,55 +65,6 @@ def fitter_id(config: FitConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class PersonInput:
-    """What the fitter needs from the person finder: landmarks (33, 3), world landmarks (33, 3) or
-    None, the person mask (H, W) bool or None, and where the landmarks came from."""
-
-    landmarks: np.ndarray
-    world_landmarks: np.ndarray | None
-    mask: np.ndarray | None
-    source: str
-
-
-@functools.lru_cache(maxsize=1)
-def person_finder():
-    """The person finder, loaded once per worker process."""
-    from model.person import PersonFinder
-
-    return PersonFinder()
-
-
-def find_person(image_bytes: bytes, sidecars: dict[str, bytes | None], name: str, max_pixels: int) -> tuple[PersonInput, tuple[int, int]]:
-    """The landmark source of the job: one photo (and its sidecars) -> (PersonInput, (width, height)).
-
-    Landmarks from a `NAME_keypoints.json` sidecar when there is one (MediaPipe-33 or OpenPose
-    BODY_25), else from the person finder (`model.person`: the most prominent person's 33 landmarks,
-    world landmarks and mask). The mask: `NAME_mask.*`, else the alpha channel, else the finder's.
-    """
-    from model.body.landmarks import parse_body_keypoints
-    from model.reconstruction.preprocess import ALPHA_BOX_THRESHOLD, load_image, load_mask
-
-    image = load_image(image_bytes, name, max_pixels=max_pixels)
-    height, width = image.rgb.shape[:2]
-    mask = None
-    if sidecars.get("mask") is not None:
-        mask = load_mask(sidecars["mask"], f"mask for {name}", max_pixels=max_pixels)
-    elif image.alpha is not None and image.alpha.min() < 1:
-        mask = image.alpha > ALPHA_BOX_THRESHOLD
-    if mask is not None and mask.shape != (height, width):
-        raise InputError(f"mask for {name}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}")
-    if sidecars.get("keypoints") is not None:
-        keypoints = parse_body_keypoints(sidecars["keypoints"], f"keypoints for {name}")
-        return PersonInput(keypoints.landmarks, keypoints.world_landmarks, mask, f"sidecar {keypoints.layout}"), (width, height)
-    people = person_finder().find(image.rgb)
-    if not people:
-        raise InputError(f"{name}: no person found (and no NAME_keypoints.json beside it)")
-    found = people[0]  # the most prominent
-    person = PersonInput(found.landmarks, found.world_landmarks, found.mask if mask is None else mask, "person finder")
-    return person, (width, height)
-
-
 def initial_rows(items: list[InputItem], config: FitJobConfig, run_id: str, fitter: str) -> list[dict]:
     """One pending record per input, with its output locations fixed up front."""
     records = []
@@ -137,7 +83,7 @@ def initial_rows(items: list[InputItem], config: FitJobConfig, run_id: str, fitt
     return records
 
 
-FIT_STAGE_SCHEMA = stage_schema(FIT_MANIFEST_SCHEMA)
+FIT_STAGE_SCHEMA = stage_rows.stage_schema(FIT_MANIFEST_SCHEMA)
 FIT_MARKER_TYPES = {"content_hash": str, "fitter_id": str, "vertices": int, "faces": int}
 
 
@@ -147,15 +93,15 @@ def _fit_one(record: dict, config: FitJobConfig) -> dict:
 
     item = InputItem(**record["item"])
     start = time.perf_counter()
-    image = _read(item.uri, MAX_IMAGE_BYTES)
-    limits = {"mask": MAX_IMAGE_BYTES, "rect": MAX_TEXT_SIDECAR_BYTES, "keypoints": MAX_TEXT_SIDECAR_BYTES}
-    sidecars = {k: _read(getattr(item, f"{k}_uri"), limit) if getattr(item, f"{k}_uri") else None for k, limit in limits.items()}
+    image = stage_rows.read_limited(item.uri, stage_rows.MAX_IMAGE_BYTES)
+    limits = {"mask": stage_rows.MAX_IMAGE_BYTES, "rect": stage_rows.MAX_TEXT_SIDECAR_BYTES, "keypoints": stage_rows.MAX_TEXT_SIDECAR_BYTES}
+    sidecars = {k: stage_rows.read_limited(getattr(item, f"{k}_uri"), limit) if getattr(item, f"{k}_uri") else None for k, limit in limits.items()}
     digest = hashlib.sha256(image)
     for key in ("mask", "rect", "keypoints"):
         digest.update(key.encode() + (sidecars[key] or b""))
     record["content_hash"] = digest.hexdigest()
     record["seconds_read"] = time.perf_counter() - start
-    marker = None if config.overwrite else _finished_marker(record["params_uri"], FIT_MARKER_TYPES)
+    marker = None if config.overwrite else stage_rows.finished_marker(record["params_uri"], FIT_MARKER_TYPES)
     if marker and marker.get("content_hash") == record["content_hash"] and marker.get("fitter_id") == record["fitter_id"]:
         record.update(status="skipped", **{k: marker.get(k) for k in ("vertices", "faces", "bbox_min", "bbox_max")})
         return record
@@ -192,40 +138,40 @@ def _fit_one(record: dict, config: FitJobConfig) -> dict:
 def fit_rows(batch: pa.Table, config: FitJobConfig) -> pa.Table:
     """Ray Data stage: fit every pending row of the batch; any failure is that row's failed status."""
     out = []
-    node, worker = _where()
-    for record, _ in _rows(batch):
+    node, worker = stage_rows.where()
+    for record, _ in stage_rows.rows(batch):
         record.update(node=node, worker=worker)
         try:
             out.append((_fit_one(record, config), b""))
         except Exception as exc:  # noqa: BLE001 - one bad image is one failed row
-            out.append(_fail(record, exc))
-    return _batch(out, FIT_STAGE_SCHEMA)
+            out.append(stage_rows.fail(record, exc))
+    return stage_rows.to_table(out, FIT_STAGE_SCHEMA)
 
 
 def _results_on_ray(records: list[dict], config: FitJobConfig):
-    dataset = _stage_dataset(records, FIT_STAGE_SCHEMA)
+    dataset = stage_rows.stage_dataset(records, FIT_STAGE_SCHEMA)
     # One CPU per fit: the descent is sequential and single-threaded is its fastest setting.
     dataset = dataset.map_batches(fit_rows, batch_size=1, batch_format="pyarrow", num_cpus=1, fn_kwargs={"config": config})
-    yield from _stage_results(dataset)
+    yield from stage_rows.stage_results(dataset)
 
 
 def _results_in_process(records: list[dict], config: FitJobConfig):
     for record in records:
-        yield _rows(fit_rows(_batch([(record, b"")], FIT_STAGE_SCHEMA), config))[0][0]
+        yield stage_rows.rows(fit_rows(stage_rows.to_table([(record, b"")], FIT_STAGE_SCHEMA), config))[0][0]
 
 
-def run_fit(config: FitJobConfig, in_process: bool = False, progress: bool = True) -> Summary:
+def run_fit(config: FitJobConfig, in_process: bool = False, progress: bool = True) -> stage_rows.Summary:
     """Run one fit job to completion; Ray must already be initialised unless `in_process`."""
     start = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     items = list_inputs(list(config.inputs), exclude=config.output)  # before anything is written
-    check_writable(config.output)
+    stage_rows.check_writable(config.output)
     recover_spool(config.output)
     records = initial_rows(items, config, run_id, fitter_id(config.fit))
     manifest = ManifestWriter(config.output, run_id, config.manifest_flush_rows, {}, schema=FIT_MANIFEST_SCHEMA)
-    summary = Summary()
+    summary = stage_rows.Summary()
     results = (_results_in_process if in_process else _results_on_ray)(records, config)
-    drain_results(results, manifest, summary, len(records), "fit", progress)
+    stage_rows.drain_results(results, manifest, summary, len(records), "fit", progress)
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -243,7 +243,7 @@ def _load_validation(config: TrainConfig) -> tuple[list[dict], dict, dict]:
 # ---- the worker loop -------------------------------------------------------------------------
 
 
-def _optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr)
     return torch.optim.RMSprop(params, lr=config.lr, momentum=0, weight_decay=0)
@@ -350,7 +350,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     stage_module = build_stage(net, config)
     net.to(device)
     trainable = [p for p in stage_module.parameters() if p.requires_grad]
-    optimizer = _optimizer(trainable, config)
+    optimizer = make_optimizer(trainable, config)
     step = resumed_from = _resume(net, optimizer, device, config, ray.train.get_checkpoint())
     stage_ddp = ray.train.torch.prepare_model(stage_module, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": False})
 
