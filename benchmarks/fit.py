@@ -7,7 +7,7 @@ Each case draws a body (the generator's phenotype and pose samplers, families in
 at `--size`, fits it from the true landmarks, world landmarks and render mask with torch on one
 thread, and prints: wall and CPU seconds per fit (process CPU time: on a shared machine wall time
 also counts other processes' turns), seconds per step, mean vertex error after depth alignment
-(cm), landmark error (fraction of the image height) and mask IoU. Targets (issue 13): < 5 s per fit
+(cm), landmark error (fraction of the image height) and mask IoU. Targets: < 5 s per fit
 on one core at yaw 0, < 2.5 cm at yaw 0, < 0.02 of the image height.
 
 --clothed: as the product fits a photo. Clothed synthetic subjects (`rendered_subject`, of --family
@@ -37,7 +37,7 @@ def clothed(args) -> None:
     from model.data.humans import make_subject
     from model.data.render import View
     from model.person import PersonFinder
-    from model.reconstruction.preprocess import Crop, world_to_pixel
+    from model.geometry import Crop, world_to_pixel
 
     if args.lifter:
         lifter.load_lifter.cache_clear()

@@ -1,4 +1,4 @@
-"""GPU throughput (issue 17): images/s at 256 and 512, bare loop and bulk pipeline, and the Ray Train step.
+"""GPU throughput: images/s at 256 and 512, bare loop and bulk pipeline, and the Ray Train step.
 
     .venv/bin/python benchmarks/gpu.py [--images 64] [--batch-size 8] [--resolutions 256 512] [--smoke]
 
@@ -133,7 +133,7 @@ def main() -> None:
                   f"{field['points'] * costs['per_point']:.2f}, extraction {field['bookkeeping']:.2f}, finishing {field['finishing']:.2f})")
         step = train_step(work, preset, device.type == "cuda", args.train_steps, warmup=REPORT)
         print(f"Ray Train, 1 worker on {device.type}, {preset} preset coarse stage, batch 4: {step:.3f} s/step")
-    print("goal (issue 17): >= 10 images/s end to end at 256 on an H200-class GPU")
+    print("goal: >= 10 images/s end to end at 256 on an H200-class GPU")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Image -> mesh per phase for the full preset on a trained field, beside the official figures (issue 17).
+"""Image -> mesh per phase for the full preset on a trained field, beside the official figures.
 
     .venv/bin/python benchmarks/image_to_mesh.py [--resolutions 256 512] [--points 50000] [--threads 2]
 

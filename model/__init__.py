@@ -2,13 +2,15 @@
 
 Sub-packages, one concept each:
     network         the PIFuHD networks, their config and checkpoints
-    reconstruction  image to mesh: input preparation, surface extraction, reconstruction, preview
+    image           photos before the network: decoding, person boxes, the files given beside a photo
+    reconstruction  image to mesh: the person policy, input preparation, the fitted body as input,
+                    surface extraction, reconstruction, preview
     person          finding the person in a photo (landmarks, mask)
     body            the anny body fitted to a photo or a scan, and its files
     data            training data: synthetic people, scans, rendering, labelled points
     training        the training stages as loss modules, losses, augmentations
     evaluation      geometry metrics and the silhouette baseline
-Shared modules: `errors` and `geometry` (coordinate conventions).
+Shared modules: `errors` and `geometry` (coordinate conventions, crop frames).
 
 Public API:
     load_checkpoint(path) -> PIFuHD          released pifuhd.pt or project safetensors

@@ -75,7 +75,7 @@ def _checkpoint_convert(args: argparse.Namespace) -> int:
 
 
 def _reconstruct_config(args: argparse.Namespace):
-    from model.person import PersonOptions
+    from model.reconstruction.people import PersonOptions
     from model.reconstruction.reconstruct import ReconstructionConfig
     from pipelines.jobs.bulk import BulkConfig
     from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT, default_checkpoint

@@ -1,6 +1,6 @@
 """The cluster configurations: ray_cluster.yaml against Ray's own schema and config code, the
 KubeRay manifests against the operator's own CRD schemas made strict about unknown keys
-(cluster/crd_schema.py; the CRDs are read from ../shared/reference/kuberay/), and the project-specific
+(tests/crd_schema.py; the CRDs are read from ../shared/reference/kuberay/), and the project-specific
 layout both must share (CPU head with no work, autoscaling GPU and CPU workers, install via
 ./setup.sh, no credentials in any file). No cloud or Kubernetes API is contacted."""
 
@@ -174,7 +174,7 @@ RAY_DOCS = [(name, doc) for name, doc in MANIFESTS if doc["apiVersion"] == "ray.
 
 @pytest.fixture(scope="module")
 def kuberay_validators() -> dict[str, jsonschema.Draft4Validator]:
-    from cluster.crd_schema import manifest_schema
+    from tests.crd_schema import manifest_schema
 
     validators = {}
     for kind, name in CRD_FILES.items():

@@ -19,7 +19,8 @@ from PIL import Image
 from model.evaluation.baselines import silhouette_slab
 from model.data.humans import make_subject
 from model.evaluation.metrics import surface_metrics
-from model.reconstruction.preprocess import prepare_input, world_to_pixel
+from model.reconstruction.preprocess import prepare_input
+from model.geometry import world_to_pixel
 from model.reconstruction.reconstruct import ReconstructionConfig, SurfaceSamples, finish
 from model.data.render import View, get_renderer, random_lighting
 from model.data.sampling import winding_inside

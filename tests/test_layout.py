@@ -83,8 +83,6 @@ def test_no_import_cycle_between_modules():
     assert _cycle(_graph(_module_of)) is None
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 30): model.body -> model.person -> model.reconstruction -> model.body; "
-                   "the image types and crop frames are still in model.reconstruction.preprocess")
 def test_no_import_cycle_between_model_sub_packages():
     def sub_package(name: str) -> str:
         parts = name.split(".")
@@ -112,8 +110,6 @@ def test_no_private_name_is_imported_across_modules():
     assert not reaching
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 30): model.reconstruction.preprocess (855), "
-                   "model.reconstruction.surface (739) and pipelines.jobs.evaluate (824) are not split yet")
 def test_no_module_is_over_700_lines():
     long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long

@@ -13,8 +13,9 @@ from PIL import Image
 
 from model.errors import InputError
 from model.data.humans import POSE_FAMILIES, load_body_model, make_subject
-from model.person import PersonFinder, PersonFinderConfig, PersonOptions, prepare_people
-from model.reconstruction.preprocess import load_image
+from model.person import PersonFinder, PersonFinderConfig
+from model.reconstruction.people import PersonOptions, prepare_people
+from model.image.decode import load_image
 from model.reconstruction.reconstruct import ReconstructionConfig
 from model.data.render import Renderer, View, procedural_background, random_lighting
 from pipelines.jobs.bulk import BulkConfig, initial_rows, run_bulk

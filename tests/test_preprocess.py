@@ -1,4 +1,4 @@
-"""model/reconstruction/preprocess.py: decoding, person boxes, crop, frames; files generated in tmp_path."""
+"""model/image (decoding, person boxes, sidecars), model/reconstruction/preprocess.py (crops) and the crop frames of model/geometry.py; files generated in tmp_path."""
 
 from __future__ import annotations
 
@@ -15,20 +15,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from model.errors import InputError
-from model.reconstruction.preprocess import (
-    Box,
-    Crop,
-    find_sidecars,
-    is_sidecar,
-    load_image,
-    load_mask,
-    parse_keypoints,
-    parse_rect,
-    pixel_to_world,
-    prepare_image_file,
-    prepare_input,
-    world_to_pixel,
-)
+from model.image.boxes import Box
+from model.geometry import Crop, pixel_to_world, world_to_pixel
+from model.image.sidecars import find_sidecars, is_sidecar, parse_keypoints, parse_rect
+from model.image.decode import load_image, load_mask
+from model.reconstruction.preprocess import prepare_image_file, prepare_input
 
 SMALL = (32, 64)  # input sizes for most tests: fast, same code path as (512, 1024)
 RED = (230, 20, 20)
@@ -464,7 +455,7 @@ def test_pixel_centres_sample_their_own_colour():
 
 
 def test_one_sidecar_rule_for_local_files_and_uris(tmp_path):
-    from model.reconstruction.preprocess import match_sidecars, sidecar_index
+    from model.image.sidecars import match_sidecars, sidecar_index
     from pipelines.common.inputs import list_inputs
 
     siblings = ["s3://b/in/photo.jpg", "s3://b/in/photo_mask.PNG", "s3://b/in/photo_Rect.TXT", "s3://b/in/photo2_keypoints.json"]

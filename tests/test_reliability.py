@@ -348,7 +348,7 @@ def test_output_names_hash_the_whole_uri_with_128_bits():
 def test_finished_at_is_when_the_row_finished_not_when_the_driver_saw_it(tmp_path):
     from datetime import datetime, timezone
 
-    from model.person import PersonOptions
+    from model.reconstruction.people import PersonOptions
     from pipelines.common.stage_rows import rows, to_table
     from pipelines.jobs.bulk_stages import STAGE_SCHEMA, InputPreparer
     from pipelines.common.formats import ManifestWriter
@@ -500,7 +500,7 @@ def test_a_terminated_driver_keeps_its_rows_and_leaves_no_process_or_temporary(t
     assert not stale.exists() and fresh.exists()  # a young temporary may be another job's
 
 
-# ---- round 3 (issue 29) ------------------------------------------------------------------------
+# ---- failing stores, damaged weights, inputs in the output, secrets in any shape, exit codes ----
 
 
 def test_rows_survive_an_output_store_that_fails_and_come_back_with_it(tmp_path, checkpoint):

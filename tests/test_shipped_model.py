@@ -29,7 +29,7 @@ def test_shipped_checkpoint_is_small_and_documented(shipped):
 
 
 def test_example_photo_becomes_a_person_shaped_mesh(shipped):
-    from model.body.guidance import with_fitted_body
+    from model.reconstruction.body_guidance import with_fitted_body
     from model.person import PersonFinder
 
     assert shipped.config.body_guided  # the shipped default reads a body fitted to the photo

@@ -14,7 +14,8 @@ import torch
 import trimesh
 from scipy.spatial import cKDTree
 
-from model.reconstruction.surface import MERGE_QUANTUM, allowed_resolutions, evaluate_grid, extract_surface, merge_vertices
+from model.reconstruction.mesh_cleanup import MERGE_QUANTUM, merge_vertices
+from model.reconstruction.surface import allowed_resolutions, evaluate_grid, extract_surface
 
 RES = 128
 VOXEL = 2.0 / RES  # bbox [-1, 1]^3

@@ -20,13 +20,14 @@ pixel indices, the largest person), which is converted to the 33-point layout.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from model.errors import InputError
+from model.image.decode import source_name
+from model.image.sidecars import parse_json, parse_openpose_people
 
 COUNT = 33
 NAMES = (
@@ -163,13 +164,8 @@ def from_body25(points: np.ndarray) -> np.ndarray:
 
 def parse_body_keypoints(source: str | os.PathLike | bytes, name: str | None = None) -> BodyKeypoints:
     """A keypoints sidecar (path or bytes) in MediaPipe-33 or OpenPose BODY_25 layout -> BodyKeypoints."""
-    from model.reconstruction.preprocess import read_text, source_name, parse_openpose_people
-
     name = source_name(source, name, default="<keypoints bytes>")
-    try:
-        document = json.loads(read_text(source, name))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{name}: not valid JSON ({e})") from e
+    document = parse_json(source, name)
     if isinstance(document, dict) and "landmarks" in document:
         try:
             landmarks = np.asarray(document["landmarks"], dtype=np.float64)

@@ -223,7 +223,7 @@ def finder_pairs(recipe: LifterRecipe, size: int = 512) -> tuple[np.ndarray, np.
     0.3-0.4 s of CPU per view."""
     from model.body.synthetic import rendered_subject
     from model.person import PersonFinder
-    from model.reconstruction.preprocess import Crop
+    from model.geometry import Crop
 
     finder, found, truth = PersonFinder(), [], []
     pixels_per_unit = Crop.whole_square(size).pixels_per_unit

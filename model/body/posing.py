@@ -10,7 +10,7 @@ forward direction), as the generator does it.
 
 Camera. Orthographic: a point p of anny's frame (metres, root at the origin) goes to the camera
 frame c = R p (x right, y up, z toward the camera, metres) and then to the *pixel frame* of the
-reconstructed mesh (model/reconstruction/preprocess.py `world_to_pixel`: x right, y up, z toward the camera,
+reconstructed mesh (model/geometry.py `world_to_pixel`: x right, y up, z toward the camera,
 one unit = one pixel of the photo, origin at its bottom-left corner):
     x = u0 + s c_x,   y = (H - v0) + s c_y,   z = z0 + s c_z,
 with s pixels per metre and (u0, v0) the image point (continuous pixels, top-left origin) of

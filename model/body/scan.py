@@ -4,7 +4,7 @@ A scan brings no body, but a body-guided model trains on one. The scan is render
 front (yaw 0: scans face +z, `model.data.scans`), the person finder reads its landmarks, and the
 fitter matches them and the render's exact mask (`model.body.fit`). The fitted body comes back
 in the scan's canonical frame (cm, y up, facing +z, centred). An orthographic view fixes no
-depth: the body's depth range is centred on the scan's, as `model.body.guidance` does at
+depth: the body's depth range is centred on the scan's, as `model.reconstruction.body_guidance` does at
 inference, so a training row's body carries the same kind of depth error as a fitted photo's.
 """
 
@@ -15,7 +15,7 @@ import trimesh
 
 from model.body.fit import BodyFit, FitConfig, UnusableLandmarks, fit_body
 from model.data.humans import Part, Subject
-from model.reconstruction.preprocess import Crop, pixel_to_world
+from model.geometry import Crop, pixel_to_world
 from model.data.render import View, get_renderer, studio_lighting
 
 RENDER_SIZE = 512  # the person finder works at 256; the mask term at 128

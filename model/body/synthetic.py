@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.body import landmarks as lm
-from model.reconstruction.preprocess import Crop, world_to_pixel
+from model.geometry import Crop, world_to_pixel
 
 
 @dataclass

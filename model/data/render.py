@@ -130,18 +130,6 @@ def studio_lighting() -> np.ndarray:
     return lighting
 
 
-def sh_irradiance(coeffs: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """(9, 3) radiance coefficients, (N, 3) unit normals -> (N, 3) irradiance (Ramamoorthi-Hanrahan)."""
-    c1, c2, c3, c4, c5 = 0.429043, 0.511664, 0.743125, 0.886227, 0.247708
-    x, y, z = (n[:, i : i + 1] for i in range(3))
-    L = coeffs
-    return (
-        c1 * L[8] * (x * x - y * y) + c3 * L[6] * z * z + c4 * L[0] - c5 * L[6]
-        + 2 * c1 * (L[4] * x * y + L[7] * x * z + L[5] * y * z)
-        + 2 * c2 * (L[3] * x + L[1] * y + L[2] * z)
-    )
-
-
 # ---- backgrounds ------------------------------------------------------------------------------
 
 

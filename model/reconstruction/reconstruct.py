@@ -25,7 +25,8 @@ from scipy.spatial import cKDTree
 from model.data.humans import vertex_normals
 from model.geometry import sample_features
 from model.network.pifuhd import PIFuHD
-from model.reconstruction.preprocess import PreparedImage, world_to_pixel
+from model.reconstruction.preprocess import PreparedImage
+from model.geometry import world_to_pixel
 from model.reconstruction.preview import preview_image
 from model.reconstruction.surface import check_sparse_resolution, evaluate_grid, mesh_from_grid
 
@@ -187,7 +188,7 @@ def sample_surfaces(net: PIFuHD, prepared: list[PreparedImage], config: Reconstr
     device = _device_of(net)
     bodies = [None] * len(prepared)
     if net.config.body_guided:
-        from model.body.guidance import body_field
+        from model.reconstruction.body_guidance import body_field
 
         bodies = [body_field(p) for p in prepared]
     silhouettes = [p.mask if config.carve and p.has_segmentation else None for p in prepared]

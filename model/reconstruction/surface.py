@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import trimesh
 
+from model.reconstruction.mesh_cleanup import empty_mesh_arrays, keep_largest_component, merge_vertices
+
 DEFAULT_BBOX = ((-1.0, -1.0, -1.0), (1.0, 1.0, 1.0))
 METHODS = ("sparse", "dense")
 
@@ -51,9 +53,6 @@ BLOCK = 32
 CORNERS = np.array(list(itertools.product((0, 1), repeat=3)), dtype=np.int64)
 # Blocks per marching-cubes / scan chunk: bounds the transient (chunk, 33, 33, 33) arrays to ~10 MB each.
 CHUNK_BLOCKS = 64
-# Vertex positions (in voxels) are merged when equal at this quantum: the copies of a vertex
-# on a face shared by two blocks differ by float rounding only (~1e-13).
-MERGE_QUANTUM = 2.0**-16
 # Surface-tracking rounds per level before giving up (each round walks >= 1 cell further).
 MAX_TRACK_ROUNDS = 256
 
@@ -280,7 +279,7 @@ class DenseGrid(_GridBase):
     def marching_cubes(self):
         """(V, 3) float64 vertices in index units, (F, 3) int64 faces, outward for inside > threshold."""
         if not _has_sign_change(self.values > self.threshold):
-            return _empty_mesh_arrays()
+            return empty_mesh_arrays()
         vertices, faces = mcubes.marching_cubes(self.values, self.threshold)
         return vertices, faces.astype(np.int64)
 
@@ -397,7 +396,7 @@ class SparseGrid(_GridBase):
         blocks = _unique_coords(self.mixed_cells // BLOCK, self.level.nb)
         self.stats["mc_blocks"] = len(blocks)
         if len(blocks) == 0:
-            return _empty_mesh_arrays()
+            return empty_mesh_arrays()
         level, parts_v, parts_f, offset = self.level, [], [], 0
         for lo in range(0, len(blocks), CHUNK_BLOCKS):
             chunk = blocks[lo : lo + CHUNK_BLOCKS]
@@ -413,7 +412,7 @@ class SparseGrid(_GridBase):
                     parts_f.append(faces.astype(np.int64) + offset)
                     offset += len(vertices)
         if not parts_f:
-            return _empty_mesh_arrays()
+            return empty_mesh_arrays()
         return np.concatenate(parts_v), np.concatenate(parts_f)
 
 
@@ -690,50 +689,3 @@ def _has_sign_change(inside):
     return bool(inside.any()) and not bool(inside.all())
 
 
-def _empty_mesh_arrays():
-    return np.zeros((0, 3), np.float64), np.zeros((0, 3), np.int64)
-
-
-def merge_vertices(vertices, faces, quantum=MERGE_QUANTUM):
-    """Merge vertices equal up to `quantum`, drop faces that became degenerate and unused vertices.
-
-    vertices: (V, 3) float, any units (index units here: quantum is in voxels); faces: (F, 3) int.
-    Returns (vertices (V', 3) float64, faces (F', 3) int64). Keeps each group's first vertex.
-    """
-    if len(faces) == 0:
-        return _empty_mesh_arrays()
-    vertices = np.asarray(vertices, np.float64)
-    keys = np.round(vertices / quantum).astype(np.int64)
-    # One lexsort of the three key columns: ~2x faster than np.unique(axis=0) at 512 (0.35 M vertices).
-    order = np.lexsort(keys.T[::-1])
-    sorted_keys = keys[order]
-    starts = np.ones(len(order), bool)
-    starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]).any(axis=1)
-    group = np.empty(len(order), np.int64)
-    group[order] = np.cumsum(starts) - 1
-    faces = group[faces]
-    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
-    return _compact(vertices[order[starts]], faces)
-
-
-def _compact(vertices, faces):
-    """Drop vertices no face uses; renumber faces."""
-    used = np.zeros(len(vertices), dtype=bool)
-    used[faces.reshape(-1)] = True
-    remap = np.cumsum(used) - 1
-    return vertices[used], remap[faces]
-
-
-def keep_largest_component(vertices, faces):
-    """The connected component (through shared vertices) with the most faces."""
-    if len(faces) == 0:
-        return vertices, faces
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    edges = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
-    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(len(vertices),) * 2)
-    _, label = connected_components(graph, directed=False)
-    face_label = label[faces[:, 0]]
-    keep = face_label == np.bincount(face_label).argmax()
-    return _compact(vertices, faces[keep])

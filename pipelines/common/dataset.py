@@ -242,7 +242,7 @@ def _body_hull(uri: str) -> np.ndarray:
 def to_body_frame(decoded: dict[str, np.ndarray], uri: str) -> dict[str, np.ndarray]:
     """A decoded batch (`decode_table`) moved along depth so that each row's body is centred in
     depth by its own box: the frame a body-guided model reads a fitted body in at inference, where
-    an orthographic photo fixes no depth (`model.body.guidance.body_in_network_frame`). Stored rows
+    an orthographic photo fixes no depth (`model.reconstruction.body_guidance.body_in_network_frame`). Stored rows
     centre the clothed subject instead; the two differ by up to several cm (a skirt, a raised arm).
     Moves points and surface_points and folds the shift into view_from_canonical; the body's distances
     and normals do not change. Adds body_depth_centre (B,) float32, view units, the shift taken off.

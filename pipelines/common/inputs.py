@@ -1,6 +1,6 @@
 """Listing a bulk job's inputs: files, folders, globs, list files, object-store prefixes, Parquet tables.
 
-Each input image may have sidecar files beside it (see `model.reconstruction.preprocess.find_sidecars`):
+Each input image may have sidecar files beside it (see `model.image.sidecars.find_sidecars`):
 `NAME_mask.png` (person mask), `NAME_rect.txt` (`x y w h`), `NAME_keypoints.json`
 (OpenPose). Sidecars are never listed as inputs themselves.
 """
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import pyarrow.parquet as pq
 
 from model.errors import InputError
-from model.reconstruction.preprocess import is_sidecar, match_sidecars, sidecar_index
+from model.image.sidecars import is_sidecar, match_sidecars, sidecar_index
 from pipelines.common.exit_codes import UsageError
 from pipelines.common.storage import IMAGE_EXTENSIONS, filesystem, full_uri
 from pipelines.common.uris import UnsupportedURIError, check_uri, redact

@@ -44,7 +44,8 @@ def find_person(image_bytes: bytes, sidecars: dict[str, bytes | None], name: str
     world landmarks and mask). The mask: `NAME_mask.*`, else the alpha channel, else the finder's.
     """
     from model.body.landmarks import parse_body_keypoints
-    from model.reconstruction.preprocess import ALPHA_BOX_THRESHOLD, load_image, load_mask
+    from model.image.boxes import ALPHA_BOX_THRESHOLD
+    from model.image.decode import load_image, load_mask
 
     image = load_image(image_bytes, name, max_pixels=max_pixels)
     height, width = image.rgb.shape[:2]

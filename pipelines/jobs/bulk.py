@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 
 
 from model.body.fit import FitConfig
-from model.person import PersonOptions
+from model.reconstruction.people import PersonOptions
 from model.reconstruction.reconstruct import MESH_FORMATS, ReconstructionConfig
 from pipelines.common import stage_rows
 from pipelines.common.formats import ManifestWriter, recover_spool

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from model.body.fit import FitConfig
 from model.errors import InputError, SurfaceError
-from model.person import PersonInput, PersonOptions
+from model.reconstruction.people import PersonInput, PersonOptions
 from model.reconstruction.reconstruct import ReconstructionConfig
 from pipelines.common import stage_rows
 from pipelines.common.formats import MANIFEST_SCHEMA
@@ -117,8 +117,8 @@ class InputPreparer:
 
     def prepare(self, record: dict) -> list[tuple[dict, bytes]]:
         """One input's record -> its rows (one, or one per person with `all_people`)."""
-        from model.person import prepare_people
-        from model.reconstruction.preprocess import DecodedImage, as_float, decode_image, open_image
+        from model.reconstruction.people import prepare_people
+        from model.image.decode import as_float, decode_image, DecodedImage, open_image
 
         item = InputItem(**record["item"])
         try:
@@ -181,7 +181,7 @@ class InputPreparer:
         as `pifuhd fit` does); its mesh joins the files to write, and the prepared input carries it
         in the network frame for a body-guided model."""
         from model.body.export import body_json, mesh_bytes
-        from model.body.guidance import with_fitted_body
+        from model.reconstruction.body_guidance import with_fitted_body
         from pipelines.common.person import find_person
 
         start = time.perf_counter()

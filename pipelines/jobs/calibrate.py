@@ -62,7 +62,8 @@ def calibrate(config: CalibrationConfig, log=print) -> dict:
     from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct
     from pipelines.common import storage
     from pipelines.common.checkpoints import fetch_checkpoint
-    from pipelines.jobs.evaluate import checkpoint_items, pair_metrics, scaled_mesh, stored_view, view_body
+    from pipelines.jobs.evaluate import pair_metrics, scaled_mesh, stored_view, view_body
+    from pipelines.jobs.evaluation_pairs import checkpoint_items
 
     local = fetch_checkpoint(config.checkpoint)
     net = load_checkpoint(local).eval().to("cuda" if torch.cuda.is_available() else "cpu")

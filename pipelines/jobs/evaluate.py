@@ -70,29 +70,18 @@ from pipelines.common import exit_codes, storage
 from pipelines.common.exit_codes import build_config
 from pipelines.common.formats import beats_baseline, summarize, write_results
 from pipelines.common.uris import uri_argument
+from pipelines.jobs.evaluation_pairs import (
+    MESH_SUFFIXES, EmptyPrediction, MissingGroundTruth, MissingPrediction, checkpoint_items, detect_mode, folder_items,
+    ground_truth_meshes, is_dataset, manifest_items,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
-MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".off", ".stl")
 MODES = ("checkpoint", "folder", "manifest")
 BASELINES = ("silhouette",)
 # Where a body-guided checkpoint's per-view body comes from: "fitted" to the view's image (person
 # finder landmarks, stored mask: what the product does), or the subject's "true" body (the bound).
 BODY_SOURCES = ("fitted", "true")
-_BULK_SUFFIX = re.compile(r"-[0-9a-f]{10}$")
-
-
-class MissingPrediction(Exception):
-    """A ground-truth mesh has no prediction to compare with."""
-
-
-class EmptyPrediction(Exception):
-    """The prediction has no triangles (the network found no surface)."""
-
-
-class MissingGroundTruth(Exception):
-    """A dataset row's subject has no ground-truth mesh."""
 
 
 class BrokenMesh(Exception):
@@ -160,158 +149,6 @@ class EvalResult:
 
 
 # ---- what to compare -----------------------------------------------------------------------
-
-
-def _is_dir(uri: str) -> bool:
-    fs, path = storage.filesystem(uri)
-    return fs.isdir(path)
-
-
-def _exists(uri: str) -> bool:
-    fs, path = storage.filesystem(uri)
-    return fs.exists(path)
-
-
-def detect_mode(pred: str | None) -> str:
-    """checkpoint | manifest | folder, from what `pred` is (None: the shipped checkpoint)."""
-    if pred is None or pred == "shipped":
-        return "checkpoint"
-    if pred.lower().endswith(CHECKPOINT_SUFFIXES) and not _is_dir(pred):
-        return "checkpoint"
-    if not _is_dir(pred):
-        raise FileNotFoundError(f"--pred {pred}: not a checkpoint file, a mesh folder or a bulk output folder")
-    if _is_dir(storage.join(pred, "manifest")):
-        return "manifest"
-    return "folder"
-
-
-def is_dataset(uri: str) -> bool:
-    """Whether `uri` is a dataset root (`pifuhd data ...` output) rather than a folder of meshes."""
-    join = storage.join
-    return _exists(join(uri, "dataset.json")) or _is_dir(join(uri, "shards"))
-
-
-def _stem(uri: str) -> str:
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    return os.path.splitext(name)[0]
-
-
-def list_meshes(folder: str) -> dict[str, str]:
-    """stem -> mesh URI of every mesh file under `folder` (recursive; first of duplicate stems)."""
-    fs, path = storage.filesystem(folder)
-    if not fs.isdir(path):
-        raise FileNotFoundError(f"{folder}: no such folder")
-    found: dict[str, str] = {}
-    for file in sorted(fs.find(path)):
-        if not file.lower().endswith(MESH_SUFFIXES):
-            continue
-        uri = storage.full_uri(fs, file)
-        stem = _stem(uri)
-        if stem in found:
-            log.warning("two meshes named %s: using %s, ignoring %s", stem, found[stem], uri)
-            continue
-        found[stem] = uri
-    return found
-
-
-def ground_truth_meshes(gt: str, split: str) -> dict[str, str]:
-    """stem (subject id) -> GT mesh URI: a folder of meshes, or a dataset's `meshes/` limited to
-    the subjects of `split` ("all": every subject) as its card lists them."""
-    if not is_dataset(gt):
-        return list_meshes(gt)
-    from pipelines.common.dataset import read_card
-
-    meshes = list_meshes(storage.join(gt, "meshes"))
-    card = read_card(gt) or {}
-    subjects = card.get("splits", {}).get("subjects", {})
-    if split == "all" or not subjects:
-        return meshes
-    wanted = set(subjects.get(split, []))
-    return {k: v for k, v in meshes.items() if k in wanted}
-
-
-def _base_item(key: str, subject_id: str, gt_uri: str | None, view: int | None = None) -> dict:
-    return {"key": key, "subject_id": subject_id, "view": view, "gt_uri": gt_uri, "pred_uri": None, "preview_uri": None}
-
-
-def _failed_item(item: dict, error_class: str, message: str) -> dict:
-    return {**item, "kind": "failed", "error_class": error_class, "error_message": message}
-
-
-def folder_items(pred: str, gt_meshes: dict[str, str]) -> tuple[list[dict], int]:
-    """(one item per GT mesh, number of predictions without a GT) pairing by file-name stem."""
-    predictions = list_meshes(pred)
-    # Bulk outputs are named STEM-<hash of the input URI>: accept those too.
-    aliases: dict[str, str] = {}
-    for stem, uri in predictions.items():
-        short = _BULK_SUFFIX.sub("", stem)
-        if short != stem:
-            aliases.setdefault(short, uri)
-    items, used = [], set()
-    for stem, gt_uri in sorted(gt_meshes.items()):
-        item = _base_item(stem, stem, gt_uri)
-        uri = predictions.get(stem) or aliases.get(stem)
-        if uri is None:
-            items.append(_failed_item(item, MissingPrediction.__name__, f"no mesh named {stem}.* under {pred}"))
-            continue
-        used.add(uri)
-        items.append({**item, "kind": "pair", "pred_uri": uri})
-    return items, len(set(predictions.values()) - used)
-
-
-def _text(value) -> str | None:
-    """A manifest cell as a string, None for missing (pandas turns missing strings into NaN)."""
-    return value if isinstance(value, str) and value else None
-
-
-def manifest_items(output: str, gt_meshes: dict[str, str]) -> tuple[list[dict], int]:
-    """(one item per GT mesh, manifest inputs without a GT) pairing the latest manifest row of
-    each input with the GT mesh of the input's file-name stem."""
-    from pipelines.common.formats import read_manifest
-
-    manifest = read_manifest(output)
-    latest: dict[str, dict] = {}
-    if len(manifest):
-        manifest = manifest.sort_values("finished_at", kind="stable")
-        for row in manifest.to_dict("records"):
-            stem = _stem(str(row["input_uri"]))
-            if stem in latest and latest[stem]["input_uri"] != row["input_uri"]:
-                log.warning("inputs %s and %s share the stem %s: using the latest", latest[stem]["input_uri"], row["input_uri"], stem)
-            latest[stem] = row
-    items = []
-    for stem, gt_uri in sorted(gt_meshes.items()):
-        item = _base_item(stem, stem, gt_uri)
-        row = latest.get(stem)
-        if row is None:
-            items.append(_failed_item(item, MissingPrediction.__name__, f"no manifest row for an input named {stem}.* in {output}"))
-            continue
-        item.update(pred_uri=_text(row.get("mesh_uri")), preview_uri=_text(row.get("preview_uri")))
-        if row["status"] not in ("ok", "skipped"):
-            items.append(_failed_item(item, _text(row.get("error_class")) or "ReconstructionFailed",
-                                      f"reconstruction {row['status']}: {_text(row.get('error_message')) or ''}"))
-            continue
-        items.append({**item, "kind": "pair"})
-    return items, len(set(latest) - set(gt_meshes))
-
-
-def checkpoint_items(dataset: str, split: str) -> list[dict]:
-    """One item per stored view of the split: where its row is, and its subject's GT mesh."""
-    from pipelines.common import dataset as fmt
-
-    uri = fmt.normalise_uri(dataset)
-    shards = fmt.list_shards(uri, None if split == "all" else split)
-    if not shards:
-        raise FileNotFoundError(
-            f"{dataset}: no {split!r} shards; make a test split with `pifuhd data synth --test-fraction ...` "
-            "or pick another --split"
-        )
-    items = []
-    for shard in shards:
-        table = storage.read_parquet(shard, columns=["subject_id", "view"])
-        for row, (subject, view) in enumerate(zip(table.column("subject_id").to_pylist(), table.column("view").to_pylist())):
-            item = _base_item(f"{subject}-view{int(view)}", subject, fmt.join(uri, "meshes", f"{subject}.ply"), int(view))
-            items.append({**item, "kind": "view", "shard": shard, "row": row})
-    return sorted(items, key=lambda i: i["key"])
 
 
 # ---- one pair ------------------------------------------------------------------------------
@@ -520,8 +357,8 @@ def view_body(view: dict, item: dict, prepared, bodies: str = "fitted"):
         body = load_mesh(item["gt_uri"].removesuffix(".ply") + "_body.ply")
         body.apply_transform(view["view_from_canonical"])
         return (np.asarray(body.vertices), np.asarray(body.faces)), None
-    from model.body.guidance import with_fitted_body
-    from model.reconstruction.preprocess import Crop
+    from model.reconstruction.body_guidance import with_fitted_body
+    from model.geometry import Crop
     from pipelines.common.person import person_finder
 
     size = view["image"].shape[-1]
@@ -575,7 +412,9 @@ def prepared_view(image: np.ndarray, mask: np.ndarray, coarse_size: int, fine_si
     """
     import torch
 
-    from model.reconstruction.preprocess import Box, Crop, PreparedImage, resize_square
+    from model.image.boxes import Box
+    from model.geometry import Crop
+    from model.reconstruction.preprocess import PreparedImage, resize_square
 
     mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
     image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None] * mask

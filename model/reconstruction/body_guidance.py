@@ -1,7 +1,7 @@
 """A fitted body as the input of a body-guided model (`model.network.config.PIFuHDConfig.body_channels`).
 
 The fitter gives the body in the photo's pixel frame (`model.body.posing`); the network reads it
-in its own frame, the crop's [-1, 1] box (`model.reconstruction.preprocess.pixel_to_world`). An orthographic
+in its own frame, the crop's [-1, 1] box (`model.geometry.pixel_to_world`). An orthographic
 photo fixes no depth, so the body is centred in depth by its own box, as training subjects are by
 theirs (the clothed subject's box there: the difference is part of the training noise,
 `model.training.augment.BodyNoise`).
@@ -13,7 +13,8 @@ import dataclasses
 
 import numpy as np
 
-from model.reconstruction.preprocess import Crop, PreparedImage, pixel_to_world
+from model.geometry import Crop, pixel_to_world
+from model.reconstruction.preprocess import PreparedImage
 from model.data.render import UNITS_PER_CM
 from model.data.sampling import BODY_DISTANCE_CLIP_CM, BodyField
 
