@@ -12,6 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "pifuhd"
+# A test that needs one of these is slow (a Ray instance or cluster, a generated dataset, rendered
+# bodies): `pytest -m "not slow"` leaves it out of the quick loop.
+SLOW_FIXTURES = {"ray_local", "ray_head", "cluster", "tiny_dataset", "test_split_dataset", "bodies"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 def reference_file(name: str) -> Path:

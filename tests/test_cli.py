@@ -14,13 +14,14 @@ import pytest
 from pipelines.cli import PRESET_NAMES, build_parser, main
 
 
-def test_a_bad_resolution_is_a_usage_error_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("resolution", ["100", "0", "-64"])
+def test_a_bad_resolution_is_a_usage_error_before_any_work(tmp_path, capsys, resolution):
     image = tmp_path / "photo.png"
     image.write_bytes(b"not read: the arguments fail first")
-    code = main(["reconstruct", str(image), "-o", str(tmp_path / "out"), "--resolution", "100", "--in-process"])
+    code = main(["reconstruct", str(image), "-o", str(tmp_path / "out"), "--resolution", resolution, "--in-process"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.count("\n") == 1 and "pifuhd reconstruct: error:" in err and "100" in err
+    assert err.count("\n") == 1 and "pifuhd reconstruct: error:" in err and resolution in err
     assert not (tmp_path / "out").exists()
 
 
@@ -102,6 +103,7 @@ def test_exit_codes_say_what_went_wrong(tmp_path, capsys):
     assert code == exit_codes.UNUSABLE and "bad.safetensors" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_ray_job_prints_its_progress_and_summary_without_ray_info_lines(tmp_path):
     from tests.helpers import person_image, write_tiny_checkpoint
 

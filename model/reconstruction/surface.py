@@ -171,7 +171,7 @@ def check_sparse_resolution(resolution, coarse_resolution=32):
     if coarse_resolution < 2 or coarse_resolution % 2:
         raise ValueError(f"coarse_resolution must be an even number of cells >= 2, got {coarse_resolution}")
     ratio = resolution // coarse_resolution
-    if resolution % coarse_resolution or ratio & (ratio - 1):
+    if ratio < 1 or resolution % coarse_resolution or ratio & (ratio - 1):
         raise ValueError(
             f"sparse resolution must be coarse_resolution * 2^k = {coarse_resolution} * 2^k cells per axis "
             f"(allowed: {', '.join(map(str, allowed_resolutions(coarse_resolution)))}); got {resolution}. "
