@@ -19,7 +19,6 @@ Each figure is printed beside a baseline measured in the same run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -106,23 +105,16 @@ def killed_worker(root: Path, images: int) -> None:
 
 
 def lying_header(root: Path) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from model.errors import CheckpointError
     from model.network.checkpoint import read_checkpoint
-    from tests.helpers import write_tiny_checkpoint
+    from tests.helpers import write_lying_checkpoint, write_tiny_checkpoint
 
     honest = write_tiny_checkpoint(root / "honest.safetensors")
-    with safe_open(honest, framework="pt") as handle:
-        header, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
-    config = json.loads(header["config"])
-    config["coarse_filter"]["num_stacks"] = 100_000
-    save_file(tensors, root / "lying.safetensors", metadata={**header, "config": json.dumps(config)})
+    lying = write_lying_checkpoint(root / "lying.safetensors", honest)
     _, honest_seconds = _timed(lambda: read_checkpoint(honest))
     start = time.perf_counter()
     try:
-        read_checkpoint(root / "lying.safetensors")
+        read_checkpoint(lying)
     except CheckpointError:
         pass
     print(f"a header claiming 100000 stacks refused in {time.perf_counter() - start:.3f} s "

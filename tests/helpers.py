@@ -32,6 +32,21 @@ def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     return save_checkpoint(tiny_network(seed), path, metadata={"preset": "tiny", "note": "random test weights"})
 
 
+def write_lying_checkpoint(path: Path, honest: Path) -> Path:
+    """`honest`'s tensors under a header whose config claims 100,000 coarse stacks (a hostile file)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(honest, framework="pt") as handle:
+        header, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    config = json.loads(header["config"])
+    config["coarse_filter"]["num_stacks"] = 100_000
+    save_file(tensors, path, metadata={**header, "config": json.dumps(config)})
+    return path
+
+
 def person_image(path: Path, size=(300, 450), mode: str = "RGBA") -> Path:
     """A drawn person-like figure; RGBA (alpha = mask) or RGB on a grey background."""
     width, height = size

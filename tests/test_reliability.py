@@ -406,23 +406,13 @@ def test_listing_many_inputs_from_a_list_file_or_glob_is_linear(tmp_path):
 
 
 def test_a_header_config_that_lies_about_its_tensors_is_refused_at_once(tmp_path):
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from model.network.checkpoint import read_checkpoint
     from model.errors import CheckpointError
-    from tests.helpers import write_tiny_checkpoint
+    from tests.helpers import write_lying_checkpoint, write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
-    with safe_open(path, framework="pt") as handle:
-        header, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
-    config = json.loads(header["config"])
-    config["coarse_filter"]["num_stacks"] = 100_000
-    save_file(tensors, tmp_path / "lying.safetensors", metadata={**header, "config": json.dumps(config)})
+    lying = write_lying_checkpoint(tmp_path / "lying.safetensors", write_tiny_checkpoint(tmp_path / "tiny.safetensors"))
     with pytest.raises(CheckpointError, match="num_stacks 100000"):  # refused before a layer is built
-        read_checkpoint(tmp_path / "lying.safetensors")
+        read_checkpoint(lying)
 
 
 class _RunsCode:
