@@ -112,9 +112,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from pipelines.common.ray_runtime import connect_ray
 
     config = _reconstruct_config(args)
-    if not args.in_process:
-        connect_ray(args.address)
-    summary = run_bulk(config, in_process=args.in_process, progress=not args.quiet)
+    # --in-process, --on-ray, or (neither, and no --address) by the job's size.
+    in_process = True if args.in_process else False if args.on_ray or args.address else None
+    summary = run_bulk(config, in_process=in_process, progress=not args.quiet, connect=lambda: connect_ray(args.address))
     return summary.print_report(args.fail_on_error)
 
 
@@ -231,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--finish-actors", type=int, default=1, help="CPU actors that mesh, colour and write")
     recon.add_argument("--gpus", action="store_true", help="require GPU model actors")
     recon.add_argument("--address", help="Ray cluster address (default: a private local instance)")
-    recon.add_argument("--in-process", action="store_true", help="run the same stages in this process, without Ray")
+    where = recon.add_mutually_exclusive_group()
+    where.add_argument("--in-process", action="store_true", help="run the same stages in this process, without Ray "
+                       "(default for a job of at most 4 inputs without --address: Ray's start-up costs it more)")
+    where.add_argument("--on-ray", action="store_true", help="run on Ray whatever the job's size (a private local "
+                       "instance without --address)")
     recon.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT during the run")
     recon.add_argument("--pushgateway", help="push metrics to this Pushgateway (host:port) at the end")
     recon.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -110,13 +110,32 @@ def test_a_ray_job_prints_its_progress_and_summary_without_ray_info_lines(tmp_pa
     checkpoint = str(write_tiny_checkpoint(tmp_path / "tiny.safetensors"))
     person_image(tmp_path / "in" / "a.png")
     command = [sys.executable, "-m", "pipelines.cli", "reconstruct", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
-               "--checkpoint", checkpoint, "--resolution", "32"]
+               "--checkpoint", checkpoint, "--resolution", "32", "--on-ray"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("1 inputs: 1 ok")  # results on stdout
     assert "reconstruct: 100%" in result.stderr  # the progress bar on stderr
     noise = [line for line in result.stderr.replace("\r", "\n").splitlines() if re.search(r"\bINFO\b|Warning", line)]
     assert not noise, noise
+
+
+def test_one_photo_runs_in_process_and_a_missing_input_fails_before_anything_starts(tmp_path, capsys):
+    from pipelines.common.formats import read_manifest
+    from tests.helpers import person_image, write_tiny_checkpoint
+
+    checkpoint = str(write_tiny_checkpoint(tmp_path / "tiny.safetensors"))
+    code = main(["reconstruct", str(tmp_path / "missing.png"), "-o", str(tmp_path / "out"), "--checkpoint", checkpoint])
+    err = capsys.readouterr().err
+    assert code == 4 and "missing.png: no such file" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # nothing created, and no Ray started: the inputs are listed first
+
+    person_image(tmp_path / "in" / "a.png")
+    command = [sys.executable, "-m", "pipelines.cli", "reconstruct", str(tmp_path / "in" / "a.png"), "-o",
+               str(tmp_path / "out"), "--checkpoint", checkpoint, "--resolution", "32", "--quiet"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0 and out.startswith(b"1 inputs: 1 ok")
+    assert read_manifest(str(tmp_path / "out"))["worker"].tolist() == [str(driver.pid)]  # the command's own process
 
 
 # The arguments each config-building command needs, and the config fields they set.

@@ -354,14 +354,28 @@ def _run_stages(preparer: InputPreparer, sampler: SurfaceSampler, record: dict, 
 
 def _results_in_process(records: list[dict], config: BulkConfig, network: NetworkInputs):
     """The same stages, one image at a time, in this process (no Ray)."""
+    import torch
+
+    use_gpu = config.use_gpu if config.use_gpu is not None else torch.cuda.is_available()
     preparer = InputPreparer(**_preparer_kwargs(config, network))
-    sampler = SurfaceSampler(**_sampler_kwargs(config, bool(config.use_gpu)))
+    sampler = SurfaceSampler(**_sampler_kwargs(config, use_gpu))
     for record in records:
         yield from _run_stages(preparer, sampler, record, config)
 
 
-def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True) -> stage_rows.Summary:
-    """Run one bulk job to completion; Ray must already be initialised unless `in_process`."""
+# A job of at most this many inputs runs in the driver's process when the caller leaves the choice
+# to `run_bulk`: starting and stopping a private Ray instance costs it more (15-25 s on 2 cores) than
+# it gains.
+SMALL_JOB_INPUTS = 4
+
+
+def run_bulk(config: BulkConfig, in_process: bool | None = False, progress: bool = True, connect=None) -> stage_rows.Summary:
+    """Run one bulk job to completion.
+
+    in_process: True runs the stages in this process, False on Ray, None decides by the job's size
+    (`SMALL_JOB_INPUTS`). connect: called once the inputs are listed and the output checked, when
+    the job runs on Ray (`connect_ray`; None: Ray is initialised already), so that a bad input list,
+    checkpoint or output fails at once, before any Ray process starts."""
     from model.network.checkpoint import check_finite_weights, read_checkpoint
     from model.errors import CheckpointError
     from pipelines.common.checkpoints import checkpoint_identity, fetch_checkpoint
@@ -385,6 +399,10 @@ def run_bulk(config: BulkConfig, in_process: bool = False, progress: bool = True
     if removed := remove_stale_temporaries(config.output):
         log.warning("removed %d temporary files an interrupted job left in %s", removed, redact(config.output))
     records = initial_rows(items, config, run_id, checkpoint_id)
+    if in_process is None:
+        in_process = len(records) <= SMALL_JOB_INPUTS
+    if not in_process and connect is not None:
+        connect()
     metrics = BulkMetrics(pipeline="reconstruct")
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
