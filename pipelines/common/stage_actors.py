@@ -7,8 +7,8 @@ retries of inputs whose worker died) waits behind them. So every stage actor of 
 registers its own handle with a `StageActorRegistry` that the driver owns, and the driver kills
 them all the moment the pipeline is over (`end_stage_actors`), finished, failed or abandoned.
 
-Pools that register must have a fixed size (min_size == max_size): an actor released while the
-pipeline runs (a pool scaling down) would otherwise stay alive, held by the registry.
+An actor a pool lets go of while the pipeline runs (an autoscaling pool shrinking) stays alive,
+held by the registry, until the pipeline ends; Ray's lineage would have kept it alive as well.
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ class StageActorRegistry:
 
 
 def start_registry():
-    """A new registry actor owned by this driver (it dies with the driver)."""
+    """A new registry actor owned by this driver, on the driver's node: it dies with the driver, and
+    never with a worker node the job can lose."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(StageActorRegistry).options(num_cpus=0, max_restarts=0).remote()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(StageActorRegistry).options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote()
 
 
 def register_this_actor(registry) -> None:
@@ -47,7 +50,10 @@ def register_this_actor(registry) -> None:
     context = ray.get_runtime_context()
     if context.get_actor_id() is None:  # a plain task or the driver (a retry run alone)
         return
-    ray.get(registry.add.remote(context.get_actor_id(), context.current_actor))
+    try:
+        ray.get(registry.add.remote(context.get_actor_id(), context.current_actor), timeout=60)
+    except (ray.exceptions.RayError, TimeoutError) as exc:  # the stage still works; Ray releases it in the end
+        log.warning("this stage actor could not register with its pipeline (%s)", exc)
 
 
 def end_stage_actors(registry) -> int:

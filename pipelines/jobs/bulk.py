@@ -1,7 +1,7 @@
 """Bulk reconstruction on Ray Data: image collections -> meshes, previews and a Parquet manifest.
 
     list inputs (driver)
-      -> the three stages of `pipelines.jobs.bulk_stages` (prepare, model, finish), fixed actor pools
+      -> the three stages of `pipelines.jobs.bulk_stages` (prepare, model, finish), actor pools
       -> manifest rows streamed back to the driver, which appends them to Parquet and counts metrics
 
 Any failure inside a stage is a failed row, so one bad image never stops the job. An input that
@@ -170,14 +170,15 @@ def _pipeline_results(records: list[dict], config: BulkConfig, network: NetworkI
 def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool, registry):
     """The three stages on a dataset of records: prepare (CPU actors), model (GPU or CPU actors), finish.
 
-    The actor pools have a fixed size and their actors register with `registry`, so that the driver
-    can end them with the pipeline (`pipelines.common.stage_actors`)."""
+    Each pool starts one actor and grows to its size while the cluster has room (pools of a fixed
+    size larger than a small cluster would wait forever); their actors register with `registry`, so
+    that the driver can end them with the pipeline (`pipelines.common.stage_actors`)."""
     import ray
 
     mib = 1 << 20
     dataset = dataset.map_batches(
         InputPreparer, batch_size=None, batch_format="pyarrow", num_cpus=0.5, memory=config.prepare_memory_mb * mib,
-        compute=ray.data.ActorPoolStrategy(size=config.prepare_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.prepare_actors),
         max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
         fn_constructor_kwargs={**_preparer_kwargs(config, network), "registry": registry},
     )
@@ -185,7 +186,7 @@ def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool, 
         SurfaceSampler,
         batch_size=None,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=config.model_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.model_actors),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
         memory=config.model_memory_mb * mib,
@@ -196,7 +197,7 @@ def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool, 
     # inputs (nothing to mesh) pays thousands of times.
     dataset = dataset.map_batches(
         MeshFinisher, batch_size=None, batch_format="pyarrow", num_cpus=0.5, memory=config.finish_memory_mb * mib,
-        compute=ray.data.ActorPoolStrategy(size=config.finish_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.finish_actors),
         max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
         fn_constructor_kwargs={"reconstruction": config.reconstruction, "mesh_format": config.mesh_format,
                                "registry": registry},
