@@ -465,3 +465,20 @@ def test_one_sidecar_rule_for_local_files_and_uris(tmp_path):
     (item,) = list_inputs([str(tmp_path)])  # the sidecars are no inputs of their own
     assert item.mask_uri.endswith("photo_mask.PNG") and item.keypoints_uri.endswith("photo_KEYPOINTS.json") and not item.rect_uri
     assert find_sidecars(tmp_path / "photo.jpg").keypoints == tmp_path / "photo_KEYPOINTS.json"
+
+
+def test_an_alpha_that_outlines_nobody_is_not_a_mask():
+    """A photo saved with a few transparent pixels (PIFu's sample has 45) is an opaque photo: the
+    person finder, not the alpha, says where the person is; a real cut-out still counts."""
+    from model.image.boxes import alpha_is_mask
+    from model.image.decode import DecodedImage
+
+    rgb = np.zeros((400, 300, 3), np.uint8)
+    almost_opaque = np.full((400, 300), 255, np.uint8)
+    almost_opaque.reshape(-1)[:45] = 0
+    cut_out = np.zeros((400, 300), np.uint8)
+    cut_out[60:380, 100:200] = 255
+    assert not alpha_is_mask(DecodedImage(rgb, almost_opaque))
+    assert not alpha_is_mask(DecodedImage(rgb, None))
+    assert alpha_is_mask(DecodedImage(rgb, cut_out))
+    assert alpha_is_mask(DecodedImage(rgb, np.zeros((400, 300), np.uint8)))  # all transparent: a mask of nobody

@@ -72,6 +72,16 @@ def box_from_keypoints(points: np.ndarray, pad: float = KEYPOINT_BODY_PAD) -> Bo
     return Box(low[0] - grow, low[1] - grow, high[0] + grow, high[1] + grow)
 
 
+# An alpha channel outlines a person only when this share of the image, at least, is transparent:
+# a photo saved with a few stray transparent pixels (PIFu's own sample has 45) is an opaque photo.
+MIN_TRANSPARENT_SHARE = 0.02
+
+
 def alpha_is_mask(image: DecodedImage) -> bool:
-    """Whether the image's alpha channel marks a person (it exists and is not fully opaque)."""
-    return image.alpha is not None and float(image.alpha.min()) < unit_scale(image.alpha)
+    """Whether the image's alpha channel outlines a person: it exists, at least `MIN_TRANSPARENT_SHARE`
+    of the image is transparent (alpha at or below `ALPHA_BOX_THRESHOLD`), and something is not.
+    An all-transparent alpha counts as a mask (of nobody: the caller says so)."""
+    if image.alpha is None:
+        return False
+    transparent = float((image.alpha <= ALPHA_BOX_THRESHOLD * unit_scale(image.alpha)).mean())
+    return transparent >= MIN_TRANSPARENT_SHARE

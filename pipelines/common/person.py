@@ -44,7 +44,7 @@ def find_person(image_bytes: bytes, sidecars: dict[str, bytes | None], name: str
     world landmarks and mask). The mask: `NAME_mask.*`, else the alpha channel, else the finder's.
     """
     from model.body.landmarks import parse_body_keypoints
-    from model.image.boxes import ALPHA_BOX_THRESHOLD
+    from model.image.boxes import ALPHA_BOX_THRESHOLD, alpha_is_mask
     from model.image.decode import load_image, load_mask
 
     image = load_image(image_bytes, name, max_pixels=max_pixels)
@@ -52,7 +52,7 @@ def find_person(image_bytes: bytes, sidecars: dict[str, bytes | None], name: str
     mask = None
     if sidecars.get("mask") is not None:
         mask = load_mask(sidecars["mask"], f"mask for {name}", max_pixels=max_pixels)
-    elif image.alpha is not None and image.alpha.min() < 1:
+    elif alpha_is_mask(image):
         mask = image.alpha > ALPHA_BOX_THRESHOLD
     if mask is not None and mask.shape != (height, width):
         raise InputError(f"mask for {name}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}")
