@@ -149,13 +149,17 @@ class ManifestWriter:
     def _part_name(self) -> str:
         return f"run-{self.run_id}-{len(self.files):05d}.parquet"
 
+    def _pending_part(self) -> bytes:
+        """The pending rows as one Parquet part's bytes."""
+        return storage.parquet_bytes(pa.Table.from_pylist(self.pending, schema=self.schema))
+
     def flush(self) -> None:
         """Write the pending rows as one part; StoreError (rows kept pending) when the store keeps refusing."""
         self.last_flush = time.monotonic()
         if not self.pending:
             return
         uri = join(self.folder, self._part_name())
-        data = storage.parquet_bytes(pa.Table.from_pylist(self.pending, schema=self.schema))
+        data = self._pending_part()
         for delay in (*self.retry_delays_s, None):
             try:
                 storage.write_bytes_atomic(uri, data)
@@ -178,7 +182,7 @@ class ManifestWriter:
             count = len(self.pending)
             try:
                 spooled = join(spool_folder(self.output), self._part_name())
-                storage.write_bytes_atomic(spooled, storage.parquet_bytes(pa.Table.from_pylist(self.pending, schema=self.schema)))
+                storage.write_bytes_atomic(spooled, self._pending_part())
             except OSError as spool_exc:
                 raise StoreError(f"{exc}; {count} rows could not be kept: spooling them to this machine failed too "
                                  f"({spool_exc})") from None
@@ -205,9 +209,8 @@ def recover_spool(output: str) -> int:
         if not name.endswith(".parquet"):
             continue
         local = os.path.join(folder, name)
-        data = storage.read_bytes(local)
-        storage.write_bytes_atomic(join(output, "manifest", name), data)
-        moved += storage.read_parquet(local).num_rows
+        storage.write_bytes_atomic(join(output, "manifest", name), storage.read_bytes(local))
+        moved += storage.read_parquet_metadata(local).num_rows  # the footer only
         os.remove(local)
     if moved:
         log.warning("moved %d manifest rows an earlier job could not write into %s", moved, redact(join(output, "manifest")))
