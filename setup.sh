@@ -18,6 +18,8 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test]"
-# Build the body model's cache once (about 90 s the first time), so jobs and tests start quickly.
+# Build the body model's caches once (about 90 s each the first time), so jobs and tests start quickly:
+# the project's body, and the makehuman topology that real garments are fitted to (data synth --garments).
 .venv/bin/python -c "from model.data.humans import load_body_model; load_body_model()"
+.venv/bin/python -c "from model.data.garments import load_makehuman_body; load_makehuman_body()"
 echo "setup done: $(.venv/bin/pifuhd --help | head -n 1)"

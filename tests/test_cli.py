@@ -142,7 +142,7 @@ def test_one_photo_runs_in_process_and_a_missing_input_fails_before_anything_sta
 MINIMAL_ARGUMENTS = {
     ("reconstruct",): (["in.png", "-o", "out"], {"inputs", "output", "checkpoint", "fallback_checkpoint"}),
     ("train",): (["--stage", "coarse", "--data", "d", "-o", "o"], {"stage", "data", "out"}),
-    ("evaluate",): (["--gt", "g", "-o", "o"], {"gt", "out"}),
+    ("evaluate",): (["--gt", "g", "-o", "o"], {"gt", "out", "fallback"}),
     ("data", "synth"): (["--count", "1", "-o", "o"], {"out", "kind", "count"}),
     ("data", "scans"): (["x.obj", "-o", "o"], {"out", "kind", "inputs"}),
     ("fit",): (["in.png", "-o", "o"], {"inputs", "output"}),

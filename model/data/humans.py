@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.cache import CACHE_ROOT
+from model.cache import configure_caches
 
 TOPOLOGY = "anny-noeyes-notongue"  # one closed part: eyes and tongue would sit inside the head
 POSE_FAMILIES = ("stand", "walk", "gesture", "reach", "crouch")  # what the training data draws
@@ -52,6 +52,10 @@ class HumanConfig:
     skirt_probability: float = 0.2
     max_pose_tries: int = 12  # re-draws when anny's self-interpenetration module finds a collision
     max_colliding_faces: int = 0
+    # A folder of MakeHuman assets (clothes/*/*.mhclo, hair/*/*.mhclo; model/data/garments.py): real
+    # suits, shoes, hair and hats fitted to the body instead of the procedural garments; None: procedural.
+    garments: str | None = None
+    max_garment_inside: float = 0.15  # a pose whose suit lies more than this share inside the body is re-drawn
 
     def __post_init__(self) -> None:
         known = POSE_FAMILIES + HELD_OUT_FAMILIES
@@ -99,16 +103,6 @@ class Subject:
 
 
 # ---- the body model, built once per process ---------------------------------------------------
-
-
-def configure_caches() -> None:
-    """Point anny's and warp's caches at a stable directory before either is imported.
-
-    anny's first build parses its assets for about 70-100 s and caches ~0.8 GB; later builds
-    in any process read that cache in under a second, so the location must not move.
-    """
-    os.environ.setdefault("ANNY_CACHE_DIR", str(CACHE_ROOT / "anny"))
-    os.environ.setdefault("WARP_CACHE_PATH", str(CACHE_ROOT / "warp"))
 
 
 def body_model_cached() -> bool:
@@ -528,6 +522,29 @@ def skirt_mesh(vertices: np.ndarray, region: np.ndarray, top_y: float, hem_y: fl
 ANNY_TO_CANONICAL = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 
 
+def _posed_body(rng: np.random.Generator, family: str, phenotype: dict, rest_heads_m: np.ndarray, body: BodyModel,
+                config: HumanConfig, accept=None):
+    """Pose the body, re-drawing (and softening) until anny's self-interpenetration module and
+    `accept(pose, anny_output)` (when given) are satisfied; the rest pose when no draw is.
+
+    Returns (pose dict or None, family, anny output, tries, colliding faces).
+    """
+    import torch
+
+    pose_rng = np.random.default_rng(rng.integers(2**63))
+    for tries in range(1, config.max_pose_tries + 1):
+        amount = 1.0 if tries <= config.max_pose_tries // 2 else 0.6
+        pose = sample_pose(pose_rng, family, rest_heads_m, body, scale=amount)
+        with torch.no_grad():
+            out = body.anny(pose_parameters=pose, phenotype_kwargs=phenotype)
+            colliding = int((body.collisions.detect_self_intersections(out["vertices"][0]) >= 0).sum())
+        if colliding <= config.max_colliding_faces and (accept is None or accept(pose, out)):
+            return pose, family, out, tries, colliding
+    with torch.no_grad():  # the rest pose never collides
+        out = body.anny(phenotype_kwargs=phenotype)
+    return None, "stand-rest", out, config.max_pose_tries, 0
+
+
 def make_subject(subject_id: str, seed: int | np.random.SeedSequence, config: HumanConfig = HumanConfig(), family: str | None = None) -> Subject:
     """The synthetic person for `seed`: the same seed gives the same vertices, faces and colours.
 
@@ -546,30 +563,15 @@ def make_subject(subject_id: str, seed: int | np.random.SeedSequence, config: Hu
     rest_m = rest["rest_vertices"][0].numpy().astype(np.float64)  # "vertices" is re-rooted at the origin
     rest_heads_m = rest["rest_bone_heads"][0].numpy().astype(np.float64)
 
+    if config.garments:
+        return _subject_in_assets(subject_id, rng, phenotype, family, rest_m, rest_heads_m, config)
     outfit = dress(rng, rest_m * 100, rest_heads_m * 100, body, allow_skirt=family not in ("crouch", "lunge"), config=config)
     # Normalise on the dressed rest pose so every subject is the same 180 cm person standing.
     dressed_rest = rest_m * 100 + outfit.offsets[:, None] * vertex_normals(rest_m, body.faces)
     scale = config.height_cm / np.ptp(dressed_rest[:, 2])  # cm per anny cm
 
-    # Pose, re-drawing (and softening) until anny's self-interpenetration module is satisfied.
-    pose_rng = np.random.default_rng(rng.integers(2**63))
-    tries = 0
-    for tries in range(1, config.max_pose_tries + 1):
-        amount = 1.0 if tries <= config.max_pose_tries // 2 else 0.6
-        pose = sample_pose(pose_rng, family, rest_heads_m, body, scale=amount)
-        with torch.no_grad():
-            out = body.anny(pose_parameters=pose, phenotype_kwargs=phenotype)
-            posed = out["vertices"][0]
-            colliding = int((body.collisions.detect_self_intersections(posed) >= 0).sum())
-        if colliding <= config.max_colliding_faces:
-            break
-    else:
-        pose, family = None, "stand-rest"  # the rest pose never collides
-        with torch.no_grad():
-            out = body.anny(phenotype_kwargs=phenotype)
-            posed = out["vertices"][0]
-        colliding = 0
-    posed_m = posed.numpy().astype(np.float64)
+    pose, family, out, tries, colliding = _posed_body(rng, family, phenotype, rest_heads_m, body, config)
+    posed_m = out["vertices"][0].numpy().astype(np.float64)
 
     # Garments follow the pose: the rest-pose offsets are applied along the posed normals.
     dressed = posed_m * 100 + outfit.offsets[:, None] * vertex_normals(posed_m, body.faces)
@@ -590,24 +592,80 @@ def make_subject(subject_id: str, seed: int | np.random.SeedSequence, config: Hu
         colour = np.asarray(outfit.skirt["color"], dtype=np.float32)
         parts.append(Part("skirt", sv, sf, np.tile(colour, (len(sv), 1))))
 
+    return _centred_subject(subject_id, parts, posed_m, scale, body, {
+        "phenotype": phenotype, "family": family, "pose_tries": tries, "colliding_faces": colliding, "pose": pose, **outfit.info})
+
+
+def _centred_subject(subject_id: str, parts: list[Part], posed_m: np.ndarray, scale: float, body: BodyModel, drawn: dict) -> Subject:
+    """The Subject of `parts` (canonical frame, cm) and the posed body (anny frame, m), all centred on the
+    parts' bounding box; `drawn` holds what was drawn, its "pose" the anny pose dict (None: rest pose)."""
     body_part = Part("anny", ((posed_m * 100 * scale) @ ANNY_TO_CANONICAL.T).astype(np.float32), body.faces.astype(np.int32),
                      np.full((len(posed_m), 3), 0.8, np.float32))
-    # Centre the bounding box of all parts at the origin.
     allv = np.concatenate([p.vertices for p in parts])
     centre = (allv.min(0) + allv.max(0)) / 2
     for p in (*parts, body_part):
         p.vertices = (p.vertices - centre).astype(np.float32)
-
+    pose = drawn.pop("pose")
     info = {
-        "phenotype": phenotype,
-        "family": family,
-        "pose_tries": tries,
-        "colliding_faces": colliding,
+        **{k: drawn.pop(k) for k in ("phenotype", "family", "pose_tries", "colliding_faces")},
         "scale_cm_per_anny_cm": float(scale),
         # anny's inputs that give the body back: body.anny(pose_parameters={bone: (1, 4, 4) local transform},
         # in metres (anny frame), then x 100 x scale, rotated into the canonical frame, minus this centre.
         "anny_pose_parameters": None if pose is None else {k: v[0].numpy().tolist() for k, v in pose.items()},
         "centre_cm": centre.tolist(),
-        **outfit.info,
+        **drawn,
     }
     return Subject(subject_id=subject_id, parts=parts, info=info, body=body_part)
+
+
+def _subject_in_assets(subject_id: str, rng: np.random.Generator, phenotype: dict, family: str, rest_m: np.ndarray,
+                       rest_heads_m: np.ndarray, config: HumanConfig) -> Subject:
+    """make_subject with real MakeHuman garments (model/data/garments.py) over the bare body.
+
+    A pose whose suit lies more than `max_garment_inside` inside the body is re-drawn like a
+    colliding one (counted in info["garment_rejections"]). Parts: the body (skin), then each asset
+    as an open surface: the subject is labelled by the winding number of all parts together.
+    """
+    import igl
+
+    from model.data import garments
+
+    body = load_body_model()
+    assets = garments.choose_outfit(rng, garments.read_assets(config.garments), phenotype["gender"])
+    rest_assets, _ = garments.fitted_assets(assets, phenotype, None)
+    scale = config.height_cm / np.ptp(np.concatenate([rest_m, *rest_assets])[:, 2] * 100)
+    posed_assets: list[np.ndarray] = []
+    rejected = []
+
+    def garments_fit(pose, out) -> bool:
+        posed_assets[:] = garments.fitted_assets(assets, phenotype, pose)[1]
+        body_v = out["vertices"][0].numpy().astype(np.float64)
+        share = max((float((igl.fast_winding_number(body_v, body.faces, v) > 0.5).mean())
+                     for a, v in zip(assets, posed_assets) if a.kind == "suit"), default=0.0)
+        rejected.append(share)
+        return share <= config.max_garment_inside
+
+    pose, family, out, tries, colliding = _posed_body(rng, family, phenotype, rest_heads_m, body, config, garments_fit)
+    posed_m = out["vertices"][0].numpy().astype(np.float64)
+    if pose is None:
+        posed_assets = garments.fitted_assets(assets, phenotype, None)[1]
+    skin = _skin_colour(rng)
+    parts = [Part("body", ((posed_m * 100 * scale) @ ANNY_TO_CANONICAL.T).astype(np.float32), body.faces.astype(np.int32),
+                  np.tile(skin, (len(posed_m), 1)).astype(np.float32))]
+    waist_z = rest_heads_m[body.bone_labels.index("spine03"), 2] * 0.5 + rest_heads_m[body.bone_labels.index("spine04"), 2] * 0.5
+    hair_colour = np.clip(garments.HAIR_COLOURS[rng.integers(len(garments.HAIR_COLOURS))] * rng.uniform(0.8, 1.2, 3), 0, 1)
+    top, bottom = _random_colour(rng), _random_colour(rng, value=(0.1, 0.7))
+    for asset, rest_v, posed_v in zip(assets, rest_assets, posed_assets):
+        if asset.kind == "suit":  # one fabric above the waist, another below
+            colors = np.where((rest_v[:, 2] > waist_z)[:, None], garments.fabric(rng, asset.uv, top), garments.fabric(rng, asset.uv, bottom))
+        elif asset.kind == "hair":
+            colors = np.tile(hair_colour, (len(posed_v), 1))
+        else:
+            colors = garments.fabric(rng, asset.uv, _random_colour(rng, value=(0.05, 0.6)))
+        parts.append(Part(asset.name, ((posed_v * 100 * scale) @ ANNY_TO_CANONICAL.T).astype(np.float32), asset.faces,
+                          colors.astype(np.float32), uv=asset.uv))
+    return _centred_subject(subject_id, parts, posed_m, scale, body, {
+        "phenotype": phenotype, "family": family, "pose_tries": tries, "colliding_faces": colliding, "pose": pose,
+        "label_union": True, "garments": [a.name for a in assets],
+        "garment_rejections": sum(share > config.max_garment_inside for share in rejected),
+        "garment_inside_share": rejected[-1] if rejected else 0.0, "skin": skin.tolist()})

@@ -73,9 +73,13 @@ def network_calib() -> np.ndarray:
     return np.diag([1.0, -1.0, 1.0, 1.0]).astype(np.float32)
 
 
-def sample_views(rng: np.random.Generator, count: int, pitch_jitter_deg: float = 5.0) -> list[View]:
-    """`count` yaws evenly spread around the subject from a random start, each with a small random pitch."""
-    start = rng.uniform(0, 360)
+def sample_views(rng: np.random.Generator, count: int, pitch_jitter_deg: float = 5.0, fixed_yaws: bool = False) -> list[View]:
+    """`count` yaws evenly spread around the subject from a random start, each with a small random pitch.
+
+    With `fixed_yaws` the yaws start at 0 (0, 90, 180, 270 for four views): evaluation sets whose
+    views are comparable across subjects and runs; the pitch is still drawn (0 when the jitter is 0).
+    """
+    start = 0.0 if fixed_yaws else rng.uniform(0, 360)
     return [
         View(yaw_deg=float((start + k * 360.0 / count) % 360), pitch_deg=float(rng.uniform(-pitch_jitter_deg, pitch_jitter_deg)))
         for k in range(count)

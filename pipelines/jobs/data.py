@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -66,6 +67,7 @@ class SampleSettings:
     views: int = 4
     resolution: int = 1024  # 1024 stores 1024 and 512 images; 512 stores 512 only
     pitch_jitter_deg: float = 5.0
+    fixed_yaws: bool = False  # yaws 0, 360/views, ... (evaluation sets) instead of from a random start
     backgrounds: str | None = None  # a folder of images; procedural backgrounds when None
     sampling: SamplingConfig = field(default_factory=_sampling_config)
     val_fraction: float = 0.05
@@ -111,6 +113,10 @@ class JobConfig:
             raise ValueError("subjects_per_shard and workers must be >= 1")
         for uri in (self.out, *self.inputs):
             check_uri(uri)
+        if self.kind == "synth" and self.human.garments:
+            from model.data.garments import read_assets
+
+            read_assets(self.human.garments)  # a folder without assets fails here, before Ray starts
 
     def settings_dict(self) -> dict:
         keep = {"kind", "seed", "count", "inputs", "subjects_per_shard"}
@@ -146,7 +152,7 @@ def subject_rows(subject, split: str, source: str, rng: np.random.Generator, set
     from model.data.sampling import label_views
 
     renderer = get_renderer(RENDER_SIZE)
-    views = sample_views(rng, settings.views, settings.pitch_jitter_deg)
+    views = sample_views(rng, settings.views, settings.pitch_jitter_deg, settings.fixed_yaws)
     if subject.info.get("label_union"):
         merged = subject.merged()
         label_parts = [(merged.vertices, merged.faces)]
@@ -203,7 +209,8 @@ def body_record(subject) -> dict:
     record = {"subject_id": subject.subject_id, "frame": "canonical (cm, y up, facing +z, centred)"}
     if "body_fit" in subject.info:
         return {**record, "source": "fitted to the scan's front render (model.body.scan)", **subject.info["body_fit"]}
-    keys = ("phenotype", "family", "scale_cm_per_anny_cm", "anny_pose_parameters", "centre_cm")
+    keys = ("phenotype", "family", "scale_cm_per_anny_cm", "anny_pose_parameters", "centre_cm", "garments",
+            "garment_rejections", "garment_inside_share")
     return {**record, "source": "synthetic", **{k: subject.info.get(k) for k in keys}}
 
 
@@ -373,6 +380,11 @@ def run_job(job: JobConfig) -> dict:
     n_failed = fmt.update_failures(job.out, failed, {s["subject_id"] for s in made} | done)
     fractions = {"train": 1 - job.settings.val_fraction - job.settings.test_fraction, "val": job.settings.val_fraction, "test": job.settings.test_fraction}
     card = fmt.write_card(job.out, job.kind, job.settings_dict(), job.seed, fractions, n_failed)
+    if job.kind == "synth" and job.human.garments:
+        from model.data.garments import asset_notice, read_assets
+        from pipelines.common import storage
+
+        storage.write_bytes_atomic(storage.join(job.out, "NOTICE.md"), asset_notice(read_assets(job.human.garments)).encode())
     seconds = [float(s["seconds"]) for s in made]
     summary = {
         "out": job.out,
@@ -413,6 +425,7 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--near-share", type=float, default=None, help="share of points near the surface (default 0.7)")
     p.add_argument("--ray-share", type=float, default=None, help="share of points on camera rays through the surface (default 0.2)")
     p.add_argument("--pitch-jitter", type=float, default=5.0, help="max |pitch| in degrees")
+    p.add_argument("--fixed-yaws", action="store_true", help="yaws 0, 360/views, ... instead of from a random start (evaluation sets)")
     p.add_argument("--backgrounds", default=None, help="folder of background images (default: procedural)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of subjects in the validation split")
     p.add_argument("--test-fraction", type=float, default=0.05, help="share of subjects in the test split")
@@ -439,7 +452,7 @@ def _synth_job(args) -> JobConfig:
     return build_config(
         JobConfig,
         out=args.out, kind="synth", seed=args.seed, settings=_settings(args), count=args.count,
-        human=_human_config(children=args.children, families=tuple(args.families)), subjects_per_shard=args.subjects_per_shard,
+        human=_human_config(children=args.children, families=tuple(args.families), garments=args.garments and str(Path(args.garments).resolve())), subjects_per_shard=args.subjects_per_shard,
         workers=args.workers, address=args.address,
     )
 
@@ -470,6 +483,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     synth.add_argument("--families", nargs="+", choices=POSE_FAMILIES + HELD_OUT_FAMILIES, default=list(POSE_FAMILIES),
                        help="pose families drawn (default: the training families; lunge is held out of them, "
                        "for test subjects of a pose no shipped model saw)")
+    synth.add_argument("--garments", metavar="DIR", help="a folder of MakeHuman assets (clothes/*/*.mhclo, hair/*/*.mhclo, "
+                       "as makehuman-assets' base/): real suits, shoes, hair and hats instead of procedural garments")
     _common_arguments(synth)
     synth.set_defaults(handler=_run, config=_synth_job)
     scans = actions.add_parser("scans", help="real scans: OBJ(+MTL+texture), PLY (vertex colours), GLB")

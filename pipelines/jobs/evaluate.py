@@ -66,10 +66,12 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from model.errors import CheckpointError, InputError
 from pipelines.common import exit_codes, storage
+from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT
 from pipelines.common.exit_codes import build_config
 from pipelines.common.formats import beats_baseline, summarize, write_results
-from pipelines.common.uris import uri_argument
+from pipelines.common.uris import redact, uri_argument
 from pipelines.jobs.evaluation_pairs import (
     MESH_SUFFIXES, EmptyPrediction, MissingGroundTruth, MissingPrediction, checkpoint_items, detect_mode, folder_items,
     ground_truth_meshes, is_dataset, manifest_items,
@@ -118,6 +120,9 @@ class EvalConfig:
     bodies: str = "fitted"  # body-guided checkpoints: BODY_SOURCES
     carve: bool = True  # checkpoint mode: ReconstructionConfig.carve (the view's mask as visual hull)
     surface_level: float | None = None  # checkpoint mode: ReconstructionConfig.threshold (None: the checkpoint's)
+    # A checkpoint without body input for the views no body can be fitted to, as `pifuhd reconstruct`
+    # does (the product's path); None: such views are failed rows.
+    fallback: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -257,7 +262,7 @@ class PairWorker:
     """
 
     def __init__(self, config: EvalConfig, checkpoint: str | None = None, checkpoint_id: str = "", threads: int = 1,
-                 use_gpu: bool = False):
+                 use_gpu: bool = False, fallback_id: str = ""):
         from model.data.render import configure_llvmpipe_threads
 
         # One CPU per actor: keep Mesa's rasteriser and torch to the CPUs Ray reserved.
@@ -266,14 +271,16 @@ class PairWorker:
 
         torch.set_num_threads(threads)
         self.config = config
-        self.checkpoint_id = checkpoint_id
-        self.net = None
-        if checkpoint is not None:
-            from model.network.checkpoint import load_checkpoint
-            from pipelines.common.checkpoints import fetch_checkpoint
+        self.checkpoint_id, self.fallback_id = checkpoint_id, fallback_id
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.net = None if checkpoint is None else self._load(checkpoint)
+        self.fallback = None  # loaded when a view first needs it
 
-            device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-            self.net = load_checkpoint(fetch_checkpoint(checkpoint)).eval().to(device)
+    def _load(self, checkpoint: str):
+        from model.network.checkpoint import load_checkpoint
+        from pipelines.common.checkpoints import fetch_checkpoint
+
+        return load_checkpoint(fetch_checkpoint(checkpoint)).eval().to(self.device)
 
     def __call__(self, batch: dict) -> dict:
         results = [json.dumps(self.evaluate(json.loads(item)), default=_json_default) for item in batch["item"]]
@@ -316,9 +323,19 @@ class PairWorker:
         reconstruction = ReconstructionConfig(resolution=self.config.resolution, color="none", carve=self.config.carve,
                                               threshold=self.config.surface_level)
         if item.get("method", "model") == "model":
-            if self.net.config.body_guided:
-                prepared = dataclasses.replace(prepared, body=self._view_body(view, item, row, prepared))
-            result = reconstruct(self.net, prepared, reconstruction)
+            net = self.net
+            if net.config.body_guided:
+                try:
+                    prepared = dataclasses.replace(prepared, body=self._view_body(view, item, row, prepared))
+                except InputError:
+                    if self.config.fallback is None:
+                        raise
+                    # As `pifuhd reconstruct`: no body, so the plain model makes this mesh.
+                    if self.fallback is None:
+                        self.fallback = self._load(self.config.fallback)
+                    net = self.fallback
+                    row.update(checkpoint_id=self.fallback_id, body_source="none")
+            result = reconstruct(net, prepared, reconstruction)
         else:
             result = baseline_reconstruction(prepared, reconstruction)
         predicted = scaled_mesh(result.mesh_world, 1.0 / view["units_per_cm"])
@@ -364,7 +381,7 @@ def view_body(view: dict, item: dict, prepared, bodies: str = "fitted"):
     size = view["image"].shape[-1]
     people = person_finder().find(view["rgb"])
     if not people:
-        raise ValueError(f"{item['key']}: no person found to fit a body to")
+        raise InputError(f"{item['key']}: no person found to fit a body to")
     # The stored view is the network's square: the crop of the whole S x S image.
     whole = dataclasses.replace(prepared, crop=Crop.whole_square(size))
     fitted, fit = with_fitted_body(whole, people[0].landmarks, people[0].world_landmarks, view["mask"][0] > 0.5, name=item["key"])
@@ -505,7 +522,7 @@ def protocol_line(config: EvalConfig) -> str:
 # ---- driver --------------------------------------------------------------------------------
 
 
-def _results_on_ray(items: list[dict], config: EvalConfig, checkpoint: str | None, checkpoint_id: str):
+def _results_on_ray(items: list[dict], config: EvalConfig, checkpoint: str | None, checkpoint_id: str, fallback_id: str):
     import ray
 
     resources = ray.cluster_resources()
@@ -521,16 +538,17 @@ def _results_on_ray(items: list[dict], config: EvalConfig, checkpoint: str | Non
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
         num_cpus=1,
         num_gpus=1 if use_gpu else 0,
-        fn_constructor_kwargs={"config": config, "checkpoint": checkpoint, "checkpoint_id": checkpoint_id, "use_gpu": use_gpu},
+        fn_constructor_kwargs={"config": config, "checkpoint": checkpoint, "checkpoint_id": checkpoint_id, "use_gpu": use_gpu,
+                               "fallback_id": fallback_id},
     )
     for row in dataset.iter_rows():
         yield json.loads(row["result"])
 
 
-def _results_in_process(items: list[dict], config: EvalConfig, checkpoint: str | None, checkpoint_id: str):
+def _results_in_process(items: list[dict], config: EvalConfig, checkpoint: str | None, checkpoint_id: str, fallback_id: str):
     import torch
 
-    worker = PairWorker(config, checkpoint, checkpoint_id, threads=torch.get_num_threads())
+    worker = PairWorker(config, checkpoint, checkpoint_id, threads=torch.get_num_threads(), fallback_id=fallback_id)
     for item in items:
         yield worker.evaluate(item)
 
@@ -540,7 +558,7 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
     from tqdm import tqdm
 
     mode = detect_mode(config.pred)
-    checkpoint, checkpoint_id = None, ""
+    checkpoint, checkpoint_id, fallback_id = None, "", ""
     if mode == "checkpoint":
         from model.network.checkpoint import read_checkpoint
         from pipelines.common.checkpoints import checkpoint_identity, default_checkpoint, fetch_checkpoint
@@ -550,8 +568,10 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
         except Exception as exc:
             raise FileNotFoundError(f"no --pred given and this installation ships no checkpoint ({exc})") from exc
         local = fetch_checkpoint(checkpoint)
-        _, _, metadata = read_checkpoint(local, tensors=False)  # a bad checkpoint stops the job before any work
+        _, network, metadata = read_checkpoint(local, tensors=False)  # a bad checkpoint stops the job before any work
         checkpoint_id, _ = checkpoint_identity(local, metadata)
+        if config.fallback is not None and network.body_guided:
+            fallback_id = _fallback_identity(config.fallback, network)
         if not is_dataset(config.gt):
             raise FileNotFoundError(f"--gt {config.gt}: checkpoint mode needs a dataset (pifuhd data synth|scans output)")
         items, unmatched = checkpoint_items(config.gt, config.split), 0
@@ -574,7 +594,7 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
     rows = [driver_failure_row(i, config) for i in items if i["kind"] == "failed"]
     todo = [i for i in items if i["kind"] != "failed"]
     if todo:
-        results = (_results_in_process if in_process else _results_on_ray)(todo, config, checkpoint, checkpoint_id)
+        results = (_results_in_process if in_process else _results_on_ray)(todo, config, checkpoint, checkpoint_id, fallback_id)
         with tqdm(total=len(todo), desc="evaluate", unit="pair", disable=not progress) as bar:
             for row in results:
                 rows.append(row)
@@ -585,10 +605,24 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
     rows.sort(key=lambda r: r["key"])
     results_uri, table = write_results(rows, config.out)
     summary = summarize(table) | {"mode": mode, "protocol": protocol_line(config), "unmatched_predictions": unmatched,
-                                  "run_id": run_id, "config": asdict(config), "checkpoint_id": checkpoint_id}
+                                  "run_id": run_id, "config": asdict(config), "checkpoint_id": checkpoint_id,
+                                  "fallback_id": fallback_id or None}
     storage.write_bytes_atomic(storage.join(config.out, "summary.json"),
                                   json.dumps(summary, indent=2, default=_json_default).encode())
     return EvalResult(mode=mode, results_uri=results_uri, summary=summary, table=table)
+
+
+def _fallback_identity(fallback: str, network) -> str:
+    """The fallback checkpoint's id; a CheckpointError when it reads a body or sees other image sizes than `network`."""
+    from model.network.checkpoint import read_checkpoint
+    from pipelines.common.checkpoints import checkpoint_identity, fetch_checkpoint
+
+    local = fetch_checkpoint(fallback)
+    _, config, metadata = read_checkpoint(local, tensors=False)
+    if config.body_guided or (config.coarse_size, config.fine_size) != (network.coarse_size, network.fine_size):
+        raise CheckpointError(f"fallback checkpoint {redact(fallback)}: it must take no body input and read the "
+                              "evaluated checkpoint's image sizes")
+    return checkpoint_identity(local, metadata)[0]
 
 
 # ---- command line --------------------------------------------------------------------------
@@ -601,6 +635,7 @@ def _config(args: argparse.Namespace) -> EvalConfig:
         resolution=args.resolution, scale=args.scale, normal_image_size=args.normal_image_size, seed=args.seed,
         limit=args.limit, workers=args.workers, address=args.address, baseline=args.baseline, bodies=args.bodies,
         carve=not args.no_carve, surface_level=args.surface_level,
+        fallback=args.fallback_checkpoint or (None if args.pred else str(SHIPPED_PLAIN_CHECKPOINT)),
     )
 
 
@@ -654,6 +689,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                         "view's mask (by default points outside it are outside the mesh, as in reconstruct)")
     parser.add_argument("--surface-level", type=float, help="checkpoint mode: occupancy level of the surface "
                         "(default: the checkpoint's calibrated level, 0.5 when it names none)")
+    parser.add_argument("--fallback-checkpoint", type=uri_argument, help="checkpoint mode: a model without body input for views "
+                        "no body can be fitted to, as reconstruct (default: the shipped plain twin without --pred, else none)")
     parser.add_argument("--workers", type=int, help="evaluation actors (default: one per CPU)")
     parser.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     parser.add_argument("--in-process", action="store_true", help="evaluate in this process, without Ray")
