@@ -296,7 +296,11 @@ def test_reconstruct_with_a_body_guided_model_fits_and_reads_the_body(tmp_path, 
         assert "no person found" in drawing["error_message" if status == "failed" else "body_error"]
         assert rows.loc[str(tmp_path / "in" / "person.png"), "status"] == "ok"
         assert not isinstance(rows.loc[str(tmp_path / "in" / "person.png"), "body_error"], str)
-    assert (summary.ok, summary.failed) == (2, 0)
+    assert (summary.ok, summary.failed, summary.degraded) == (2, 0, 1)
+    assert "(1 without a fitted body" in summary.line()
+    # Each row names the model that made its mesh: the fallback's id on the drawing's.
+    ids = {name: rows.loc[str(tmp_path / "in" / name), "checkpoint_id"] for name in ("person.png", "drawing.png")}
+    assert ids["person.png"] != ids["drawing.png"] and len(set(rows["settings_key"])) == 1
     # A plain model with --body: the body is an extra output, so a photo without one still gets its mesh.
     summary = run_bulk(dataclasses.replace(config, output=str(tmp_path / "out-plain"), checkpoint=plain, body=True),
                        in_process=True, progress=False)

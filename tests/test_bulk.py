@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -91,6 +92,11 @@ def test_s3_end_to_end_every_input_accounted_once(ray_local, s3_bucket, tmp_path
     assert (again.ok, again.failed, again.skipped) == (0, 5, 3)
     manifest = read_manifest(out)
     assert len(manifest) == 16 and manifest.groupby("run_id").size().tolist() == [8, 8]
+    # Settings that change the outputs are part of the skip key: another resolution redoes them.
+    finer = _config([f"s3://{s3_bucket}/in/good"], out, checkpoint)
+    finer = dataclasses.replace(finer, reconstruction=dataclasses.replace(finer.reconstruction, resolution=2 * RESOLUTION))
+    assert (lambda s: (s.ok, s.skipped))(run_bulk(finer, in_process=True, progress=False)) == (3, 0)
+    assert set(read_manifest(out)["mask_source"].dropna()) <= {"alpha", "mask", "person"}
     # And --overwrite redoes them.
     forced = run_bulk(_config([f"s3://{s3_bucket}/in/good"], out, checkpoint, overwrite=True), in_process=True, progress=False)
     assert (forced.ok, forced.skipped) == (3, 0)

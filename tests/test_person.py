@@ -125,11 +125,14 @@ def test_masks_and_boxes_match_the_renderer(finder, renders):
 
 def test_a_turned_photo_gives_the_turned_person(finder, renders):
     """The rotated-ROI conventions: a person lying on their side (the photo turned 90 degrees) is
-    found with the same mask and landmarks, turned."""
+    found with the same mask and landmarks, turned; and is a candidate only, not a person to reconstruct."""
     rng = np.random.default_rng(3)
     photo, [truth] = composite(rng, (480, 640), [(*renders[0], 0.9, 0.5, 0.05)])
     upright = finder.find(photo)[0]
-    turned = finder.find(np.ascontiguousarray(np.rot90(photo)))[0]  # counter-clockwise: (x, y) -> (y, W - x)
+    turned_photo = np.ascontiguousarray(np.rot90(photo))  # counter-clockwise: (x, y) -> (y, W - x)
+    assert finder.find(turned_photo) == []
+    (turned,) = finder.find_all(turned_photo)
+    assert "degrees from upright" in turned.problem
     assert iou(turned.mask, np.rot90(truth)) > 0.85
     expected = np.stack([upright.landmarks[:, 1], photo.shape[1] - upright.landmarks[:, 0]], axis=1)
     moved = np.linalg.norm(turned.landmarks[:, :2] - expected, axis=1)
@@ -142,6 +145,20 @@ def test_no_person_gives_nothing(finder):
         assert finder.find(procedural_background(rng, size)) == []
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         finder.find(np.zeros((10, 10), np.uint8))
+
+
+def test_a_cat_and_an_upper_body_are_no_person(finder):
+    """scikit-image's cat: the landmark net draws a face on it and a small figure lying on its fur;
+    its astronaut is cut at the waist. Neither is a person to reconstruct, and the error says why."""
+    import skimage.data
+
+    for photo, why in ((skimage.data.chelsea(), "no shoulders"), (skimage.data.astronaut(), "only the upper body")):
+        assert finder.find(photo) == []
+        assert any(why in p.problem for p in finder.find_all(photo))
+        encoded = io.BytesIO()
+        Image.fromarray(photo).save(encoded, format="PNG")
+        with pytest.raises(InputError, match=why):
+            prepare_people(load_image(encoded.getvalue(), "photo.png"), finder, PersonOptions(), name="photo.png")
 
 
 def test_two_people_most_prominent_first(finder, renders):

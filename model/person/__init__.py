@@ -45,6 +45,7 @@ LANDMARK_COUNT = 33  # MediaPipe's order: 0 nose ... 11/12 shoulders, 23/24 hips
 LETTERBOX_FILL = (128, 128, 128)  # the detector's padding: grey, the 0 of its [-1, 1] input range
 ROI_SCALE = 1.25  # the body circle's diameter x this = the ROI side (the margin the landmark net was trained with)
 HIDE_THRESHOLD = 0.1  # mask probability above which a found person is painted out before the next detection round
+SHOULDERS, HIPS = (11, 12), (23, 24)
 
 
 @dataclass(frozen=True)
@@ -53,16 +54,22 @@ class PersonFinderConfig:
     nms_iou: detections whose face boxes overlap more than this are merged (score-weighted).
     presence_threshold: minimum landmark-net "pose present" score of a person kept.
     max_people: at most this many people are returned (detections best first).
-    threads: interpreter threads (1: one core per finder, as a Ray actor holds)."""
+    threads: interpreter threads (1: one core per finder, as a Ray actor holds).
+    landmark_visibility: a landmark counts as seen at this visibility or above, inside the image.
+    max_trunk_tilt_deg: a person's trunk (hips to shoulders) leans at most this far from the
+        image's up; a skeleton lying sideways is no person to reconstruct (often not a person at all:
+        the landmark net draws a small lying figure on a cat's fur)."""
 
     detection_threshold: float = 0.5
     nms_iou: float = 0.3
     presence_threshold: float = 0.5
     max_people: int = 8
     threads: int = 1
+    landmark_visibility: float = 0.5
+    max_trunk_tilt_deg: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("detection_threshold", "nms_iou", "presence_threshold"):
+        for name in ("detection_threshold", "nms_iou", "presence_threshold", "landmark_visibility"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -83,6 +90,8 @@ class Person:
     landmarks: (33, 3) float32: x, y in image pixels (continuous coordinates), visibility in [0, 1].
     world_landmarks: (33, 3) float32 metres, origin between the hips; x right in the image, y down,
         z away from the camera (MediaPipe's axes, turned with the ROI so they follow the image).
+    problem: why these landmarks are no human skeleton to reconstruct (`skeleton_problem`), None when
+        they are; `PersonFinder.find` returns only people without one.
     """
 
     mask_soft: np.ndarray
@@ -91,6 +100,7 @@ class Person:
     score: float
     landmarks: np.ndarray
     world_landmarks: np.ndarray
+    problem: str | None = None
 
     @property
     def mask_area(self) -> float:
@@ -103,6 +113,7 @@ class Person:
             "box": {"x0": self.box.x0, "y0": self.box.y0, "x1": self.box.x1, "y1": self.box.y1},
             "score": self.score,
             "mask_area": self.mask_area,
+            "problem": self.problem,
             "landmarks": np.round(self.landmarks.astype(np.float64), 3).tolist(),
             "world_landmarks": np.round(self.world_landmarks.astype(np.float64), 4).tolist(),
         }
@@ -207,6 +218,11 @@ class PersonFinder:
     def find(self, rgb: np.ndarray) -> list[Person]:
         """rgb (H, W, 3) uint8, or float in [0, 1] -> the people in it, most prominent first
         (largest mask; on equal masks the box centre nearest the image centre). [] if none.
+        Only plausible human skeletons count (`skeleton_problem`); `find_all` also returns the others."""
+        return [p for p in self.find_all(rgb) if p.problem is None]
+
+    def find_all(self, rgb: np.ndarray) -> list[Person]:
+        """`find`, with the candidates whose landmarks are no human skeleton too (their `problem` says why).
 
         Detection runs in rounds: the people found are painted grey and the detector runs again,
         until a round finds no one new (the detector tends to report one dominant person and
@@ -293,7 +309,29 @@ class PersonFinder:
         box = box_from_mask(mask)
         if box is None:
             return None
-        return Person(mask_soft, mask, box, score, image_landmarks, world.astype(np.float32))
+        problem = skeleton_problem(image_landmarks, width, height, self.config)
+        return Person(mask_soft, mask, box, score, image_landmarks, world.astype(np.float32), problem)
+
+
+def skeleton_problem(landmarks: np.ndarray, width: int, height: int, config: PersonFinderConfig = PersonFinderConfig()) -> str | None:
+    """Why (33, 3) image landmarks (x, y px, visibility) are no whole human skeleton in a W x H image, or None.
+
+    A person to reconstruct shows both shoulders and a hip inside the image (an upper body cut at the
+    waist has none: PIFuHD would invent legs below the edge), with the trunk within
+    `config.max_trunk_tilt_deg` of upright.
+    """
+    xy, visibility = landmarks[:, :2], landmarks[:, 2]
+    seen = (visibility >= config.landmark_visibility) & (xy[:, 0] >= 0) & (xy[:, 0] <= width) & (xy[:, 1] >= 0) & (xy[:, 1] <= height)
+    if not seen[list(SHOULDERS)].all():
+        return "no shoulders among its landmarks"
+    if not seen[list(HIPS)].any():
+        return "no hip in the image (only the upper body is shown)"
+    hips = xy[[h for h in HIPS if seen[h]]].mean(0)
+    trunk = xy[list(SHOULDERS)].mean(0) - hips
+    tilt = math.degrees(math.atan2(abs(trunk[0]), -trunk[1]))  # 0 when the shoulders are straight above the hips
+    if tilt > config.max_trunk_tilt_deg:
+        return f"a trunk {tilt:.0f} degrees from upright (lying, or no person)"
+    return None
 
 
 # ---- image helpers (PIL: C loops, centre-based continuous coordinates like ours) ----------

@@ -86,7 +86,8 @@ def prepare_people(image: DecodedImage, finder: PersonFinder | None, options: Pe
     if finder is None:
         raise ValueError("person mode 'auto' needs a PersonFinder")
 
-    found = finder.find(image.rgb)
+    candidates = finder.find_all(image.rgb)
+    found = [p for p in candidates if p.problem is None]
     people = [p for p in found if p.score >= options.min_score]
     box = sidecar_box(rect, keypoints, name, prepare_kwargs.get("keypoint_threshold", DEFAULT_KEYPOINT_THRESHOLD))
     if not people and box is not None:  # the given box still says where the person is: keep its crop as it is
@@ -94,7 +95,8 @@ def prepare_people(image: DecodedImage, finder: PersonFinder | None, options: Pe
         return [PersonInput(given, None, 0, 0)]
     if not people:
         best = f"; the best score was {max(p.score for p in found):.2f}" if found else ""
-        raise InputError(f"{name}: no person found (none with a score >= {options.min_score}{best})")
+        rejected = "".join(f"; a candidate (score {p.score:.2f}) has {p.problem}" for p in candidates if p.problem)
+        raise InputError(f"{name}: no person found (none with a score >= {options.min_score}{best}{rejected})")
     if box is not None:
         chosen = [max(range(len(people)), key=lambda k: _mask_inside(people[k].mask, box))]
     else:

@@ -49,6 +49,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("persons_found", pa.int64()),  # people the finder found (null when it did not run)
         ("person_score", pa.float64()),  # the reconstructed person's detection score
         ("person_mask_area", pa.float64()),  # fraction of the image's pixels in its mask
+        # What cut the person out: "person" (the finder), "mask" (a NAME_mask sidecar), "alpha", or
+        # null (no background removed: --person off, or a rect/keypoints box nobody was found in).
+        ("mask_source", pa.string()),
         ("body_uri", pa.string()),  # the fitted anny body (--body, body-guided models), else null
         ("body_mask_iou", pa.float64()),  # its projection's IoU with the person mask
         # Why no body could be fitted; with a body-guided checkpoint the fallback checkpoint made the mesh.
@@ -67,8 +70,11 @@ MANIFEST_SCHEMA = pa.schema(
         ("seconds_write", pa.float64()),
         ("node", pa.string()),
         ("worker", pa.string()),
-        ("checkpoint_id", pa.string()),
+        ("checkpoint_id", pa.string()),  # the model that made this mesh (the fallback's on rows with a body_error)
         ("checkpoint_version", pa.string()),
+        # Hash of everything that shapes the outputs (checkpoints, reconstruction, format, person
+        # and fit settings): an input is skipped only when its content and this key are unchanged.
+        ("settings_key", pa.string()),
         ("finished_at", pa.timestamp("ms", tz="UTC")),
     ]
 )

@@ -170,6 +170,8 @@ class Summary:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+    # ok rows made the second-best way: no body could be fitted, so the fallback model made the mesh
+    degraded: int = 0
     seconds: float = 0.0
     manifest_files: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason), first few
@@ -180,7 +182,8 @@ class Summary:
 
     def line(self) -> str:
         rate = self.total / self.seconds if self.seconds else 0.0
-        return (f"{self.total} inputs: {self.ok} ok, {self.failed} failed, {self.skipped} skipped "
+        degraded = f" ({self.degraded} without a fitted body: see body_error)" if self.degraded else ""
+        return (f"{self.total} inputs: {self.ok} ok{degraded}, {self.failed} failed, {self.skipped} skipped "
                 f"in {self.seconds:.1f} s ({rate:.2f} images/s)")
 
     def print_report(self, fail_on_error: bool) -> int:
@@ -211,6 +214,7 @@ def drain_results(results, manifest: ManifestWriter, summary: Summary, total: in
                 if observe is not None:
                     observe(row, first_of_input)
                 setattr(summary, row["status"], getattr(summary, row["status"]) + 1)
+                summary.degraded += row["status"] == "ok" and bool(row.get("body_error"))
                 if row["status"] == "failed" and len(summary.failures) < 20:
                     summary.failures.append((row["input_uri"], f"{row['error_class']}: {row['error_message']}"))
                 bar.update(int(first_of_input))

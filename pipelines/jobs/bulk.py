@@ -21,6 +21,9 @@ per run, or per person with `all_people`): see `pipelines.common.formats.MANIFES
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import time
 import uuid
@@ -47,11 +50,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class NetworkInputs:
-    """What the job's checkpoint needs from the prepare stage (read once, by the driver): the image
-    sizes it takes, and whether it reads a body fitted to each photo."""
+    """What the driver read from the job's checkpoints once: the image sizes the network takes,
+    whether it reads a body fitted to each photo, and the fallback's id (the rows it makes carry it)."""
 
     sizes: tuple[int, ...]
     body_guided: bool
+    fallback_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,16 @@ class BulkConfig:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
 
 
-def initial_rows(items: list[InputItem], config: BulkConfig, run_id: str, checkpoint_id: str) -> list[dict]:
+def settings_key(config: BulkConfig, checkpoint_id: str, network: NetworkInputs) -> str:
+    """16 hex digits over every setting that shapes a job's outputs: the part of the skip key that
+    is not the input's content (a rerun with another resolution or format redoes its inputs)."""
+    shaping = {"checkpoint": checkpoint_id, "fallback": network.fallback_id, "reconstruction": dataclasses.asdict(config.reconstruction),
+               "format": config.mesh_format, "person": dataclasses.asdict(config.person), "body": config.body,
+               "fit": dataclasses.asdict(config.fit) if config.body or network.body_guided else None}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def initial_rows(items: list[InputItem], config: BulkConfig, run_id: str, checkpoint_id: str, settings: str = "") -> list[dict]:
     """One pending record per input, with its output locations fixed up front (with
     `all_people`, each person's are fixed when the people are found)."""
     records = []
@@ -137,6 +150,7 @@ def initial_rows(items: list[InputItem], config: BulkConfig, run_id: str, checkp
                 "output_stem": stem,
                 **output_uris(stem, config.mesh_format),
                 "checkpoint_id": checkpoint_id,
+                "settings_key": settings,
                 "item": item.to_dict(),
             }
         )
@@ -191,7 +205,7 @@ def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool, 
         num_cpus=1,
         memory=config.model_memory_mb * mib,
         max_task_retries=0,  # the actor restarts; its batch is dropped and retried alone
-        fn_constructor_kwargs={**_sampler_kwargs(config, use_gpu), "registry": registry},
+        fn_constructor_kwargs={**_sampler_kwargs(config, use_gpu, network), "registry": registry},
     )
     # Actors, not tasks: a task per row costs ~15 ms of scheduling, which a job of many failing
     # inputs (nothing to mesh) pays thousands of times.
@@ -205,9 +219,10 @@ def _stages(dataset, config: BulkConfig, network: NetworkInputs, use_gpu: bool, 
     return dataset
 
 
-def _sampler_kwargs(config: BulkConfig, use_gpu: bool) -> dict:
+def _sampler_kwargs(config: BulkConfig, use_gpu: bool, network: NetworkInputs) -> dict:
     return {"checkpoint": config.checkpoint, "reconstruction": config.reconstruction, "use_gpu": use_gpu,
-            "fallback_checkpoint": config.fallback_checkpoint, "batch_size": config.batch_size}
+            "fallback_checkpoint": config.fallback_checkpoint, "batch_size": config.batch_size,
+            "fallback_id": network.fallback_id}
 
 
 def _preparer_kwargs(config: BulkConfig, network: NetworkInputs) -> dict:
@@ -233,7 +248,7 @@ def _reconstruct_alone(record: dict, config: BulkConfig, network: NetworkInputs,
     """All three stages for one input in this worker process (a retry after a worker died): its rows."""
     key = (config.checkpoint, config.fallback_checkpoint, config.reconstruction, use_gpu)
     if key not in _SAMPLERS:
-        _SAMPLERS[key] = SurfaceSampler(**_sampler_kwargs(config, use_gpu))
+        _SAMPLERS[key] = SurfaceSampler(**_sampler_kwargs(config, use_gpu, network))
     return list(_run_stages(_preparer(_preparer_kwargs(config, network)), _SAMPLERS[key], record, config))
 
 
@@ -359,7 +374,7 @@ def _results_in_process(records: list[dict], config: BulkConfig, network: Networ
 
     use_gpu = config.use_gpu if config.use_gpu is not None else torch.cuda.is_available()
     preparer = InputPreparer(**_preparer_kwargs(config, network))
-    sampler = SurfaceSampler(**_sampler_kwargs(config, use_gpu))
+    sampler = SurfaceSampler(**_sampler_kwargs(config, use_gpu, network))
     for record in records:
         yield from _run_stages(preparer, sampler, record, config)
 
@@ -387,19 +402,22 @@ def run_bulk(config: BulkConfig, in_process: bool | None = False, progress: bool
     _, net_config, metadata = read_checkpoint(local_checkpoint, tensors=False)  # fail fast on a bad header
     check_finite_weights(local_checkpoint)  # and on damaged weights, before any worker loads them
     checkpoint_id, checkpoint_version = checkpoint_identity(local_checkpoint, metadata)
-    network = NetworkInputs((net_config.coarse_size, net_config.fine_size), net_config.body_guided)
+    sizes, fallback_id = (net_config.coarse_size, net_config.fine_size), None
     if config.fallback_checkpoint is not None:
-        _, fallback, _ = read_checkpoint(fetch_checkpoint(config.fallback_checkpoint), tensors=False)
-        if fallback.body_guided or (fallback.coarse_size, fallback.fine_size) != network.sizes:
+        local_fallback = fetch_checkpoint(config.fallback_checkpoint)
+        _, fallback, fallback_metadata = read_checkpoint(local_fallback, tensors=False)
+        if fallback.body_guided or (fallback.coarse_size, fallback.fine_size) != sizes:
             raise CheckpointError(f"fallback checkpoint {redact(config.fallback_checkpoint)}: it must take no body input and "
-                                  f"the same input sizes {network.sizes} as the job's checkpoint")
+                                  f"the same input sizes {sizes} as the job's checkpoint")
+        fallback_id = checkpoint_identity(local_fallback, fallback_metadata)[0]
+    network = NetworkInputs(sizes, net_config.body_guided, fallback_id if net_config.body_guided else None)
 
     items = list_inputs(list(config.inputs), exclude=config.output)  # before anything is written
     stage_rows.check_writable(config.output)
     recover_spool(config.output)
     if removed := remove_stale_temporaries(config.output):
         log.warning("removed %d temporary files an interrupted job left in %s", removed, redact(config.output))
-    records = initial_rows(items, config, run_id, checkpoint_id)
+    records = initial_rows(items, config, run_id, checkpoint_id, settings_key(config, checkpoint_id, network))
     if in_process is None:
         in_process = len(records) <= SMALL_JOB_INPUTS
     if not in_process and connect is not None:

@@ -60,16 +60,16 @@ def output_uris(base: str, mesh_format: str) -> dict[str, str]:
 # ---- stage 1: read, hash, skip check, preprocess (CPU) -----------------------------------
 
 
-MARKER_FIELDS = ("run_id", "input_uri", "content_hash", "checkpoint_id", "mesh_uri", "preview_uri", "vertices", "faces",
+MARKER_FIELDS = ("run_id", "input_uri", "content_hash", "settings_key", "checkpoint_id", "mask_source", "mesh_uri", "preview_uri", "vertices", "faces",
                  "bbox_min", "bbox_max", "person_index", "persons_found", "person_score", "person_mask_area")
 
 
 def already_finished(record: dict) -> bool:
-    """Whether this record's outputs exist for the same content and checkpoint (then it is
+    """Whether this record's outputs exist for the same content and settings (then it is
     marked skipped, with its numbers from the marker; or ok, when this very run wrote them and
     only the row was lost, with the node that held it)."""
     marker = stage_rows.finished_marker(record["marker_uri"])
-    if not (marker and marker.get("content_hash") == record["content_hash"] and marker.get("checkpoint_id") == record["checkpoint_id"]):
+    if not (marker and marker.get("content_hash") == record["content_hash"] and marker.get("settings_key") == record["settings_key"]):
         return False
     status = "ok" if marker.get("run_id") == record["run_id"] else "skipped"
     record.update(status=status, **{k: marker.get(k) for k in MARKER_FIELDS if k not in record or record[k] is None})
@@ -155,7 +155,8 @@ class InputPreparer:
                 person = person_input.person
                 row.update(person_index=person_input.index, persons_found=person_input.persons_found,
                            person_score=None if person is None else person.score,
-                           person_mask_area=None if person is None else person.mask_area, seconds_prepare=seconds)
+                           person_mask_area=None if person is None else person.mask_area, seconds_prepare=seconds,
+                           mask_source=person_input.prepared.mask_source)
                 if self.person.all_people and not self.overwrite and already_finished(row):
                     rows.append((row, b""))
                     continue
@@ -205,14 +206,14 @@ class SurfaceSampler:
     batch of images and queries their surfaces."""
 
     def __init__(self, checkpoint: str, reconstruction: ReconstructionConfig, use_gpu: bool,
-                 fallback_checkpoint: str | None = None, batch_size: int = 1, registry=None):
+                 fallback_checkpoint: str | None = None, batch_size: int = 1, registry=None, fallback_id: str | None = None):
         import torch
 
         register_this_actor(registry)
         self.batch_size = batch_size  # images per network call
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.net = self._load(checkpoint)
-        self.fallback_checkpoint, self.fallback = fallback_checkpoint, None
+        self.fallback_checkpoint, self.fallback, self.fallback_id = fallback_checkpoint, None, fallback_id
         self.config = reconstruction
 
     def _load(self, checkpoint: str):
@@ -259,6 +260,8 @@ class SurfaceSampler:
                     continue
                 record.update(seconds_encode=sample.stats["seconds_encode"], seconds_surface=sample.stats["seconds_surface"],
                               points_evaluated=sample.stats["points_evaluated"])
+                if self._network_for(p) is not self.net:
+                    record["checkpoint_id"] = self.fallback_id
                 rows[i] = (record, pickle.dumps((p, files, sample), protocol=5))
         return stage_rows.to_table(rows, STAGE_SCHEMA)
 
