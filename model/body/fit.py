@@ -55,6 +55,11 @@ from model.data.humans import ADULT_AGE, ANNY_TO_CANONICAL
 WORLD_SOURCES = ("lifter", "given", "none")
 
 
+class LowQualityFit(InputError):
+    """A fit that ran but matches the photo poorly (`BodyFit.low_quality`): where a model without
+    body input is at hand, the body is not used (the quality gate of reconstruction jobs)."""
+
+
 class UnusableLandmarks(InputError):
     """The landmarks cannot support a body fit (too few visible, torso cropped, ...)."""
 

@@ -98,3 +98,17 @@ def checkpoint_identity(path: str, metadata: dict) -> tuple[str, str]:
                 digest.update(chunk)
     version = str(metadata.get("version") or metadata.get("format") or "")
     return digest.hexdigest()[:16], version
+
+
+def fallback_identity(fallback: str, sizes: tuple[int, int]) -> str:
+    """The id of a fallback checkpoint (the model for photos no body can be fitted to), fetched and
+    checked: a CheckpointError unless it takes no body input and the job's (coarse, fine) image sizes."""
+    from model.network.checkpoint import read_checkpoint
+    from pipelines.common.uris import redact
+
+    local = fetch_checkpoint(fallback)
+    _, config, metadata = read_checkpoint(local, tensors=False)
+    if config.body_guided or (config.coarse_size, config.fine_size) != tuple(sizes):
+        raise CheckpointError(f"fallback checkpoint {redact(fallback)}: it must take no body input and "
+                              f"the same input sizes {tuple(sizes)} as the job's checkpoint")
+    return checkpoint_identity(local, metadata)[0]

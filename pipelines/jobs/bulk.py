@@ -230,7 +230,8 @@ def _preparer_kwargs(config: BulkConfig, network: NetworkInputs) -> dict:
     # fails only when the network needs it and there is no fallback network.
     return {"sizes": network.sizes, "overwrite": config.overwrite, "max_pixels": config.max_pixels,
             "person": config.person, "mesh_format": config.mesh_format, "body": config.body or network.body_guided,
-            "fit": config.fit, "body_optional": not network.body_guided or config.fallback_checkpoint is not None}
+            "fit": config.fit, "body_optional": not network.body_guided or config.fallback_checkpoint is not None,
+            "quality_gate": network.body_guided and config.fallback_checkpoint is not None}
 
 
 _PREPARERS: dict[tuple, InputPreparer] = {}  # per worker process: the person finder of `_reconstruct_alone`
@@ -393,8 +394,7 @@ def run_bulk(config: BulkConfig, in_process: bool | None = False, progress: bool
     the job runs on Ray (`connect_ray`; None: Ray is initialised already), so that a bad input list,
     checkpoint or output fails at once, before any Ray process starts."""
     from model.network.checkpoint import check_finite_weights, read_checkpoint
-    from model.errors import CheckpointError
-    from pipelines.common.checkpoints import checkpoint_identity, fetch_checkpoint
+    from pipelines.common.checkpoints import checkpoint_identity, fallback_identity, fetch_checkpoint
 
     start = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -402,14 +402,8 @@ def run_bulk(config: BulkConfig, in_process: bool | None = False, progress: bool
     _, net_config, metadata = read_checkpoint(local_checkpoint, tensors=False)  # fail fast on a bad header
     check_finite_weights(local_checkpoint)  # and on damaged weights, before any worker loads them
     checkpoint_id, checkpoint_version = checkpoint_identity(local_checkpoint, metadata)
-    sizes, fallback_id = (net_config.coarse_size, net_config.fine_size), None
-    if config.fallback_checkpoint is not None:
-        local_fallback = fetch_checkpoint(config.fallback_checkpoint)
-        _, fallback, fallback_metadata = read_checkpoint(local_fallback, tensors=False)
-        if fallback.body_guided or (fallback.coarse_size, fallback.fine_size) != sizes:
-            raise CheckpointError(f"fallback checkpoint {redact(config.fallback_checkpoint)}: it must take no body input and "
-                                  f"the same input sizes {sizes} as the job's checkpoint")
-        fallback_id = checkpoint_identity(local_fallback, fallback_metadata)[0]
+    sizes = (net_config.coarse_size, net_config.fine_size)
+    fallback_id = None if config.fallback_checkpoint is None else fallback_identity(config.fallback_checkpoint, sizes)
     network = NetworkInputs(sizes, net_config.body_guided, fallback_id if net_config.body_guided else None)
 
     items = list_inputs(list(config.inputs), exclude=config.output)  # before anything is written

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from model.body.fit import FitConfig
+from model.body.fit import FitConfig, LowQualityFit
 from model.errors import InputError, SurfaceError
 from model.reconstruction.people import PersonInput, PersonOptions
 from model.reconstruction.reconstruct import ReconstructionConfig
@@ -100,13 +100,15 @@ class InputPreparer:
     """
 
     def __init__(self, sizes: tuple[int, ...], overwrite: bool, max_pixels: int, person: PersonOptions, mesh_format: str,
-                 body: bool = False, fit: FitConfig = FitConfig(), body_optional: bool = False, registry=None):
+                 body: bool = False, fit: FitConfig = FitConfig(), body_optional: bool = False, quality_gate: bool = False,
+                 registry=None):
         from model.person import PersonFinder
 
         register_this_actor(registry)
         self.sizes, self.overwrite, self.max_pixels = sizes, overwrite, max_pixels
         self.person, self.mesh_format, self.body, self.fit = person, mesh_format, body, fit
         self.body_optional = body_optional  # a failed fit is noted in the row, not a failed row
+        self.quality_gate = quality_gate  # a low-quality fit is not given to the network (the fallback meshes)
         self.finder = PersonFinder() if person.mode == "auto" else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -190,12 +192,15 @@ class InputPreparer:
         found = person_input.person
         if found is None:  # a mask or box sidecar, or --person off: the landmarks as `pifuhd fit` finds them
             found, _ = find_person(image, sidecars, name, self.max_pixels)
-        prepared, fit = with_fitted_body(prepared, found.landmarks, found.world_landmarks, found.mask, self.fit, name)
+        with_body, fit = with_fitted_body(prepared, found.landmarks, found.world_landmarks, found.mask, self.fit, name)
         files[row["body_mesh_uri"]] = mesh_bytes(fit.vertices, fit.faces, self.mesh_format)
         files[row["body_params_uri"]] = body_json(fit, {"input_uri": row["input_uri"], "content_hash": row["content_hash"]}).encode()
         row.update(body_uri=row["body_mesh_uri"], body_mask_iou=fit.mask_iou,
                    seconds_prepare=row["seconds_prepare"] + time.perf_counter() - start)
-        return prepared
+        if fit.low_quality and self.quality_gate:
+            row["body_error"] = f"{LowQualityFit.__name__}: {fit.quality_note}"
+            return prepared
+        return with_body
 
 
 # ---- stage 2: model (GPU when available) ---------------------------------------------------

@@ -66,12 +66,12 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from model.errors import CheckpointError, InputError
+from model.errors import InputError
 from pipelines.common import exit_codes, storage
 from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT
 from pipelines.common.exit_codes import build_config
 from pipelines.common.formats import beats_baseline, summarize, write_results
-from pipelines.common.uris import redact, uri_argument
+from pipelines.common.uris import uri_argument
 from pipelines.jobs.evaluation_pairs import (
     MESH_SUFFIXES, EmptyPrediction, MissingGroundTruth, MissingPrediction, checkpoint_items, detect_mode, folder_items,
     ground_truth_meshes, is_dataset, manifest_items,
@@ -350,7 +350,7 @@ class PairWorker:
 
     def _view_body(self, view: dict, item: dict, row: dict, prepared):
         row["body_source"] = self.config.bodies
-        body, row["body_mask_iou"] = view_body(view, item, prepared, self.config.bodies)
+        body, row["body_mask_iou"] = view_body(view, item, prepared, self.config.bodies, gate=self.config.fallback is not None)
         return body
 
 
@@ -367,13 +367,15 @@ def stored_view(item: dict, coarse_size: int, fine_size: int):
     return view, truth, prepared_view(view["image"], view["mask"], coarse_size, fine_size, item["key"])
 
 
-def view_body(view: dict, item: dict, prepared, bodies: str = "fitted"):
+def view_body(view: dict, item: dict, prepared, bodies: str = "fitted", gate: bool = False):
     """(the body a body-guided model reads for a stored view, (vertices, faces) in its frame, and the
-    fit's mask IoU or None): fitted to the view's image as `pifuhd reconstruct` does, or the true one."""
+    fit's mask IoU or None): fitted to the view's image as `pifuhd reconstruct` does, or the true one.
+    gate: a low-quality fit raises LowQualityFit (an InputError), as reconstruct's quality gate drops it."""
     if bodies == "true":
         body = load_mesh(item["gt_uri"].removesuffix(".ply") + "_body.ply")
         body.apply_transform(view["view_from_canonical"])
         return (np.asarray(body.vertices), np.asarray(body.faces)), None
+    from model.body.fit import LowQualityFit
     from model.reconstruction.body_guidance import with_fitted_body
     from model.geometry import Crop
     from pipelines.common.person import person_finder
@@ -385,6 +387,8 @@ def view_body(view: dict, item: dict, prepared, bodies: str = "fitted"):
     # The stored view is the network's square: the crop of the whole S x S image.
     whole = dataclasses.replace(prepared, crop=Crop.whole_square(size))
     fitted, fit = with_fitted_body(whole, people[0].landmarks, people[0].world_landmarks, view["mask"][0] > 0.5, name=item["key"])
+    if fit.low_quality and gate:  # as reconstruct's quality gate: the fallback meshes this view
+        raise LowQualityFit(f"{item['key']}: {fit.quality_note}")
     return fitted.body, fit.mask_iou
 
 
@@ -561,7 +565,7 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
     checkpoint, checkpoint_id, fallback_id = None, "", ""
     if mode == "checkpoint":
         from model.network.checkpoint import read_checkpoint
-        from pipelines.common.checkpoints import checkpoint_identity, default_checkpoint, fetch_checkpoint
+        from pipelines.common.checkpoints import checkpoint_identity, default_checkpoint, fallback_identity, fetch_checkpoint
 
         try:
             checkpoint = default_checkpoint() if config.pred in (None, "shipped") else config.pred
@@ -571,7 +575,7 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
         _, network, metadata = read_checkpoint(local, tensors=False)  # a bad checkpoint stops the job before any work
         checkpoint_id, _ = checkpoint_identity(local, metadata)
         if config.fallback is not None and network.body_guided:
-            fallback_id = _fallback_identity(config.fallback, network)
+            fallback_id = fallback_identity(config.fallback, (network.coarse_size, network.fine_size))
         if not is_dataset(config.gt):
             raise FileNotFoundError(f"--gt {config.gt}: checkpoint mode needs a dataset (pifuhd data synth|scans output)")
         items, unmatched = checkpoint_items(config.gt, config.split), 0
@@ -610,19 +614,6 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
     storage.write_bytes_atomic(storage.join(config.out, "summary.json"),
                                   json.dumps(summary, indent=2, default=_json_default).encode())
     return EvalResult(mode=mode, results_uri=results_uri, summary=summary, table=table)
-
-
-def _fallback_identity(fallback: str, network) -> str:
-    """The fallback checkpoint's id; a CheckpointError when it reads a body or sees other image sizes than `network`."""
-    from model.network.checkpoint import read_checkpoint
-    from pipelines.common.checkpoints import checkpoint_identity, fetch_checkpoint
-
-    local = fetch_checkpoint(fallback)
-    _, config, metadata = read_checkpoint(local, tensors=False)
-    if config.body_guided or (config.coarse_size, config.fine_size) != (network.coarse_size, network.fine_size):
-        raise CheckpointError(f"fallback checkpoint {redact(fallback)}: it must take no body input and read the "
-                              "evaluated checkpoint's image sizes")
-    return checkpoint_identity(local, metadata)[0]
 
 
 # ---- command line --------------------------------------------------------------------------
