@@ -65,7 +65,7 @@ def test_mesh_lands_on_the_person_in_pixel_frame(tmp_path):
 
 
 def test_vertex_colours_come_from_the_visible_image(tmp_path):
-    # Left half red, right half blue: the sphere's front takes those colours, its back the nearest.
+    # Left half red, right half blue: the sphere's front takes those colours, its back the same, mirrored.
     image = np.zeros((256, 256, 3), np.uint8)
     image[:, :128] = (255, 0, 0)
     image[:, 128:] = (0, 0, 255)
@@ -78,6 +78,23 @@ def test_vertex_colours_come_from_the_visible_image(tmp_path):
     x = result.mesh_world.vertices[:, 0]
     left, right = x < -0.1, x > 0.1
     assert (colors[left, 0] > 200).mean() > 0.95 and (colors[right, 2] > 200).mean() > 0.95
+
+
+def test_the_background_never_colours_the_person(tmp_path):
+    # A red disc (the person, given by its mask) on green: no vertex is green or grey, at the outline
+    # either, though the mask is smaller than the sphere's silhouette.
+    image = np.zeros((256, 256, 3), np.uint8)
+    image[:] = (0, 255, 0)
+    yy, xx = np.mgrid[:256, :256]
+    disc = (xx - 127.5) ** 2 + (yy - 127.5) ** 2 < 58 ** 2
+    image[disc] = (255, 0, 0)
+    Image.fromarray(image).save(tmp_path / "disc.png")
+    Image.fromarray((disc * 255).astype(np.uint8)).save(tmp_path / "disc_mask.png")
+    prepared = prepare_image_file(tmp_path / "disc.png", sizes=(128, 256))
+    # The crop frames the disc (radius 0.83 of its half-side): a sphere of 0.9 overhangs it.
+    result = finish(_sphere_samples(radius=0.9), prepared, ReconstructionConfig(resolution=64, color="image", carve=False))
+    colors = result.mesh.visual.vertex_colors[:, :3].astype(int)
+    assert (colors[:, 1] < 60).all() and (colors[:, 0] > 200).all()
 
 
 @pytest.mark.parametrize("fmt", ["obj", "ply", "glb"])

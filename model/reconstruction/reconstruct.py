@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import trimesh
-from scipy.spatial import cKDTree
+from scipy import ndimage
 
 from model.data.humans import vertex_normals
 from model.geometry import sample_features
@@ -229,34 +229,26 @@ def sample_surfaces(net: PIFuHD, prepared: list[PreparedImage], config: Reconstr
     return samples
 
 
-def image_vertex_colors(vertices: np.ndarray, normals: np.ndarray, image: torch.Tensor, depth_grid: int = 512) -> np.ndarray:
-    """(V, 4) uint8 RGBA colours of world-frame vertices from the (3, S, S) crop image in [-1, 1].
+def image_vertex_colors(vertices: np.ndarray, image: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """(V, 4) uint8 RGBA colours of world-frame vertices (V, 3) from the (3, S, S) crop image in [-1, 1].
 
-    A vertex takes the image colour where it is visible: facing the camera (normal z > 0)
-    and within a small depth tolerance of the front-most vertex in its z-buffer cell.
-    Hidden vertices take the colour of the nearest visible vertex.
+    Only the person's pixels give colour: outside the (1, M, M) person mask's fully opaque part each
+    pixel takes the colour of the nearest pixel inside it, so the background never bleeds in at the outline. Every
+    vertex samples the image where it projects, the back included: the unseen side is the seen one
+    mirrored through depth (shirt behind shirt, trousers behind trousers). Against the albedo, the
+    back's error fell from 45.0 to 42.8 (12 synthetic views) and from 31.1 to 28.0 (12 statue views)
+    when this replaced copying the nearest visible vertex's colour (benchmarks/colour.py).
     """
     if len(vertices) == 0:
         return np.zeros((0, 4), np.uint8)
-    xy_pixel = np.clip(((vertices[:, :2] * [1, -1] + 1) / 2 * (depth_grid - 1)).round().astype(np.int64), 0, depth_grid - 1)
-    cell = xy_pixel[:, 1] * depth_grid + xy_pixel[:, 0]
-    front_z = np.full(depth_grid * depth_grid, -np.inf)
-    np.maximum.at(front_z, cell, vertices[:, 2])
-    visible = (vertices[:, 2] >= front_z[cell] - 4.0 / depth_grid) & (normals[:, 2] > 0)
-    if not visible.any():
-        visible[:] = True
+    # Fully inside only: the crop image is the photo blended over grey by the mask, so edge pixels are part grey.
+    inside = F.interpolate(mask[None].float().cpu(), size=image.shape[-2:], mode="bilinear", align_corners=True)[0, 0].numpy() > 0.98
+    if inside.any() and not inside.all():
+        rows, cols = ndimage.distance_transform_edt(~inside, return_distances=False, return_indices=True)
+        image = image.float().cpu()[:, torch.from_numpy(rows), torch.from_numpy(cols)]
     xy = torch.from_numpy(vertices[:, :2] * [1, -1]).float().T[None]  # image coordinates
     sampled = sample_features(image[None].float().cpu(), xy)[0].numpy()  # (V, 3) in [-1, 1]
-    colors = np.empty((len(vertices), 3))
-    colors[visible] = sampled[visible]
-    hidden = np.flatnonzero(~visible)
-    if len(hidden):
-        # Exact nearest visible vertex, on the threads torch may use. An unbalanced tree of plain
-        # nodes queries ~4x faster on these grid-aligned vertices (0.07 s against 0.34 s at 512).
-        tree = cKDTree(vertices[visible], balanced_tree=False, compact_nodes=False)
-        nearest = tree.query(vertices[hidden], workers=torch.get_num_threads())[1]
-        colors[hidden] = sampled[visible][nearest]
-    rgb = np.clip((colors + 1) * 127.5, 0, 255).round().astype(np.uint8)
+    rgb = np.clip((sampled + 1) * 127.5, 0, 255).round().astype(np.uint8)
     return np.concatenate((rgb, np.full((len(rgb), 1), 255, np.uint8)), axis=1)
 
 
@@ -278,7 +270,7 @@ def finish(samples: SurfaceSamples, prepared: PreparedImage, config: Reconstruct
         mesh_world.vertex_normals = normals
     if config.color == "image":
         fine_image = prepared.images[max(prepared.images)]
-        colors = image_vertex_colors(vertices, normals, fine_image)
+        colors = image_vertex_colors(vertices, fine_image, prepared.mask)
     elif config.color == "normal":
         colors = normal_vertex_colors(normals)
     else:
