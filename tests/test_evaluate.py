@@ -272,3 +272,32 @@ def test_calibration_stores_the_best_level_and_reconstruction_reads_it(tiny_data
     assert at[None] == at[float(best)]
     with pytest.raises(ValueError, match="test views"):
         CalibrationConfig(checkpoint=str(checkpoint), data=tiny_dataset, output=str(out), split="test")
+
+
+def test_a_view_without_a_person_is_meshed_by_the_fallback(ray_local, tmp_path):
+    """As reconstruct does: a body-guided model's view that no body can be fitted to (here a ball
+    scan: no person) is meshed by the plain fallback, whose id the row carries; without one it fails."""
+    from model.network.checkpoint import save_checkpoint
+    from pipelines.jobs.data import JobConfig, SampleSettings, run_job
+    from model.data.scans import ScanConfig
+    from model.data.sampling import SamplingConfig
+    from tests.helpers import tiny_network, write_tiny_checkpoint
+
+    ball = tmp_path / "ball.ply"
+    trimesh.creation.icosphere(subdivisions=3, radius=40.0).export(ball)
+    data = str(tmp_path / "balls")
+    settings = SampleSettings(views=1, resolution=512, val_fraction=0, test_fraction=1.0,
+                              sampling=SamplingConfig(num_points=2048, num_surface_points=500))
+    run_job(JobConfig(out=data, kind="scans", inputs=(str(ball),), settings=settings, scan=ScanConfig(fit_body=False), quiet=True))
+    guided = save_checkpoint(tiny_network().with_body_guidance(), tmp_path / "guided.safetensors", metadata={"preset": "tiny"})
+    plain = write_tiny_checkpoint(tmp_path / "plain.safetensors", seed=1)
+    rows = {}
+    for name, fallback in (("none", []), ("plain", ["--fallback-checkpoint", str(plain)])):
+        out = tmp_path / f"eval-{name}"
+        assert main(["evaluate", "--pred", str(guided), "--gt", data, "-o", str(out), "--resolution", "32", "--num-samples",
+                     "1000", "--normal-image-size", "0", "--in-process", "--quiet", *fallback]) == 0
+        (rows[name],) = pd.read_parquet(out / "results.parquet").to_dict("records")
+    assert rows["none"]["status"] == "failed" and "no person found" in rows["none"]["error_message"]
+    assert rows["plain"]["status"] == "ok" and rows["plain"]["body_source"] == "none"
+    summary = json.loads((tmp_path / "eval-plain" / "summary.json").read_text())
+    assert rows["plain"]["checkpoint_id"] == summary["fallback_id"] != summary["checkpoint_id"]
