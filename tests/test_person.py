@@ -172,6 +172,22 @@ def test_two_people_most_prominent_first(finder, renders):
         assert iou(person.mask, truth) > 0.85
 
 
+def test_people_side_by_side_and_overlapping_are_counted_and_kept_apart(finder, renders):
+    """Groups of 2-4 touching or overlapping people: as many people as were pasted, each mask its own
+    person's pixels (truth: each person's mask less those pasted over it)."""
+    for case, (count, gap) in enumerate([(2, 0.3), (3, 0.28), (3, 0.22), (4, 0.2), (4, 0.16)]):
+        rng = np.random.default_rng(10 + case)
+        xs = 0.5 + (np.arange(count) - (count - 1) / 2) * gap
+        photo, truths = composite(rng, (600, 1000), [(*renders[(case + i) % 8], 0.9, x, 0.05) for i, x in enumerate(xs)])
+        visible = [t & ~np.any(truths[i + 1:], axis=0) if i + 1 < count else t for i, t in enumerate(truths)]
+        people = finder.find(photo)
+        assert len(people) == count, (count, gap, len(people))
+        for truth in visible:
+            assert max(iou(p.mask, truth) for p in people) > 0.8, (count, gap)
+        owned = np.sum([p.mask for p in people], axis=0)
+        assert owned.max() == 1  # no pixel belongs to two people
+
+
 def test_configs_are_validated():
     with pytest.raises(ValueError, match="detection_threshold"):
         PersonFinderConfig(detection_threshold=1.5)

@@ -251,6 +251,7 @@ class PersonFinder:
                 hidden = hidden.copy()
                 for person in new:
                     hidden[person.mask_soft > HIDE_THRESHOLD] = 128
+        people = apart(people)
         centre = np.array([width / 2, height / 2])
         return sorted(people, key=lambda p: (-int(p.mask.sum()), float(np.linalg.norm(np.asarray(p.box.centre) - centre))))
 
@@ -311,6 +312,29 @@ class PersonFinder:
             return None
         problem = skeleton_problem(image_landmarks, width, height, self.config)
         return Person(mask_soft, mask, box, score, image_landmarks, world.astype(np.float32), problem)
+
+
+def apart(people: list[Person], max_shared: float = 0.5) -> list[Person]:
+    """Each pixel to one person: where masks overlap, the person whose mask is surest there keeps it.
+
+    A person left with less than `1 - max_shared` of their own mask was another person (or
+    several) found again, and is dropped. Landmarks and scores are kept; `mask_soft`, `mask` and
+    `box` keep only the person's own pixels (a seated group's masks each reached over their
+    neighbours: with `--all-people`, one crop showed three people).
+    """
+    if len(people) < 2:
+        return people
+    soft = np.stack([p.mask_soft for p in people])
+    owner = soft.argmax(0)
+    kept = []
+    for index, person in enumerate(people):
+        mine = owner == index
+        own = person.mask & mine
+        box = box_from_mask(own)
+        if box is None or own.sum() < (1 - max_shared) * person.mask.sum():
+            continue
+        kept.append(Person(person.mask_soft * mine, own, box, person.score, person.landmarks, person.world_landmarks, person.problem))
+    return kept
 
 
 def skeleton_problem(landmarks: np.ndarray, width: int, height: int, config: PersonFinderConfig = PersonFinderConfig()) -> str | None:
