@@ -45,6 +45,7 @@ def report_inputs(tmp_path) -> dict:
             row = writer.add({"run_id": run, "input_uri": f"/in/{run}-{i}.jpg", "status": "failed" if failed else "ok",
                               "error_class": "InputError" if failed else None,
                               "error_message": "no person box <b>" if failed else None,
+                              "body_error": "LowQualityFit: mask IoU 0.41 < 0.6" if i == 7 else None,
                               "preview_uri": _png(bulk / "meshes" / f"{run}-{i}_preview.png", (200, 80, 40)), **times})
             row["finished_at"] = start + timedelta(seconds=7 * i)
         writer.flush()
@@ -87,6 +88,7 @@ def test_report_is_self_contained(report_inputs, tmp_path):
     assert not re.search(r"""(src|href)=["'](?!data:)""", page)
     assert set(re.findall(r"https?://[^\s\"'<>]+", page)) <= {"http://www.w3.org/2000/svg"}
     assert "no person box &lt;b&gt;" in page  # failure messages are escaped
+    assert "Made without a fitted body (2 of 22 ok rows)" in page and "LowQualityFit" in page
     assert "MissingPrediction" in page
 
 
@@ -94,8 +96,9 @@ def test_report_renders_in_headless_chromium(report_inputs, tmp_path):
     out = tmp_path / "report.html"
     result = make_report(ReportConfig(inputs=(report_inputs["bulk"], report_inputs["eval"], report_inputs["run_root"]),
                                       output=str(out), worst=3))
-    # 3 manifest plots + 7 metric histograms + loss + 2 validation curves; 3 worst cases x 1 comparison image.
-    assert result["svg"] == 14 and result["img"] == 3
+    # 3 manifest plots + 7 metric histograms + loss + 2 validation curves; 3 worst cases x 1 comparison
+    # image, and the previews of the 2 rows made without a fitted body.
+    assert result["svg"] == 14 and result["img"] == 5
 
     def chromium(*extra: str) -> subprocess.CompletedProcess:
         command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -108,7 +111,7 @@ def test_report_renders_in_headless_chromium(report_inputs, tmp_path):
     # Console messages (script errors, blocked requests) are logged as CONSOLE lines.
     assert not [line for line in dom.stderr.splitlines() if "CONSOLE" in line], dom.stderr
     assert dom.stdout.count("<svg") == 14
-    assert dom.stdout.count("<img") == 3
+    assert dom.stdout.count("<img") == 5
     assert dom.stdout.count("<polyline") >= 4  # throughput (2 runs), loss, validation curves drawn
     assert dom.stdout.count("<rect") > 30  # histogram and stage bars drawn
 

@@ -348,7 +348,7 @@ def _figure(svg: str) -> str:
 # ---- sections ------------------------------------------------------------------------------
 
 
-def manifest_section(source: Source) -> str:
+def manifest_section(source: Source, config: ReportConfig, page: Page) -> str:
     """Throughput, stage times, seconds per image and failure reasons of one bulk output."""
     import pandas as pd
 
@@ -386,6 +386,29 @@ def manifest_section(source: Source) -> str:
     parts.append(_figure(histogram(ok["seconds_total"], "Seconds per image (all stages), ok inputs", "seconds", width=610)))
     parts.append("</div>")
     parts.append(_failures_table(table.rename(columns={"input_uri": "item"})))
+    parts.append(_degraded_cases(ok, config, page))
+    return "".join(parts)
+
+
+def _degraded_cases(ok, config: ReportConfig, page: Page) -> str:
+    """Ok rows made without a fitted body (the fallback model made the mesh): reasons, counts and
+    the first `config.worst` previews, so a user sees what the second-best path gave."""
+    if "body_error" not in ok or not ok["body_error"].notna().any():
+        return ""
+    degraded = ok[ok["body_error"].notna()]
+    reasons = degraded["body_error"].str.split(":").str[0]
+    rows = [[reason, len(group), f"{100 * len(group) / len(ok):.1f} %", str(group["body_error"].iloc[0])[:300]]
+            for reason, group in degraded.groupby(reasons, sort=False)]
+    parts = [f"<h3>Made without a fitted body ({len(degraded)} of {len(ok)} ok rows)</h3>",
+             html_table(["reason", "count", "share of ok", "example"], rows), '<div class="cases">']
+    for _, row in degraded.head(config.worst).iterrows():
+        data = image_data_uri(row.get("preview_uri"), config.image_width)
+        parts.append(f'<div class="case"><h4>{_esc(row["input_uri"])}</h4><p class="m">{_esc(str(row["body_error"])[:200])}</p>')
+        if data is not None:
+            page.counts["img"] += 1
+            parts.append(f'<figure><img src="{data}" alt="preview"><figcaption>input | predicted normals | mesh</figcaption></figure>')
+        parts.append("</div>")
+    parts.append("</div>")
     return "".join(parts)
 
 
@@ -526,7 +549,7 @@ def build_report(sources: list[Source], config: ReportConfig) -> tuple[str, dict
     page = Page()
     for source in sources:
         if source.kind == "manifest":
-            page.sections.append(manifest_section(source))
+            page.sections.append(manifest_section(source, config, page))
     for source in sources:
         if source.kind == "evaluation":
             page.sections.append(evaluation_section(source, config, page))
