@@ -93,7 +93,7 @@ def _reconstruct_config(args: argparse.Namespace):
             precision=args.precision,
             largest_component=not args.keep_all_components, carve=not args.no_carve,
         ),
-        person=PersonOptions(mode=args.person, all_people=args.all_people, min_score=args.min_person_score),
+        person=build_config(PersonOptions, mode=args.person, all_people=args.all_people, min_score=args.min_person_score),
         mesh_format=args.format,
         body=args.body,
         overwrite=args.overwrite,

@@ -33,8 +33,14 @@ def test_a_bad_resolution_is_a_usage_error_before_any_work(tmp_path, capsys, res
     (["data", "scans", "http://example.com/scan.obj", "--out", "{tmp}/d"], "http"),
     (["evaluate", "--gt", "zip://x::y", "-o", "{tmp}/e"], "zip"),
     (["report", "{tmp}/out", "-o", "memory://r.html"], "memory"),
+    (["data", "synth", "--count", "2", "--garments", "{tmp}/none", "--out", "{tmp}/d"], "MakeHuman"),
+    (["reconstruct", "{tmp}/p.png", "-o", "{tmp}/o", "--min-person-score", "2"], "min_score"),
+    (["train", "--stage", "coarse", "--data", "{tmp}/d", "-o", "{tmp}/o", "--steps", "0"], "steps"),
+    (["train", "--stage", "coarse", "--data", "{tmp}/d", "-o", "{tmp}/o", "--lr", "-1"], "lr"),
+    (["train", "--stage", "coarse", "--data", "{tmp}/d", "-o", "{tmp}/o", "--batch-size", "0"], "batch_size"),
+    (["train", "--stage", "coarse", "--data", "{tmp}/d", "-o", "{tmp}/o", "--val-resolution", "48"], "resolution"),
 ])
-def test_data_evaluate_and_report_arguments_are_checked_first(tmp_path, capsys, argv, named):
+def test_bad_values_are_usage_errors_before_any_work(tmp_path, capsys, argv, named):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     try:
         code = main(argv)

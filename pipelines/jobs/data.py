@@ -116,7 +116,10 @@ class JobConfig:
         if self.kind == "synth" and self.human.garments:
             from model.data.garments import read_assets
 
-            read_assets(self.human.garments)  # a folder without assets fails here, before Ray starts
+            try:  # a folder without assets fails here, before Ray starts
+                read_assets(self.human.garments)
+            except FileNotFoundError as exc:
+                raise ValueError(str(exc)) from None
 
     def settings_dict(self) -> dict:
         keep = {"kind", "seed", "count", "inputs", "subjects_per_shard"}

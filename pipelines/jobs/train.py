@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import posixpath
 import re
@@ -37,6 +38,7 @@ from model.errors import PifuhdError
 from model.network.checkpoint import load_checkpoint, save_checkpoint
 from model.data.sampling import BODY_DISTANCE_CLIP_CM, BodyField
 from model.network.pifuhd import PIFuHD
+from model.reconstruction.surface import check_sparse_resolution
 from model.training.augment import BodyNoise, MaskNoise
 from model.training.losses import VGG19Features
 from model.training.stages import (STAGES, TRAINED_PARTS, CoarseStage, FineStage, NormalStage, body_inputs,
@@ -108,6 +110,19 @@ class TrainConfig:
             raise ValueError(f"grey_composite must lie in [0, 1], not {self.grey_composite}")
         if self.z_size is not None and not self.z_size > 0:
             raise ValueError(f"z_size must be positive, not {self.z_size}")
+        for name in ("steps", "batch_size", "points_per_sample", "checkpoint_every", "validate_every", "log_every", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.val_samples < 0 or self.max_failures < 0:
+            raise ValueError(f"val_samples and max_failures must be >= 0, not {self.val_samples} and {self.max_failures}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, not {self.lr}")
+        if any(step < 1 for step in self.lr_decay_steps):
+            raise ValueError(f"lr_decay_steps must be steps >= 1, not {self.lr_decay_steps}")
+        if not self.cpus_per_worker > 0 or (self.threads_per_worker is not None and self.threads_per_worker < 1):
+            raise ValueError(f"cpus_per_worker must be positive and threads_per_worker >= 1, not {self.cpus_per_worker} "
+                             f"and {self.threads_per_worker}")
+        check_sparse_resolution(self.val_resolution)
         if self.body_guided and self.stage == "normal":
             raise ValueError("body_guided applies to the coarse and fine stages, not the normal stage")
         if self.pushgateway is not None:
