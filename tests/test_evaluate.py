@@ -52,6 +52,17 @@ def test_known_offset_scores_the_known_distance():
     assert metrics["normal_image_error"] > 0  # the larger sphere covers a ring more pixels
 
 
+def test_roughness_ratio_sees_a_crumpled_surface():
+    smooth, _ = pair_metrics(sphere(10.0), sphere(10.0), num_samples=5000, normal_image_size=0, seed=1)
+    crumpled = sphere(10.0)
+    rng = np.random.default_rng(0)
+    crumpled.vertices += crumpled.vertex_normals * rng.normal(0, 0.3, (len(crumpled.vertices), 1))  # 3 mm bumps
+    rough, _ = pair_metrics(crumpled, sphere(10.0), num_samples=5000, normal_image_size=0, seed=1)
+    assert smooth["roughness_ratio"] == pytest.approx(1.0, abs=0.1)
+    assert rough["roughness_ratio"] > 2.0, rough["roughness_ratio"]
+    assert rough["chamfer_cm"] < 0.5  # a small distance hides what the ratio shows
+
+
 def test_icp_recovers_a_known_rigid_motion():
     truth = figure()
     motion = np.eye(4)

@@ -96,9 +96,9 @@ def test_report_renders_in_headless_chromium(report_inputs, tmp_path):
     out = tmp_path / "report.html"
     result = make_report(ReportConfig(inputs=(report_inputs["bulk"], report_inputs["eval"], report_inputs["run_root"]),
                                       output=str(out), worst=3))
-    # 3 manifest plots + 7 metric histograms + loss + 2 validation curves; 3 worst cases x 1 comparison
+    # 3 manifest plots + 8 metric histograms + loss + 2 validation curves; 3 worst cases x 1 comparison
     # image, and the previews of the 2 rows made without a fitted body.
-    assert result["svg"] == 14 and result["img"] == 5
+    assert result["svg"] == 15 and result["img"] == 5
 
     def chromium(*extra: str) -> subprocess.CompletedProcess:
         command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -110,7 +110,7 @@ def test_report_renders_in_headless_chromium(report_inputs, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     # Console messages (script errors, blocked requests) are logged as CONSOLE lines.
     assert not [line for line in dom.stderr.splitlines() if "CONSOLE" in line], dom.stderr
-    assert dom.stdout.count("<svg") == 14
+    assert dom.stdout.count("<svg") == 15
     assert dom.stdout.count("<img") == 5
     assert dom.stdout.count("<polyline") >= 4  # throughput (2 runs), loss, validation curves drawn
     assert dom.stdout.count("<rect") > 30  # histogram and stage bars drawn

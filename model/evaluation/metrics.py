@@ -34,6 +34,20 @@ def sample_surface(mesh: trimesh.Trimesh, count: int, seed: int = 0) -> tuple[np
     return np.asarray(points), np.asarray(mesh.face_normals)[faces]
 
 
+def roughness_deg(points: np.ndarray, normals: np.ndarray, neighbours: int = 8) -> float:
+    """Mean angle (degrees) between each surface sample's normal (N, 3) and the mean normal of its
+    `neighbours` nearest samples (N, 3 points): near 0 on a smooth surface, large on a crumpled one.
+    Orientation-free (each neighbour's normal is flipped to agree with the sample's first)."""
+    from scipy.spatial import cKDTree
+
+    index = cKDTree(points).query(points, k=neighbours + 1)[1][:, 1:]
+    around = normals[index]  # (N, k, 3)
+    around = around * np.sign((around * normals[:, None]).sum(-1, keepdims=True) + 1e-12)
+    mean = around.sum(1)
+    mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    return float(np.degrees(np.arccos(np.clip(np.abs((mean * normals).sum(1)), 0.0, 1.0))).mean())
+
+
 def _closest(points: np.ndarray, mesh: trimesh.Trimesh) -> tuple[np.ndarray, np.ndarray]:
     """(distance (N,), closest face index (N,)) from points to the mesh surface."""
     squared, faces, _ = igl.point_mesh_squared_distance(
@@ -56,11 +70,13 @@ def surface_metrics(
 
     Distances are multiplied by `scale`; F-score thresholds are in the scaled unit.
     normal_consistency: mean |cos| between each sample's face normal and the normal of the
-    closest face on the other surface, both directions (1 = perfect). An empty prediction
-    gives inf distances and zero scores.
+    closest face on the other surface, both directions (1 = perfect). roughness_ratio: the
+    prediction's `roughness_deg` over the truth's, on equal sample counts (1 = as rough as the
+    truth; ridges, terraces and spikes raise it). An empty prediction gives inf distances and zero scores.
     """
     if len(predicted.faces) == 0:
         return {"chamfer": float("inf"), "p2s": float("inf"), "s2p": float("inf"), "normal_consistency": 0.0,
+                "roughness_ratio": float("inf"),
                 **{f"fscore_{t:g}": 0.0 for t in fscore_thresholds}}
     pred_points, pred_normals = sample_surface(predicted, num_samples, seed)
     true_points, true_normals = sample_surface(truth, num_samples, seed + 1)
@@ -74,6 +90,7 @@ def surface_metrics(
         "p2s": float(p2s.mean()),
         "s2p": float(s2p.mean()),
         "normal_consistency": float((cos_pred.mean() + cos_true.mean()) / 2),
+        "roughness_ratio": roughness_deg(pred_points, pred_normals) / max(roughness_deg(true_points, true_normals), 1e-6),
     }
     for t in fscore_thresholds:
         precision, recall = (p2s < t).mean(), (s2p < t).mean()

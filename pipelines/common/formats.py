@@ -238,8 +238,9 @@ def read_manifest(output: str, schema: pa.Schema = MANIFEST_SCHEMA):
 # The per-pair metrics, in the order tables show them; lower is better except HIGHER_IS_BETTER.
 # depth_ratio: the prediction's extent along z (toward the camera) over the truth's, 2nd to 98th
 # percentile of surface samples; 1 is right, a blob from the silhouette alone is well above 1.
-METRICS = ("chamfer_cm", "p2s_cm", "s2p_cm", "normal_consistency", "normal_image_error", "fscore_1cm", "fscore_2cm",
-           "depth_ratio")
+# roughness_ratio: how crumpled the prediction is against the truth (model.evaluation.metrics.roughness_deg).
+METRICS = ("chamfer_cm", "p2s_cm", "s2p_cm", "normal_consistency", "roughness_ratio", "normal_image_error", "fscore_1cm",
+           "fscore_2cm", "depth_ratio")
 HIGHER_IS_BETTER = ("normal_consistency", "fscore_1cm", "fscore_2cm")
 RESULT_SCHEMA = pa.schema(
     [

@@ -223,7 +223,7 @@ def pair_metrics(predicted, truth, num_samples: int = 10_000, icp: bool = False,
     surface = surface_metrics(predicted, truth, num_samples=num_samples, scale=1.0, fscore_thresholds=(1.0, 2.0), seed=seed)
     result.update(
         chamfer_cm=surface["chamfer"], p2s_cm=surface["p2s"], s2p_cm=surface["s2p"],
-        normal_consistency=surface["normal_consistency"], fscore_1cm=surface["fscore_1"], fscore_2cm=surface["fscore_2"],
+        normal_consistency=surface["normal_consistency"], roughness_ratio=surface["roughness_ratio"], fscore_1cm=surface["fscore_1"], fscore_2cm=surface["fscore_2"],
         normal_image_error=None, normal_image_error_views=None,
         depth_ratio=depth_extent(predicted, seed) / depth_extent(truth, seed),
     )
