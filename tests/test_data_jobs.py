@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -257,3 +258,31 @@ def test_rows_at_1024_decode_both_sizes(body_model):
     m1024, m512 = batch["mask_1024"][0, 0], batch["mask_512"][0, 0]
     np.testing.assert_allclose(m1024.reshape(512, 2, 512, 2).mean((1, 3)), m512, atol=1 / 255 + 1e-6)
     assert batch["points"].shape == (1, 3, 1700) and batch["units_per_cm"][0] == pytest.approx(0.01)
+
+
+def test_merge_makes_one_training_mix(tiny_dataset, tmp_path):
+    """Two datasets (the tiny one and a ball scan) into one: every row and mesh once, splits kept;
+    a dataset given twice, or a subject in two of them, is refused before anything is written."""
+    from pipelines.cli import main
+    from pipelines.common import dataset as fmt
+    from pipelines.jobs.data import JobConfig, SampleSettings, run_job
+    from model.data.scans import ScanConfig
+    from model.data.sampling import SamplingConfig
+
+    ball = tmp_path / "ball.ply"
+    trimesh.creation.icosphere(subdivisions=3, radius=40.0).export(ball)
+    scans = str(tmp_path / "scans")
+    run_job(JobConfig(out=scans, kind="scans", inputs=(str(ball),), quiet=True, scan=ScanConfig(fit_body=False),
+                      settings=SampleSettings(views=1, resolution=512, val_fraction=0, test_fraction=0,
+                                              sampling=SamplingConfig(num_points=1024, num_surface_points=200))))
+    mix = tmp_path / "mix"
+    assert main(["data", "merge", tiny_dataset, scans, "-o", str(mix)]) == 0
+    card, tiny = fmt.read_card(str(mix)), fmt.read_card(tiny_dataset)
+    assert card["kind"] == "merged" and len(card["generator"]["sources"]) == 2
+    assert card["counts"]["rows"] == tiny["counts"]["rows"] + 1
+    assert card["splits"]["subjects"]["val"] == tiny["splits"]["subjects"]["val"]
+    assert len(list((mix / "meshes").iterdir())) == len(list((tmp_path / "scans" / "meshes").iterdir())) + len(
+        list(Path(tiny_dataset, "meshes").iterdir()))
+    for refused in ([tiny_dataset, tiny_dataset], [tiny_dataset, str(mix)]):
+        assert main(["data", "merge", *refused, "-o", str(tmp_path / "refused")]) == 2
+        assert not (tmp_path / "refused").exists()

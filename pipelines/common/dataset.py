@@ -170,6 +170,49 @@ def write_card(uri: str, kind: str, settings: dict, split_seed: int, fractions: 
     return card
 
 
+def merge_datasets(sources: list[str], out: str) -> dict:
+    """Copy the shards and meshes of several datasets into one (`pifuhd data merge`): a training mix.
+
+    Each row keeps the split its own dataset gave it; shards are renamed by their source, so one
+    source's shards never overwrite another's. Raises ValueError before anything is written when a
+    source is no dataset or two sources hold the same subject id. The card names every source and its
+    generator; the sources' NOTICE.md files (asset credits) are joined into the mix's. Returns the card.
+    """
+    out = normalise_uri(out)
+    if len({normalise_uri(source) for source in sources}) < len(sources):
+        raise ValueError("a dataset is given twice")
+    cards = {}
+    owner: dict[str, str] = {}
+    for source in sources:
+        source = normalise_uri(source)
+        card = read_card(source)
+        if card is None:
+            raise ValueError(f"{source}: not a dataset (no dataset.json)")
+        cards[source] = card
+        for subjects in card["splits"]["subjects"].values():
+            for subject in subjects:
+                if owner.setdefault(subject, source) != source:
+                    raise ValueError(f"subject {subject} is in both {owner[subject]} and {source}")
+    notices = []
+    for source in cards:
+        tag = hashlib.sha1(source.encode()).hexdigest()[:8]
+        for shard in list_shards(source):
+            split, name = shard.rstrip("/").split("/")[-2:]
+            storage.write_bytes_atomic(join(out, "shards", split, f"{tag}-{name}"), storage.read_bytes(shard))
+        for mesh in storage.list_files(join(source, "meshes")):
+            storage.write_bytes_atomic(join(out, "meshes", mesh.rsplit("/", 1)[1]), storage.read_bytes(mesh))
+        if storage.exists(join(source, "NOTICE.md")):
+            notices.append(storage.read_bytes(join(source, "NOTICE.md")).decode())
+    if notices:
+        storage.write_bytes_atomic(join(out, "NOTICE.md"), "\n".join(notices).encode())
+    first = next(iter(cards.values()))
+    settings = {"sources": [{"uri": redact(uri), "kind": card["kind"], "counts": card["counts"], "generator": card["generator"]}
+                            for uri, card in cards.items()],
+                "units_per_cm": first["frame"]["units_per_cm"]}
+    return write_card(out, "merged", settings, first["splits"]["seed"], first["splits"]["fractions"],
+                      sum(card["counts"]["failed"] for card in cards.values()))
+
+
 # ---- reading ----------------------------------------------------------------------------------
 
 

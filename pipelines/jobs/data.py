@@ -497,4 +497,22 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                        help="do not fit the anny body to each scan's front render (rows then carry no body)")
     _common_arguments(scans)
     scans.set_defaults(handler=_run, config=_scans_job)
+    merge = actions.add_parser("merge", help="copy several datasets' shards and meshes into one (a training mix)")
+    merge.add_argument("sources", nargs="+", metavar="DATASET", type=uri_argument, help="datasets (pifuhd data output)")
+    merge.add_argument("-o", "--out", "--output", dest="out", required=True, type=uri_argument, help="the merged dataset")
+    merge.set_defaults(handler=_merge)
     return data
+
+
+def _merge(args) -> int:
+    from pipelines.common import dataset as fmt
+    from pipelines.common.exit_codes import UsageError
+
+    try:
+        card = fmt.merge_datasets(list(args.sources), args.out)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    splits = ", ".join(f"{split} {counts['rows']}" for split, counts in card["counts"]["by_split"].items())
+    print(f"data merge: {len(args.sources)} datasets -> {fmt.normalise_uri(args.out)}: {card['counts']['subjects']} subjects, "
+          f"{card['counts']['rows']} rows ({splits})")
+    return 0
