@@ -37,6 +37,13 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-/work/data/synth-v2}
 OUT=${OUT:-/work/data/runs-v2}
 SUBJECTS=${SUBJECTS:-600}
+# MIX=1: the data stage makes the mix of issue 31 instead: SUBJECTS people in MakeHuman's real garments
+# (GARMENTS), the seven training statues (TRAIN_STATUES; the other four are the real validation set, never
+# trained on) at 24 views each, and PROCEDURAL people in procedural garments, merged into DATA.
+REAL=${REAL:-../shared/real}
+GARMENTS=${GARMENTS:-$REAL/makehuman}
+TRAIN_STATUES=${TRAIN_STATUES:-$(printf "$REAL/scans/%s.ply " athena bootlegeve marbleplayer nymph penelope shepherdboy ugolino)}
+PROCEDURAL=${PROCEDURAL:-$((SUBJECTS * 3 / 8))}
 NORMAL_STEPS=${NORMAL_STEPS:-700}
 COARSE_STEPS=${COARSE_STEPS:-1200}
 FINE_STEPS=${FINE_STEPS:-400}
@@ -60,8 +67,18 @@ for stage in $STAGES; do
     SECONDS=0
     case $stage in
     data)
-        [ -f "$DATA/dataset.json" ] || .venv/bin/pifuhd data synth --count "$SUBJECTS" --views 4 --seed 7 --resolution 512 \
-            --val-fraction 0.1 --test-fraction 0.1 --out "$DATA" $ADDRESS_ARGS ;;
+        if [ -n "${MIX:-}" ]; then  # real garments, the training statues and procedural people, merged
+            [ -f "$DATA-garments/dataset.json" ] || .venv/bin/pifuhd data synth --count "$SUBJECTS" --garments "$GARMENTS" \
+                --views 4 --seed 11 --resolution 512 --val-fraction 0.05 --test-fraction 0.05 --out "$DATA-garments" $ADDRESS_ARGS
+            [ -f "$DATA-statues/dataset.json" ] || .venv/bin/pifuhd data scans $TRAIN_STATUES --views 24 --seed 3 --resolution 512 \
+                --val-fraction 0 --test-fraction 0 --out "$DATA-statues" $ADDRESS_ARGS
+            [ -f "$DATA-procedural/dataset.json" ] || .venv/bin/pifuhd data synth --count "$PROCEDURAL" --views 4 --seed 7 \
+                --resolution 512 --val-fraction 0.05 --test-fraction 0.05 --out "$DATA-procedural" $ADDRESS_ARGS
+            [ -f "$DATA/dataset.json" ] || .venv/bin/pifuhd data merge "$DATA-garments" "$DATA-statues" "$DATA-procedural" -o "$DATA"
+        else
+            [ -f "$DATA/dataset.json" ] || .venv/bin/pifuhd data synth --count "$SUBJECTS" --views 4 --seed 7 --resolution 512 \
+                --val-fraction 0.1 --test-fraction 0.1 --out "$DATA" $ADDRESS_ARGS
+        fi ;;
     normal)
         .venv/bin/pifuhd train --stage normal --name v2-normal --steps "$NORMAL_STEPS" \
             --lr-decay-steps $((NORMAL_STEPS * 4 / 5)) $COMMON
@@ -78,7 +95,7 @@ for stage in $STAGES; do
         .venv/bin/pifuhd checkpoint package ${RUNS:-$OUT/v2-coarse $OUT/v2-fine} \
             -o "$MODEL" \
             ${INIT:+--continued-from "$INIT"} \
-            --recipe "cluster/train_small.sh (STAGES='$STAGES' INIT=${INIT:-none} COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS LR_DECAY=${LR_DECAY:-} COARSE_DECAY=$COARSE_DECAY FINE_DECAY=$FINE_DECAY LR=${LR:-1e-3} SEED=${SEED:-0} BODY=${BODY:-} GPU=${GPU:-} BATCH=${BATCH:-4}, data seed 7, $SUBJECTS subjects)" ;;
+            --recipe "cluster/train_small.sh (STAGES='$STAGES' INIT=${INIT:-none} COARSE_STEPS=$COARSE_STEPS FINE_STEPS=$FINE_STEPS LR_DECAY=${LR_DECAY:-} COARSE_DECAY=$COARSE_DECAY FINE_DECAY=$FINE_DECAY LR=${LR:-1e-3} SEED=${SEED:-0} BODY=${BODY:-} GPU=${GPU:-} BATCH=${BATCH:-4} MIX=${MIX:-}, data seed 7, $SUBJECTS subjects)" ;;
     calibrate)
         .venv/bin/pifuhd checkpoint calibrate "$MODEL" --data "$DATA" --limit "${CALIBRATION_VIEWS:-24}" \
             --levels 0.5 0.55 0.6 0.65 0.7 -o "$MODEL" ;;
