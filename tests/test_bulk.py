@@ -92,6 +92,8 @@ def test_s3_end_to_end_every_input_accounted_once(ray_local, s3_bucket, tmp_path
     assert (again.ok, again.failed, again.skipped) == (0, 5, 3)
     manifest = read_manifest(out)
     assert len(manifest) == 16 and manifest.groupby("run_id").size().tolist() == [8, 8]
+    # Integer columns stay integers though failed rows have none (not pandas' float NaN).
+    assert {str(manifest[c].dtype) for c in ("vertices", "faces", "persons_found", "points_evaluated")} == {"Int64"}
     # Settings that change the outputs are part of the skip key: another resolution redoes them.
     finer = _config([f"s3://{s3_bucket}/in/good"], out, checkpoint)
     finer = dataclasses.replace(finer, reconstruction=dataclasses.replace(finer.reconstruction, resolution=2 * RESOLUTION))

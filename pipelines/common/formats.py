@@ -224,13 +224,14 @@ def recover_spool(output: str) -> int:
 
 
 def read_manifest(output: str, schema: pa.Schema = MANIFEST_SCHEMA):
-    """All manifest rows of an output folder as a pandas DataFrame (every run; unreadable parts skipped)."""
+    """All manifest rows of an output folder as a pandas DataFrame (every run; unreadable parts skipped).
+    Integer columns stay integers where rows have no value (pandas' nullable Int64, not float)."""
     import pandas as pd
 
     tables = storage.read_parquet_parts(join(output, "manifest"), schema=schema)
     if not tables:
         return pd.DataFrame(columns=schema.names)
-    return pa.concat_tables(tables).to_pandas()
+    return pa.concat_tables(tables).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
 
 
 # ---- evaluation results ---------------------------------------------------------------------
