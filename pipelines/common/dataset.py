@@ -306,12 +306,18 @@ def to_body_frame(decoded: dict[str, np.ndarray], uri: str) -> dict[str, np.ndar
     return out
 
 
-def open_shards(uri: str, split: str = "train") -> "ray.data.Dataset":  # noqa: F821
+def open_shards(uri: str, split: str = "train", seed: int | None = None) -> "ray.data.Dataset":  # noqa: F821
     """A Ray Dataset of the raw shard rows of one split (PNG bytes, point lists): small to move,
-    decoded where it is consumed with `decode_table` (training workers do this)."""
+    decoded where it is consumed with `decode_table` (training workers do this).
+
+    seed: the shards in an order drawn from it, not sorted: a merged dataset's shards are grouped by
+    source, and a run that read them in order met one source after another (the last 30 of 400 steps
+    on statues only: the loss tripled and the validation Chamfer went from 1.8 to 5.7 cm)."""
     import ray
 
     shards = list_shards(uri, split)
+    if seed is not None:
+        shards = [shards[i] for i in np.random.default_rng(seed).permutation(len(shards))]
     if not shards:
         raise InputError(f"no shards for split {split!r} under {redact(normalise_uri(uri))}/shards/{split}")
     for shard in shards:  # a torn shard is named here, not deep inside a worker's read task

@@ -376,7 +376,11 @@ def train_loop_per_worker(config_dict: dict) -> None:
     started, losses, validation_seconds = time.perf_counter(), [], 0.0
     while step < config.steps:
         batch_format = "numpy" if config.parallel_decode else "pyarrow"
-        for rows in shard.iter_batches(batch_size=config.batch_size, batch_format=batch_format, local_shuffle_buffer_size=16, drop_last=True):
+        # Rows mix across shards in a buffer of raw rows (~1 MB each; 16 when decoded, ~12 MB each),
+        # so a shard of one kind (a statue's 24 views) is not a run of batches of its own.
+        buffer = 16 if config.parallel_decode else 128
+        for rows in shard.iter_batches(batch_size=config.batch_size, batch_format=batch_format, local_shuffle_buffer_size=buffer,
+                                       drop_last=True):
             if step >= config.steps:
                 break
             decoded = rows if config.parallel_decode else decode_rows(rows, config.data, config.body_guided)
@@ -463,7 +467,7 @@ def run_training(config: TrainConfig) -> TrainResult:
 
     # Raw rows (PNG bytes) travel to the workers, which decode them: a decoded sample is ~12 MB
     # of float32, and moving that through the object store cost more than the training step.
-    train_data = open_shards(config.data, "train")
+    train_data = open_shards(config.data, "train", seed=config.seed)
     if config.body_guided:  # scans no body could be fitted to have no body input: not for this model
         train_data = train_data.map_batches(_rows_with_body, batch_format="pyarrow")
     if config.parallel_decode:
