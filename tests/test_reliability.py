@@ -12,6 +12,7 @@ import threading
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from pathlib import Path
@@ -300,11 +301,11 @@ def test_an_input_whose_row_was_lost_after_its_files_were_written_is_ok_not_skip
     from pipelines.jobs.bulk_stages import already_finished
 
     marker = tmp_path / "a.json"
-    marker.write_text(json.dumps({"run_id": "run-1", "content_hash": "h", "checkpoint_id": "c", "vertices": 10, "faces": 16,
+    marker.write_text(json.dumps({"run_id": "run-1", "content_hash": "h", "settings_key": "k", "vertices": 10, "faces": 16,
                                   "bbox_min": [0, 0, 0], "bbox_max": [1, 1, 1]}))
     statuses = []
     for run_id in ("run-1", "run-2"):
-        record = {"run_id": run_id, "marker_uri": str(marker), "content_hash": "h", "checkpoint_id": "c", "faces": None}
+        record = {"run_id": run_id, "marker_uri": str(marker), "content_hash": "h", "settings_key": "k", "faces": None}
         assert already_finished(record)
         statuses.append((record["status"], record["faces"]))
     assert statuses == [("ok", 16), ("skipped", 16)]
@@ -598,7 +599,7 @@ def test_nan_weights_are_refused_and_an_empty_mesh_is_a_failed_row(tmp_path, che
     _damage_tensor(empty, last_bias, -1e4)
     summary = _run([str(tmp_path / "in")], tmp_path / "out-empty", str(empty))
     row = read_manifest(str(tmp_path / "out-empty")).iloc[0]
-    assert summary.failed == 1 and row["error_class"] == "SurfaceError" and np.isnan(row["vertices"])
+    assert summary.failed == 1 and row["error_class"] == "SurfaceError" and row["vertices"] is pd.NA
 
 
 def test_a_credentialed_and_a_plain_uri_of_one_object_are_one_input(tmp_path, s3_server):

@@ -124,7 +124,7 @@ def read_limited(uri: str, limit: int) -> bytes:
     return fs.cat_file(path)
 
 
-MARKER_TYPES = {"content_hash": str, "checkpoint_id": str, "vertices": int, "faces": int}
+MARKER_TYPES = {"content_hash": str, "settings_key": str, "vertices": int, "faces": int}
 
 
 def finished_marker(marker_uri: str, required: dict = MARKER_TYPES) -> dict | None:
