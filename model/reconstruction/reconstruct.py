@@ -236,7 +236,7 @@ def image_vertex_colors(vertices: np.ndarray, image: torch.Tensor, mask: torch.T
     pixel takes the colour of the nearest pixel inside it, so the background never bleeds in at the outline. Every
     vertex samples the image where it projects, the back included: the unseen side is the seen one
     mirrored through depth (shirt behind shirt, trousers behind trousers). Against the albedo, the
-    back's error fell from 45.0 to 42.8 (12 synthetic views) and from 31.1 to 28.0 (12 statue views)
+    back's error fell from 45.0 to 42.8 (12 synthetic views) and from 31.1 to 27.5 (12 statue views)
     when this replaced copying the nearest visible vertex's colour (benchmarks/colour.py).
     """
     if len(vertices) == 0:
