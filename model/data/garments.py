@@ -53,7 +53,7 @@ class GarmentAsset:
     offsets: np.ndarray
     scales: dict
     tags: tuple[str, ...]
-    licence: str  # the header's licence line
+    licence: str  # from the header: "CC0 1.0", else its licence line
     authors: tuple[str, ...]  # the header's copyright holders
 
 
@@ -126,7 +126,8 @@ def read_asset(mhclo: str | Path, folder: str = "clothes") -> GarmentAsset:
     faces, uv = _read_obj(obj, len(data))
     if len(faces) == 0 or faces.max() >= len(data):
         raise ValueError(f"{path}: {obj.name} does not match its fitting data ({len(data)} vertices)")
-    licence = next((h for h in header if "CC0" in h or "licen" in h.lower()), "unknown")
+    # MakeHuman's system assets say "This asset was explicitly released as CC0 in september 2020".
+    licence = "CC0 1.0" if any("CC0" in h for h in header) else next((h for h in header if "licen" in h.lower()), "unknown")
     authors = tuple(h.removeprefix("Copyright (C)").strip() for h in header if h.startswith("Copyright"))
     return GarmentAsset(
         name=name, kind=_kind(folder, name, tuple(tags)), faces=faces, uv=uv,
