@@ -60,8 +60,8 @@ def output_uris(base: str, mesh_format: str) -> dict[str, str]:
 # ---- stage 1: read, hash, skip check, preprocess (CPU) -----------------------------------
 
 
-MARKER_FIELDS = ("run_id", "input_uri", "content_hash", "settings_key", "checkpoint_id", "mask_source", "mesh_uri", "preview_uri", "vertices", "faces",
-                 "bbox_min", "bbox_max", "person_index", "persons_found", "person_score", "person_mask_area")
+MARKER_FIELDS = ("run_id", "input_uri", "content_hash", "settings_key", "checkpoint_id", "mask_source", "mesh_uri", "preview_uri",
+                 "vertices", "faces", "bbox_min", "bbox_max", "person_index", "persons_found", "person_score", "person_mask_area")
 
 
 def already_finished(record: dict) -> bool:
@@ -73,6 +73,7 @@ def already_finished(record: dict) -> bool:
         return False
     status = "ok" if marker.get("run_id") == record["run_id"] else "skipped"
     record.update(status=status, **{k: marker.get(k) for k in MARKER_FIELDS if k not in record or record[k] is None})
+    record["checkpoint_id"] = marker.get("checkpoint_id") or record.get("checkpoint_id")  # the model that made the files
     return True
 
 
