@@ -81,3 +81,12 @@ def test_the_clothing_layer_is_labelled_inside(body_model):
     parts = [(merged.vertices, merged.faces)]
     assert winding_inside(parts, just_inside).mean() > 0.9
     assert winding_inside(parts, outside).mean() < 0.1
+
+
+def test_garments_that_fit_no_pose_refuse_the_subject(body_model):
+    """This draw's suit lies 30 % inside the body in every pose, the rest pose too: no subject, a reason."""
+    from model.data.humans import GarmentFitError
+    from pipelines.jobs.data import subject_seeds
+
+    with pytest.raises(GarmentFitError, match="female_casualsuit01.*inside the body in every pose"):
+        make_subject("misfit", subject_seeds(11, 10)[0], HumanConfig(garments=str(ASSETS)))

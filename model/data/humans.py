@@ -63,6 +63,10 @@ class HumanConfig:
             raise ValueError(f"families must be some of {known}, got {self.families}")
 
 
+class GarmentFitError(ValueError):
+    """Real garments that do not fit a subject's body in any pose: the subject is not made."""
+
+
 @dataclass
 class Part:
     """One closed triangle mesh: vertices (V, 3) float32 cm, faces (F, 3) int32, colors (V, 3) float32 in [0, 1].
@@ -623,8 +627,9 @@ def _subject_in_assets(subject_id: str, rng: np.random.Generator, phenotype: dic
     """make_subject with real MakeHuman garments (model/data/garments.py) over the bare body.
 
     A pose whose suit lies more than `max_garment_inside` inside the body is re-drawn like a
-    colliding one (counted in info["garment_rejections"]). Parts: the body (skin), then each asset
-    as an open surface: the subject is labelled by the winding number of all parts together.
+    colliding one (counted in info["garment_rejections"]); when the rest pose's does too, the subject
+    raises GarmentFitError (a failed subject of the data job, with the reason). Parts: the body (skin),
+    then each asset as an open surface: the subject is labelled by the winding number of all parts together.
     """
     import igl
 
@@ -635,20 +640,22 @@ def _subject_in_assets(subject_id: str, rng: np.random.Generator, phenotype: dic
     rest_assets, _ = garments.fitted_assets(assets, phenotype, None)
     scale = config.height_cm / np.ptp(np.concatenate([rest_m, *rest_assets])[:, 2] * 100)
     posed_assets: list[np.ndarray] = []
-    rejected = []
+    shares: list[float] = []  # the suit's share inside the body, per pose tried
 
     def garments_fit(pose, out) -> bool:
         posed_assets[:] = garments.fitted_assets(assets, phenotype, pose)[1]
         body_v = out["vertices"][0].numpy().astype(np.float64)
         share = max((float((igl.fast_winding_number(body_v, body.faces, v) > 0.5).mean())
                      for a, v in zip(assets, posed_assets) if a.kind == "suit"), default=0.0)
-        rejected.append(share)
+        shares.append(share)
         return share <= config.max_garment_inside
 
     pose, family, out, tries, colliding = _posed_body(rng, family, phenotype, rest_heads_m, body, config, garments_fit)
     posed_m = out["vertices"][0].numpy().astype(np.float64)
-    if pose is None:
-        posed_assets = garments.fitted_assets(assets, phenotype, None)[1]
+    if pose is None and not garments_fit(None, out):  # every draw failed, and the rest pose's garments do too
+        raise GarmentFitError(f"{subject_id}: its garments ({', '.join(a.name for a in assets)}) lie inside the body in every "
+                              f"pose tried ({shares[-1]:.0%} of the suit in the rest pose)")
+    tried = shares[:-1] if pose is None else shares
     skin = _skin_colour(rng)
     parts = [Part("body", ((posed_m * 100 * scale) @ ANNY_TO_CANONICAL.T).astype(np.float32), body.faces.astype(np.int32),
                   np.tile(skin, (len(posed_m), 1)).astype(np.float32))]
@@ -667,5 +674,5 @@ def _subject_in_assets(subject_id: str, rng: np.random.Generator, phenotype: dic
     return _centred_subject(subject_id, parts, posed_m, scale, body, {
         "phenotype": phenotype, "family": family, "pose_tries": tries, "colliding_faces": colliding, "pose": pose,
         "label_union": True, "garments": [a.name for a in assets],
-        "garment_rejections": sum(share > config.max_garment_inside for share in rejected),
-        "garment_inside_share": rejected[-1] if rejected else 0.0, "skin": skin.tolist()})
+        "garment_rejections": sum(share > config.max_garment_inside for share in tried),
+        "garment_inside_share": shares[-1] if shares else 0.0, "skin": skin.tolist()})
