@@ -596,28 +596,27 @@ def make_subject(subject_id: str, seed: int | np.random.SeedSequence, config: Hu
         colour = np.asarray(outfit.skirt["color"], dtype=np.float32)
         parts.append(Part("skirt", sv, sf, np.tile(colour, (len(sv), 1))))
 
-    return _centred_subject(subject_id, parts, posed_m, scale, body, {
-        "phenotype": phenotype, "family": family, "pose_tries": tries, "colliding_faces": colliding, "pose": pose, **outfit.info})
+    return _centred_subject(subject_id, parts, posed_m, scale, body, pose, {
+        "phenotype": phenotype, "family": family, "pose_tries": tries, "colliding_faces": colliding, **outfit.info})
 
 
-def _centred_subject(subject_id: str, parts: list[Part], posed_m: np.ndarray, scale: float, body: BodyModel, drawn: dict) -> Subject:
+def _centred_subject(subject_id: str, parts: list[Part], posed_m: np.ndarray, scale: float, body: BodyModel, pose: dict | None,
+                     drawn: dict) -> Subject:
     """The Subject of `parts` (canonical frame, cm) and the posed body (anny frame, m), all centred on the
-    parts' bounding box; `drawn` holds what was drawn, its "pose" the anny pose dict (None: rest pose)."""
+    parts' bounding box; `pose` is the anny pose dict (None: rest pose), `drawn` what else was drawn."""
     body_part = Part("anny", ((posed_m * 100 * scale) @ ANNY_TO_CANONICAL.T).astype(np.float32), body.faces.astype(np.int32),
                      np.full((len(posed_m), 3), 0.8, np.float32))
     allv = np.concatenate([p.vertices for p in parts])
     centre = (allv.min(0) + allv.max(0)) / 2
     for p in (*parts, body_part):
         p.vertices = (p.vertices - centre).astype(np.float32)
-    pose = drawn.pop("pose")
     info = {
-        **{k: drawn.pop(k) for k in ("phenotype", "family", "pose_tries", "colliding_faces")},
+        **drawn,
         "scale_cm_per_anny_cm": float(scale),
         # anny's inputs that give the body back: body.anny(pose_parameters={bone: (1, 4, 4) local transform},
         # in metres (anny frame), then x 100 x scale, rotated into the canonical frame, minus this centre.
         "anny_pose_parameters": None if pose is None else {k: v[0].numpy().tolist() for k, v in pose.items()},
         "centre_cm": centre.tolist(),
-        **drawn,
     }
     return Subject(subject_id=subject_id, parts=parts, info=info, body=body_part)
 
@@ -631,9 +630,8 @@ def _subject_in_assets(subject_id: str, rng: np.random.Generator, phenotype: dic
     raises GarmentFitError (a failed subject of the data job, with the reason). Parts: the body (skin),
     then each asset as an open surface: the subject is labelled by the winding number of all parts together.
     """
-    import igl
-
     from model.data import garments
+    from model.data.sampling import winding_inside
 
     body = load_body_model()
     assets = garments.choose_outfit(rng, garments.read_assets(config.garments), phenotype["gender"])
@@ -644,9 +642,9 @@ def _subject_in_assets(subject_id: str, rng: np.random.Generator, phenotype: dic
 
     def garments_fit(pose, out) -> bool:
         posed_assets[:] = garments.fitted_assets(assets, phenotype, pose)[1]
-        body_v = out["vertices"][0].numpy().astype(np.float64)
-        share = max((float((igl.fast_winding_number(body_v, body.faces, v) > 0.5).mean())
-                     for a, v in zip(assets, posed_assets) if a.kind == "suit"), default=0.0)
+        bare_body = [(out["vertices"][0].numpy(), body.faces)]
+        share = max((float(winding_inside(bare_body, v).mean()) for a, v in zip(assets, posed_assets) if a.kind == "suit"),
+                    default=0.0)
         shares.append(share)
         return share <= config.max_garment_inside
 
@@ -671,8 +669,7 @@ def _subject_in_assets(subject_id: str, rng: np.random.Generator, phenotype: dic
             colors = garments.fabric(rng, asset.uv, _random_colour(rng, value=(0.05, 0.6)))
         parts.append(Part(asset.name, ((posed_v * 100 * scale) @ ANNY_TO_CANONICAL.T).astype(np.float32), asset.faces,
                           colors.astype(np.float32), uv=asset.uv))
-    return _centred_subject(subject_id, parts, posed_m, scale, body, {
-        "phenotype": phenotype, "family": family, "pose_tries": tries, "colliding_faces": colliding, "pose": pose,
-        "label_union": True, "garments": [a.name for a in assets],
+    return _centred_subject(subject_id, parts, posed_m, scale, body, pose, {
+        "phenotype": phenotype, "family": family, "pose_tries": tries, "colliding_faces": colliding, "label_union": True, "garments": [a.name for a in assets],
         "garment_rejections": sum(share > config.max_garment_inside for share in tried),
         "garment_inside_share": shares[-1] if shares else 0.0, "skin": skin.tolist()})

@@ -249,6 +249,8 @@ class SurfaceSampler:
             groups: dict[int, tuple] = {}
             for i in pending:
                 net = self._network_for(unpacked[i][0])
+                if net is not self.net:  # the fallback makes this mesh: its row names the fallback
+                    rows[i][0]["checkpoint_id"] = self.fallback_id
                 groups.setdefault(id(net), (net, []))[1].append(i)
             samples = {}
             for net, members in groups.values():
@@ -266,8 +268,6 @@ class SurfaceSampler:
                     continue
                 record.update(seconds_encode=sample.stats["seconds_encode"], seconds_surface=sample.stats["seconds_surface"],
                               points_evaluated=sample.stats["points_evaluated"])
-                if self._network_for(p) is not self.net:
-                    record["checkpoint_id"] = self.fallback_id
                 rows[i] = (record, pickle.dumps((p, files, sample), protocol=5))
         return stage_rows.to_table(rows, STAGE_SCHEMA)
 

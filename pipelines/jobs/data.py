@@ -455,7 +455,9 @@ def _synth_job(args) -> JobConfig:
     return build_config(
         JobConfig,
         out=args.out, kind="synth", seed=args.seed, settings=_settings(args), count=args.count,
-        human=_human_config(children=args.children, families=tuple(args.families), garments=args.garments and str(Path(args.garments).resolve())), subjects_per_shard=args.subjects_per_shard,
+        human=_human_config(children=args.children, families=tuple(args.families),
+                            garments=args.garments and str(Path(args.garments).resolve())),
+        subjects_per_shard=args.subjects_per_shard,
         workers=args.workers, address=args.address,
     )
 
