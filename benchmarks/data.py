@@ -35,7 +35,8 @@ def timed(stats: dict, name: str, fn, *args, **kwargs):
 
 
 def bench_subject(subject, rng, views: int, points: int, stats: dict) -> None:
-    from model.data.render import get_renderer, png_bytes, procedural_background, random_lighting, sample_views
+    from model.render import get_renderer, png_bytes
+    from model.data.scenes import procedural_background, random_lighting, sample_views
     from model.data.sampling import SamplingConfig
     from model.data.sampling import label_views
     from pipelines.common.formats import dataset_shard_bytes
@@ -90,8 +91,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from model.data.humans import load_body_model, make_subject
-    from model.data.render import get_renderer
+    from model.body.anny import load_body_model
+    from model.data.humans import make_subject
+    from model.render import get_renderer
     from model.data.scans import ScanRef, load_scan
 
     start = time.perf_counter()

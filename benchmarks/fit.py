@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from model.body import FitConfig, UnusableLandmarks, fit_body
-from model.body.synthetic import rendered_body, rendered_subject, vertex_error_cm
+from model.data.known_bodies import rendered_body, rendered_subject, vertex_error_cm
 from model.data.humans import POSE_FAMILIES
 
 
@@ -35,7 +35,7 @@ def clothed(args) -> None:
     """The --clothed comparison (module docstring)."""
     from model.body import lifter
     from model.data.humans import make_subject
-    from model.data.render import View
+    from model.render import View
     from model.person import PersonFinder
     from model.geometry import Crop, world_to_pixel
 

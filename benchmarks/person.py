@@ -26,7 +26,7 @@ from PIL import Image
 
 from model.person import PersonFinder, PersonFinderConfig
 from model.reconstruction.reconstruct import ReconstructionConfig
-from model.data.render import procedural_background
+from model.data.scenes import procedural_background
 from pipelines.jobs.bulk import BulkConfig, run_bulk
 from pipelines.common.formats import read_manifest
 from pipelines.common.checkpoints import default_checkpoint

@@ -94,7 +94,7 @@ def reference_features(reference_net, reference_inputs):
 @pytest.fixture(scope="session")
 def body_model():
     """anny built once per session (first build on a machine: ~70-100 s, cached under ~/.cache/pifuhd-ray)."""
-    from model.data.humans import load_body_model
+    from model.body.anny import load_body_model
 
     return load_body_model()
 

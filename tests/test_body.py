@@ -16,9 +16,9 @@ import trimesh
 from PIL import Image
 
 from model.body import BodyParameters, FitConfig, UnusableLandmarks, body_vertices, fit_body
-from model.body import landmarks as lm
+import model.body.landmarks as lm
 from model.body.export import body_json, rigged_glb
-from model.body.synthetic import rendered_body, rendered_subject, vertex_error_cm
+from model.data.known_bodies import rendered_body, rendered_subject, vertex_error_cm
 from model.errors import CheckpointError, InputError
 
 SIZE = 512
@@ -325,7 +325,8 @@ def test_the_lifter_gives_the_depth_order_of_a_side_view(bodies):
 
 
 def test_lifter_mirror_image_swaps_sides_and_keeps_depths(bodies):
-    from model.body.lifter import LIFTED, MIRRORED, finder_training_pairs, lifter_features, mirrored
+    from model.body.lifter import LIFTED, MIRRORED, lifter_features, mirrored
+    from model.training.lifter import finder_training_pairs
 
     body = bodies[(104, "walk", 90)]
     points = body.landmarks[list(LIFTED)].astype(np.float64)

@@ -8,8 +8,10 @@ import trimesh
 from PIL import Image, ImageDraw
 
 from model.data.humans import HELD_OUT_FAMILIES, POSE_FAMILIES, HumanConfig, make_subject
-from model.data.render import Renderer, View, decode_normals, procedural_background, random_lighting
-from model.data.sampling import SamplingConfig, label_views, sample_query_points, winding_inside
+from model.render import Renderer, View, decode_normals
+from model.data.scenes import procedural_background, random_lighting
+from model.data.sampling import SamplingConfig, label_views, sample_query_points
+from model.meshes import winding_inside
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +223,7 @@ def test_render_is_deterministic(body_model, renderer):
 
 
 def test_backgrounds_from_a_folder(tmp_path):
-    from model.data.render import image_background
+    from model.data.scenes import image_background
 
     for i, size in enumerate([(300, 200), (640, 480)]):
         Image.new("RGB", size, (10 * i, 200, 30)).save(tmp_path / f"bg{i}.jpg")

@@ -22,8 +22,9 @@ from model.evaluation.metrics import surface_metrics
 from model.reconstruction.preprocess import prepare_input
 from model.geometry import world_to_pixel
 from model.reconstruction.reconstruct import ReconstructionConfig, SurfaceSamples, finish
-from model.data.render import View, get_renderer, random_lighting
-from model.data.sampling import winding_inside
+from model.render import View, get_renderer
+from model.data.scenes import random_lighting
+from model.meshes import winding_inside
 from model.reconstruction.surface import evaluate_grid, extract_surface
 
 RENDER = 512

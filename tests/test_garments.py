@@ -7,7 +7,7 @@ import pytest
 
 from model.data import garments
 from model.data.humans import HumanConfig, make_subject
-from model.data.sampling import winding_inside
+from model.meshes import winding_inside
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "real" / "makehuman"
 
@@ -72,7 +72,7 @@ def test_the_clothing_layer_is_labelled_inside(body_model):
     subject = make_subject("layer", 3, HumanConfig(garments=str(ASSETS)), family="stand")
     suit = next(p for p in subject.parts[1:] if p.name in subject.info["garments"][:1])
     merged = subject.merged()
-    from model.data.humans import vertex_normals
+    from model.meshes import vertex_normals
 
     normals = vertex_normals(suit.vertices.astype(np.float64), suit.faces)
     gap = _distance_to(suit.vertices, subject.body.vertices, subject.body.faces) > 1.0  # cloth 1 cm off the skin

@@ -12,12 +12,14 @@ import s3fs
 from PIL import Image
 
 from model.errors import InputError
-from model.data.humans import POSE_FAMILIES, load_body_model, make_subject
+from model.data.humans import POSE_FAMILIES, make_subject
+from model.body.anny import load_body_model
 from model.person import PersonFinder, PersonFinderConfig
 from model.reconstruction.people import PersonOptions, prepare_people
 from model.image.decode import load_image
 from model.reconstruction.reconstruct import ReconstructionConfig
-from model.data.render import Renderer, View, procedural_background, random_lighting
+from model.render import Renderer, View
+from model.data.scenes import procedural_background, random_lighting
 from pipelines.jobs.bulk import BulkConfig, initial_rows, run_bulk
 from pipelines.jobs.bulk_stages import InputPreparer
 from pipelines.common.formats import read_manifest

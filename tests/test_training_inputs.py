@@ -10,7 +10,7 @@ import trimesh
 import model
 from model.network.pifuhd import PIFuHD
 from model.training.augment import BodyNoise, MaskNoise, body_input, grey_composite
-from model.data.sampling import BodyField
+from model.body.field import BodyField
 
 
 def test_grey_composite_cuts_out_through_a_disturbed_mask():

@@ -56,7 +56,7 @@ def rigged_glb(fit: BodyFit) -> bytes:
     import torch
 
     from model.body.posing import PHENOTYPE_LABELS, PosedAnny
-    from model.data.humans import load_body_model
+    from model.body.anny import load_body_model
 
     body = load_body_model()
     model = body.anny

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.body import landmarks as lm
+import model.body.landmarks as lm
 from model.body.posing import (
     FITTED_JOINTS,
     HINGES,
@@ -49,7 +49,7 @@ from model.body.posing import (
     to_pixel_frame,
 )
 from model.errors import InputError
-from model.data.humans import ADULT_AGE, ANNY_TO_CANONICAL
+from model.body.anny import ADULT_AGE, ANNY_TO_CANONICAL
 
 
 WORLD_SOURCES = ("lifter", "given", "none")
@@ -350,7 +350,7 @@ def fit_body(
     import roma
     import torch
 
-    from model.data.humans import load_body_model
+    from model.body.anny import load_body_model
 
     start = time.perf_counter()
     width, height = (int(v) for v in image_size)

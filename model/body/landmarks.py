@@ -123,7 +123,7 @@ class AnnyLandmarks:
 @functools.lru_cache(maxsize=1)
 def anny_landmarks() -> AnnyLandmarks:
     """The landmark regressor of the project's anny model, built once per process."""
-    from model.data.humans import load_body_model
+    from model.body.anny import load_body_model
 
     return AnnyLandmarks(load_body_model())
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from model.data.humans import JOINT_LIMITS
+from model.body.anny import JOINT_LIMITS
 
 SIDES = ("L", "R")
 FITTED_JOINTS = (
@@ -90,7 +90,7 @@ class BodyParameters:
 
 
 def _topology() -> str:
-    from model.data.humans import TOPOLOGY
+    from model.body.anny import TOPOLOGY
 
     return TOPOLOGY
 
@@ -189,7 +189,7 @@ def body_vertices(params: BodyParameters) -> np.ndarray:
     """The body of `params` in the pixel frame: (V, 3) float64, faces `load_body_model().faces`."""
     import torch
 
-    from model.data.humans import load_body_model
+    from model.body.anny import load_body_model
 
     posed = PosedAnny(load_body_model())
     phenotype = torch.tensor([[params.phenotype[k] for k in PHENOTYPE_LABELS]], dtype=torch.float32)

@@ -21,25 +21,19 @@ connectivity of the body mesh is kept, and the skirt is a capped tube.
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from model.cache import configure_caches
+from model.body.anny import ADULT_AGE, ANNY_TO_CANONICAL, CHILD_AGE, JOINT_LIMITS, BodyModel, load_body_model
+from model.meshes import vertex_normals
+from model.render import Part
 
-TOPOLOGY = "anny-noeyes-notongue"  # one closed part: eyes and tongue would sit inside the head
 POSE_FAMILIES = ("stand", "walk", "gesture", "reach", "crouch")  # what the training data draws
 # Families no shipped model, lifter or dataset recipe ever drew: test subjects of a pose never seen in
 # training (`pifuhd data synth --families lunge`, README "Generalisation").
 HELD_OUT_FAMILIES = ("lunge",)
 UNIFORM_POSES = "uniform"  # sample_pose's family of no family
-
-# anny's "age" phenotype runs 0..1 over MakeHuman's anchors 1, 11, 25, 90 years at 0, 0.1875, 0.5, 1.
-ADULT_AGE = (0.36, 0.85)  # about 18 to 67 years
-CHILD_AGE = (0.12, 0.34)  # about 7 to 17 years
 
 
 @dataclass(frozen=True)
@@ -68,23 +62,6 @@ class GarmentFitError(ValueError):
 
 
 @dataclass
-class Part:
-    """One closed triangle mesh: vertices (V, 3) float32 cm, faces (F, 3) int32, colors (V, 3) float32 in [0, 1].
-
-    `uv` (V, 2) float32 and `texture` (H, W, 3) uint8 are set for textured scans only; `normals`
-    (V, 3) unit vertex normals where the caller has them already (else the renderer computes them).
-    """
-
-    name: str
-    vertices: np.ndarray
-    faces: np.ndarray
-    colors: np.ndarray
-    uv: np.ndarray | None = None
-    texture: np.ndarray | None = None
-    normals: np.ndarray | None = None
-
-
-@dataclass
 class Subject:
     """A person in the canonical frame (cm, y up, facing +z, centred) as a list of closed parts."""
 
@@ -109,58 +86,6 @@ class Subject:
 # ---- the body model, built once per process ---------------------------------------------------
 
 
-def body_model_cached() -> bool:
-    """Whether anny's blend-shape cache for this project's configuration is probably built already."""
-    configure_caches()
-    return any(Path(os.environ["ANNY_CACHE_DIR"]).glob("v*/build_compact_model_data_*.safetensors"))
-
-
-@dataclass
-class BodyModel:
-    """anny in float32 plus what the generator derives once from its rig."""
-
-    anny: object
-    faces: np.ndarray  # (F, 3) int64 triangles
-    bone_labels: list[str]
-    dominant_bone: np.ndarray  # (V,) index of the bone with the largest skinning weight
-    adjacency: object  # (V, V) scipy sparse row-normalised vertex adjacency, for smoothing
-    collisions: object  # anny.utils.collision.SelfInterpenetrationModule
-
-
-@functools.lru_cache(maxsize=1)
-def load_body_model() -> BodyModel:
-    """The anny model (float32, one closed part), built once per process and cached."""
-    configure_caches()
-    import warp
-
-    # anny's skinning runs on warp, whose banner and module-load lines are INFO: keep warnings only.
-    warp.config.log_level = max(warp.config.log_level, warp.LOG_WARNING)
-    import anny
-    import scipy.sparse as sp
-    import torch
-    from anny.utils.collision import SelfInterpenetrationModule
-
-    model = anny.Anny(topology=TOPOLOGY).to(torch.float32).eval()
-    faces = model.get_triangular_faces().cpu().numpy().astype(np.int64)
-    weights = model.vertex_bone_weights.cpu().numpy()
-    indices = model.vertex_bone_indices.cpu().numpy()
-    dominant = indices[np.arange(len(indices)), weights.argmax(1)]
-    n = len(weights)
-    rows = np.concatenate([faces[:, 0], faces[:, 1], faces[:, 2], faces[:, 1], faces[:, 2], faces[:, 0]])
-    cols = np.concatenate([faces[:, 1], faces[:, 2], faces[:, 0], faces[:, 0], faces[:, 1], faces[:, 2]])
-    adj = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
-    adj.data[:] = 1.0
-    adj = sp.diags(1.0 / np.maximum(adj.sum(1).A1, 1)) @ adj
-    return BodyModel(
-        anny=model,
-        faces=faces,
-        bone_labels=list(model.bone_labels),
-        dominant_bone=dominant,
-        adjacency=adj.tocsr(),
-        collisions=SelfInterpenetrationModule(model),
-    )
-
-
 # ---- shape and pose ---------------------------------------------------------------------------
 
 
@@ -176,21 +101,6 @@ def sample_phenotype(rng: np.random.Generator, config: HumanConfig) -> dict[str,
         "height": float(rng.beta(2, 2)),
         "proportions": float(rng.beta(2, 2)),
     }
-
-
-# Joint limits in radians for anny's "local-ref" parameterisation (rotation vectors in the
-# rest frame's world axes, X = the body's left, Y = backward, Z = up), for the left side; the
-# right side mirrors as (x, -y, -z). Values outside are clipped so no family breaks a joint.
-JOINT_LIMITS = {
-    "upperleg01": ((-2.0, 0.5), (-0.6, 0.3), (-0.5, 0.5)),  # flexion is -x, abduction -y
-    "lowerleg01": ((0.0, 2.4), (0.0, 0.0), (-0.2, 0.2)),  # knee bends +x only
-    "foot": ((-0.7, 0.5), (-0.2, 0.2), (-0.3, 0.3)),
-    "upperarm01": ((-2.8, 0.9), (-2.2, 1.0), (-0.9, 0.9)),  # raising forward -x, sideways -y
-    "lowerarm01": ((0.0, 1.9), (0.0, 0.0), (0.0, 0.0)),  # elbow flexion about its own axis (rest is bent ~45 deg)
-    "spine03": ((-0.3, 0.7), (-0.25, 0.25), (-0.4, 0.4)),
-    "spine01": ((-0.2, 0.4), (-0.2, 0.2), (-0.3, 0.3)),
-    "neck01": ((-0.4, 0.5), (-0.3, 0.3), (-0.6, 0.6)),
-}
 
 
 def _family_angles(rng: np.random.Generator, family: str) -> dict[str, np.ndarray]:
@@ -326,16 +236,6 @@ def _uniform_angles(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 # ---- garments ---------------------------------------------------------------------------------
-
-
-def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """(V, 3) unit area-weighted vertex normals of a triangle mesh (V, 3), (F, 3)."""
-    tri = vertices[faces]
-    fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # length = 2 x area: area weighting
-    idx = faces.reshape(-1)
-    rep = np.repeat(fn, 3, axis=0)  # each face's normal once per corner
-    vn = np.stack([np.bincount(idx, rep[:, c], minlength=len(vertices)) for c in range(3)], 1)
-    return vn / np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-12)
 
 
 def _smooth(values: np.ndarray, adjacency, iterations: int) -> np.ndarray:
@@ -522,9 +422,6 @@ def skirt_mesh(vertices: np.ndarray, region: np.ndarray, top_y: float, hem_y: fl
 
 # ---- a whole subject --------------------------------------------------------------------------
 
-# anny (x left, y back, z up) -> canonical (x right-of-camera, y up, z forward): rotation of -90 deg about x.
-ANNY_TO_CANONICAL = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
-
 
 def _posed_body(rng: np.random.Generator, family: str, phenotype: dict, rest_heads_m: np.ndarray, body: BodyModel,
                 config: HumanConfig, accept=None):
@@ -631,7 +528,7 @@ def _subject_in_assets(subject_id: str, rng: np.random.Generator, phenotype: dic
     then each asset as an open surface: the subject is labelled by the winding number of all parts together.
     """
     from model.data import garments
-    from model.data.sampling import winding_inside
+    from model.meshes import winding_inside
 
     body = load_body_model()
     assets = garments.choose_outfit(rng, garments.read_assets(config.garments), phenotype["gender"])

@@ -1,7 +1,7 @@
 """Training points and their inside/outside labels, PIFu's scheme, labelled by winding number.
 
 Points for one view live in that view's frame (the network's world frame, box units; see
-model/data/render.py). Per view, `num_points` points in three groups:
+model/render.py). Per view, `num_points` points in three groups:
 - near the surface (`near_share`): surface points moved by isotropic N(0, sigma) noise, half with
   PIFu's sigma = 5 cm, half with `sigma_fine` = 1.5 cm, which pins the surface itself down;
 - along the camera ray (`ray_share`): a surface point's x, y with z uniform within `ray_depth`
@@ -23,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from model.body.field import BODY_DISTANCE_CLIP_CM, BodyField
+from model.meshes import surface_samples, winding_inside
 
 
 @dataclass(frozen=True)
@@ -49,23 +52,6 @@ class SamplingConfig:
         return cls(near_share=16 / 17, ray_share=0.0, sigma_fine=0.05)
 
 
-def surface_samples(vertices: np.ndarray, faces: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """`count` area-uniform points on a triangle mesh and their face normals, both (count, 3) float64."""
-    tri = vertices[faces].astype(np.float64)
-    cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    area = np.linalg.norm(cross, axis=1)
-    if area.sum() <= 0:
-        raise ValueError("mesh has zero surface area")
-    face = rng.choice(len(faces), size=count, p=area / area.sum())
-    u, v = rng.random(count), rng.random(count)
-    flip = u + v > 1  # fold the unit square onto the triangle
-    u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
-    t = tri[face]
-    points = t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + v[:, None] * (t[:, 2] - t[:, 0])
-    normals = cross[face] / np.maximum(area[face], 1e-20)[:, None]
-    return points, normals
-
-
 def surface_samples_parts(parts, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(count, 3) surface points and face normals spread over (vertices, faces) parts by area."""
     areas = []
@@ -75,21 +61,6 @@ def surface_samples_parts(parts, count: int, rng: np.random.Generator) -> tuple[
     counts = rng.multinomial(count, np.asarray(areas) / np.sum(areas))
     pts, nrm = zip(*(surface_samples(v, f, c, rng) for (v, f), c in zip(parts, counts)))
     return np.concatenate(pts), np.concatenate(nrm)
-
-
-def winding_inside(parts, queries: np.ndarray) -> np.ndarray:
-    """(N,) bool: inside any closed part, |fast winding number| > 0.5.
-
-    parts: list of (vertices (V, 3), faces (F, 3)); queries (N, 3), same frame.
-    """
-    import igl
-
-    q = np.ascontiguousarray(queries, dtype=np.float64)
-    inside = np.zeros(len(q), dtype=bool)
-    for v, f in parts:
-        w = igl.fast_winding_number(np.ascontiguousarray(v, dtype=np.float64), np.ascontiguousarray(f, dtype=np.int64), q)
-        inside |= np.abs(w) > 0.5
-    return inside
 
 
 def sample_query_points(parts, config: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
@@ -104,68 +75,6 @@ def sample_query_points(parts, config: SamplingConfig, rng: np.random.Generator)
     uniform = rng.uniform(-1.0, 1.0, (config.num_points - n_near - n_ray, 3))
     points = np.concatenate([near, ray, uniform])
     return points[rng.permutation(len(points))]
-
-
-BODY_DISTANCE_SAMPLES = 60_000  # body surface samples: about 0.5 cm apart on an adult
-BODY_DISTANCE_CLIP_CM = 20.0  # farther from the body than this, only the side matters
-
-
-class BodyField:
-    """Signed distance to a body mesh, clipped to +-`clip`, and the outward unit normal of the body
-    surface nearest to each query (zero beyond `clip`): what a body-guided model reads per point.
-
-    body: (vertices (V, 3), faces (F, 3)); queries and `clip` in the same frame and unit.
-    The magnitude is the distance to the nearest of BODY_DISTANCE_SAMPLES area-uniform surface
-    samples (on a body within 0.04 cm of the exact distance on average, 0.17 cm at the 99th
-    percentile, and several times faster than exact point-triangle distances); the sign is the
-    winding number's, so the body's separate closed parts are handled. Built once per body, then
-    called per batch of queries (training labels, or every occupancy batch at inference).
-    """
-
-    def __init__(self, body, clip: float, rng: np.random.Generator | None = None):
-        from scipy.ndimage import binary_dilation
-        from scipy.spatial import cKDTree
-
-        self.vertices = np.ascontiguousarray(body[0], dtype=np.float64)
-        self.faces = np.ascontiguousarray(body[1], dtype=np.int64)
-        self.clip = float(clip)
-        samples, self.normals = surface_samples(self.vertices, self.faces, BODY_DISTANCE_SAMPLES, rng or np.random.default_rng(0))
-        self.tree = cKDTree(samples)
-        # A k-d tree over a surface is slow for queries far from it (a sparse grid's first level is
-        # all such points): cells of side `clip` next to no sample are farther than `clip` from all.
-        self.origin = samples.min(0) - self.clip
-        cells = np.floor((samples - self.origin) / self.clip).astype(np.int64)
-        self.near_cells = np.zeros(cells.max(0) + 2, dtype=bool)
-        self.near_cells[tuple(cells.T)] = True
-        self.near_cells = binary_dilation(self.near_cells, np.ones((3, 3, 3), bool))
-        self.box = self.vertices.min(0), self.vertices.max(0)
-
-    def __call__(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """queries (N, 3) -> signed distance (N,) float64, negative inside, and normals (N, 3)."""
-        queries = np.asarray(queries, dtype=np.float64)
-        distance, normals = np.full(len(queries), self.clip), np.zeros((len(queries), 3))
-        cells = np.floor((queries - self.origin) / self.clip).astype(np.int64)
-        in_grid = np.all((cells >= 0) & (cells < self.near_cells.shape), axis=1)
-        candidate = np.flatnonzero(in_grid)
-        candidate = candidate[self.near_cells[tuple(cells[candidate].T)]]
-        found, nearest = self.tree.query(queries[candidate], distance_upper_bound=self.clip)
-        near = np.isfinite(found)
-        distance[candidate[near]] = found[near]
-        normals[candidate[near]] = self.normals[nearest[near]]
-        # Only points in the body's box can be inside it; the winding number tells which.
-        boxed = np.flatnonzero(np.all((queries >= self.box[0]) & (queries <= self.box[1]), axis=1))
-        inside = np.zeros(len(queries), dtype=bool)
-        inside[boxed] = winding_inside([(self.vertices, self.faces)], queries[boxed])
-        return np.where(inside, -distance, distance), normals
-
-    def network_input(self, points):
-        """(N, 3) torch points -> (1, 4, N) float32 torch on their device: distance, then normal
-        (the body input of `model.network.pifuhd.PIFuHD.query_levels`)."""
-        import torch
-
-        distance, normals = self(points.detach().cpu().double().numpy())
-        rows = np.concatenate((distance[:, None], normals), axis=1).T[None].astype(np.float32)
-        return torch.from_numpy(rows).to(points.device)
 
 
 @dataclass

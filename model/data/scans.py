@@ -8,7 +8,7 @@ remote ones are copied with their folder's materials and textures to a scratch d
 Normalisation follows PIFu: the scan is assumed y-up (OBJ and glTF convention; `up_axis="z"`
 for z-up files) and facing +z, scaled so its bounding box is `height_cm` (180) tall, and its
 bounding box centred at the origin. That is the canonical frame of model/data/humans.py. The body
-under the clothes, which the body-guided model reads, is fitted by the jobs (`model.body.scan`).
+under the clothes, which the body-guided model reads, is fitted by the jobs (`model.data.scan_bodies`).
 
 A scan that cannot be used raises `ScanError` whose message starts with the reason:
 "unreadable", "empty", "no faces", "degenerate" or "open surface".
@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import PifuhdError
-from model.data.humans import Part, Subject
+from model.render import Part
+from model.data.humans import Subject
 
 MESH_EXTENSIONS = (".obj", ".ply", ".glb", ".gltf")
 # Files a mesh may reference: materials, textures, glTF buffers.
@@ -43,7 +44,7 @@ class ScanConfig:
     height_cm: float = 180.0
     up_axis: str = "y"  # "y" (OBJ, glTF, RenderPeople, THuman) or "z"
     max_texture_size: int = 2048  # larger textures are downscaled: they are rendered at most at 1024
-    fit_body: bool = True  # fit anny to a front render (model.body.scan), so rows carry the body under the clothes
+    fit_body: bool = True  # fit anny to a front render (model.data.scan_bodies), so rows carry the body under the clothes
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,8 @@ def check_labels(parts: list[Part], rng: np.random.Generator, count: int = 2000)
     A closed (or nearly closed) scan gives close to 1; an open sheet or a scan without a
     volume gives far less, and raises ScanError("open surface: ...").
     """
-    from model.data.sampling import surface_samples_parts, winding_inside
+    from model.data.sampling import surface_samples_parts
+    from model.meshes import winding_inside
 
     mesh = [(np.concatenate([p.vertices for p in parts]).astype(np.float64), _merged_faces(parts))]
     points, normals = surface_samples_parts(mesh, count, rng)

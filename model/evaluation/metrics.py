@@ -9,7 +9,7 @@ truth to the prediction with 1k points, so their numbers are not comparable.
 
 Also here: `rigid_icp` (optional rigid alignment of a prediction onto its truth before
 measuring) and `normal_image_error` (PIFuHD's normal reprojection error: both meshes'
-normals rendered from 4 yaws with model/data/render.py's EGL renderer).
+normals rendered from 4 yaws with model/render.py's EGL renderer).
 """
 
 from __future__ import annotations
@@ -169,10 +169,11 @@ def render_normal_images(
     as (n + 1) / 2, 0 (black) where the mesh does not cover the pixel.
 
     The mesh is in cm; it is moved by -centre, turned by each yaw about +y and scaled by
-    units_per_cm into the renderer's [-1, 1] box (orthographic, model/data/render.py's EGL renderer).
+    units_per_cm into the renderer's [-1, 1] box (orthographic, model/render.py's EGL renderer).
     """
-    from model.data.humans import Part, vertex_normals
-    from model.data.render import View, get_renderer
+    from model.render import Part
+    from model.meshes import vertex_normals
+    from model.render import View, get_renderer
 
     images = np.zeros((len(yaws), size, size, 3), np.float32)
     if len(mesh.faces) == 0:

@@ -15,8 +15,8 @@ import numpy as np
 
 from model.geometry import Crop, pixel_to_world
 from model.reconstruction.preprocess import PreparedImage
-from model.data.render import UNITS_PER_CM
-from model.data.sampling import BODY_DISTANCE_CLIP_CM, BodyField
+from model.render import UNITS_PER_CM
+from model.body.field import BODY_DISTANCE_CLIP_CM, BodyField
 
 
 def body_in_network_frame(vertices_px: np.ndarray, crop: Crop) -> np.ndarray:

@@ -3,7 +3,7 @@
 The input panel carries the outline of the person mask that replaced the background (a mask or
 alpha given with the photo, or the person finder's), so a bad cut-out shows at a glance.
 
-The mesh panels rasterise the mesh with the project's renderer (`model.data.render`: EGL,
+The mesh panels rasterise the mesh with the project's renderer (`model.render`: EGL,
 Mesa's software rasteriser where there is no GPU), grey under the fixed studio light.
 """
 
@@ -41,8 +41,8 @@ def draw_outline(panel: np.ndarray, mask: torch.Tensor, colour: tuple[int, int, 
 def shaded_mesh(mesh, yaw_degrees: float, size: int = PANEL) -> np.ndarray:
     """(size, size, 3) uint8 grey render of a world-frame mesh (the [-1, 1] box, orthographic)
     seen after a yaw about world y, on white."""
-    from model.data.humans import Part
-    from model.data.render import View, get_renderer, studio_lighting
+    from model.render import Part
+    from model.render import View, get_renderer, studio_lighting
 
     background = np.full((size, size, 3), 255, np.uint8)
     if len(mesh.faces) == 0:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import trimesh
 from scipy import ndimage
 
-from model.data.humans import vertex_normals
+from model.meshes import vertex_normals
 from model.geometry import sample_features
 from model.network.pifuhd import PIFuHD
 from model.reconstruction.preprocess import PreparedImage

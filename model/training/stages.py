@@ -18,7 +18,7 @@ from model.network.config import PIFuHDConfig
 from model.network.pifuhd import Features, PIFuHD
 from model.training.augment import BodyNoise, MaskNoise, body_input, grey_composite
 from model.training.losses import VGG19Features, normal_map_loss, weighted_occupancy_bce
-from model.data.sampling import BODY_DISTANCE_CLIP_CM
+from model.body.field import BODY_DISTANCE_CLIP_CM
 from model.reconstruction.preprocess import resize_square
 
 STAGES = ("normal", "coarse", "fine")

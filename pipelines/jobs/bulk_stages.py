@@ -79,7 +79,7 @@ def already_finished(record: dict) -> bool:
 
 def _person_files(record: dict, person_input: PersonInput) -> dict[str, bytes]:
     """The finder's mask (8-bit PNG, the image's size) and JSON record for one output; {} when it did not run."""
-    from model.data.render import png_bytes
+    from model.render import png_bytes
 
     person = person_input.person
     if person is None:

@@ -151,7 +151,8 @@ def _id_key(subject_id: str) -> int:
 def subject_rows(subject, split: str, source: str, rng: np.random.Generator, settings: SampleSettings) -> list[dict]:
     """Render and label every view of one subject: a list of rows of `pipelines.common.formats.DATASET_SCHEMA`."""
     from pipelines.common.formats import DATASET_SCHEMA_VERSION
-    from model.data.render import get_renderer, image_background, network_calib, png_bytes, procedural_background, random_lighting, sample_views
+    from model.render import get_renderer, network_calib, png_bytes
+    from model.data.scenes import image_background, procedural_background, random_lighting, sample_views
     from model.data.sampling import label_views
 
     renderer = get_renderer(RENDER_SIZE)
@@ -211,7 +212,7 @@ def body_record(subject) -> dict:
     fit (its `BodyParameters`, in the pixels of the front render, and the fit's quality)."""
     record = {"subject_id": subject.subject_id, "frame": "canonical (cm, y up, facing +z, centred)"}
     if "body_fit" in subject.info:
-        return {**record, "source": "fitted to the scan's front render (model.body.scan)", **subject.info["body_fit"]}
+        return {**record, "source": "fitted to the scan's front render (model.data.scan_bodies)", **subject.info["body_fit"]}
     keys = ("phenotype", "family", "scale_cm_per_anny_cm", "anny_pose_parameters", "centre_cm", "garments",
             "garment_rejections", "garment_inside_share")
     return {**record, "source": "synthetic", **{k: subject.info.get(k) for k in keys}}
@@ -233,10 +234,10 @@ def make_job_subject(job: JobConfig, item: dict, workdir: str):
 
 
 def with_scan_body(subject):
-    """The scan with anny fitted under its clothes (`model.body.scan`), or, where no body can be
+    """The scan with anny fitted under its clothes (`model.data.scan_bodies`), or, where no body can be
     fitted (no person in the front render, too few landmarks), as it was with the reason in
     `info["body_error"]`: its rows then carry no body, and the subject is still training data."""
-    from model.body.scan import fit_scan_body
+    from model.data.scan_bodies import fit_scan_body
     from model.errors import InputError
     from pipelines.common.person import person_finder
 
@@ -254,7 +255,7 @@ class SubjectWorker:
 
     def __init__(self, job: JobConfig):
         # One CPU per actor: keep Mesa's rasteriser and torch to one thread each.
-        from model.data.render import configure_llvmpipe_threads
+        from model.render import configure_llvmpipe_threads
 
         configure_llvmpipe_threads(1)
         import torch
@@ -262,7 +263,7 @@ class SubjectWorker:
         torch.set_num_threads(1)
         self.job = job
         if job.kind == "synth" or job.scan.fit_body:
-            from model.data.humans import load_body_model
+            from model.body.anny import load_body_model
 
             load_body_model()
 
@@ -323,7 +324,7 @@ def _is_scan_error(exc: BaseException) -> bool:
 
 def _warm_body_model_cache() -> float:
     """Build anny's cache once, in a throwaway worker, before the actors start (each would build it)."""
-    from model.data.humans import load_body_model
+    from model.body.anny import load_body_model
 
     start = time.perf_counter()
     load_body_model()
@@ -356,7 +357,7 @@ def run_job(job: JobConfig) -> dict:
         ray = connect_ray(job.address)
         import ray.data
 
-        from model.data.humans import body_model_cached
+        from model.body.anny import body_model_cached
 
         if (job.kind == "synth" or job.scan.fit_body) and not body_model_cached():
             log("building the anny body model cache once (first use on this machine: about 100 s)")

@@ -263,7 +263,7 @@ class PairWorker:
 
     def __init__(self, config: EvalConfig, checkpoint: str | None = None, checkpoint_id: str = "", threads: int = 1,
                  use_gpu: bool = False, fallback_id: str = ""):
-        from model.data.render import configure_llvmpipe_threads
+        from model.render import configure_llvmpipe_threads
 
         # One CPU per actor: keep Mesa's rasteriser and torch to the CPUs Ray reserved.
         configure_llvmpipe_threads(threads)

@@ -203,7 +203,7 @@ def register_cli(commands) -> None:
 
 
 def _fit_config(args) -> FitJobConfig:
-    from model.data.humans import ADULT_AGE, CHILD_AGE
+    from model.body.anny import ADULT_AGE, CHILD_AGE
 
     return build_config(
         FitJobConfig,

@@ -15,7 +15,7 @@ from pipelines.common.uris import uri_argument
 
 
 def _recipe(args):
-    from model.body.lifter import LifterRecipe
+    from model.training.lifter import LifterRecipe
 
     return build_config(LifterRecipe, family_poses=args.family_poses, uniform_poses=args.uniform_poses,
                         families=tuple(args.families), finder_views=args.finder_views,
@@ -23,7 +23,7 @@ def _recipe(args):
 
 
 def _train(args) -> int:
-    from model.body.lifter import finder_pairs, lifter_bytes, train_lifter, training_poses
+    from model.training.lifter import finder_pairs, lifter_bytes, train_lifter, training_poses
     from pipelines.common import storage
 
     recipe = _recipe(args)

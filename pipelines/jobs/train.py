@@ -36,7 +36,7 @@ from torch import nn
 import model
 from model.errors import PifuhdError
 from model.network.checkpoint import load_checkpoint, save_checkpoint
-from model.data.sampling import BODY_DISTANCE_CLIP_CM, BodyField
+from model.body.field import BODY_DISTANCE_CLIP_CM, BodyField
 from model.network.pifuhd import PIFuHD
 from model.reconstruction.surface import check_sparse_resolution
 from model.training.augment import BodyNoise, MaskNoise

@@ -6,7 +6,7 @@ person finder would give for that image (mask, landmarks = the true landmarks pr
 world landmarks) together with the true body in the pixel frame, so a fit can be scored in cm.
 
 Frames. The body goes anny (metres) -> canonical (cm, y up, facing +z, bounding box centred)
--> view frame (`model.data.render.View`, 0.01 units per cm) -> pixel frame of the S x S image (the view
+-> view frame (`model.render.View`, 0.01 units per cm) -> pixel frame of the S x S image (the view
 frame's [-1, 1] box maps onto the image with align_corners pixel centres, as the renderer draws it).
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.body import landmarks as lm
+import model.body.landmarks as lm
 from model.geometry import Crop, world_to_pixel
 
 
@@ -41,7 +41,8 @@ def true_body(seed: int, family: str):
     """(vertices (V, 3) m, landmarks (33, 3) m, phenotype) of seed's body in anny's frame."""
     import torch
 
-    from model.data.humans import HumanConfig, load_body_model, sample_phenotype, sample_pose
+    from model.data.humans import HumanConfig, sample_phenotype, sample_pose
+    from model.body.anny import load_body_model
 
     body = load_body_model()
     rng = np.random.default_rng(seed)
@@ -72,8 +73,9 @@ def _view_landmarks(points_view: np.ndarray, crop: Crop, hidden: tuple[str, ...]
 
 def rendered_body(seed: int, family: str = "stand", yaw_deg: float = 0.0, size: int = 512) -> RenderedBody:
     """Render seed's bare body seen from `yaw_deg` at size x size pixels (see the module docstring)."""
-    from model.data.humans import ANNY_TO_CANONICAL, Part, load_body_model
-    from model.data.render import View, get_renderer, studio_lighting
+    from model.body.anny import ANNY_TO_CANONICAL, load_body_model
+    from model.render import Part
+    from model.render import View, get_renderer, studio_lighting
 
     body = load_body_model()
     vertices_m, points_m, phenotype = true_body(seed, family)
@@ -114,7 +116,7 @@ def rendered_subject(seed: int, yaw_deg: float = 0.0, size: int = 512, family: s
     import torch
 
     from model.data.humans import make_subject
-    from model.data.render import View, get_renderer, studio_lighting
+    from model.render import View, get_renderer, studio_lighting
 
     subject = make_subject(f"subject-{seed}", seed, family=family)
     view = View(yaw_deg=yaw_deg)

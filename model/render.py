@@ -8,6 +8,8 @@ image row 0 is y = +1 and column 0 is x = -1. Pixel centres follow align_corners
 i of an S-pixel row sits at x = -1 + 2 i / (S - 1). OpenGL puts pixel centres at
 -1 + (2 i + 1) / S in NDC, so the projection scales x and y by (S - 1) / S to land exactly.
 
+A `Part` is one coloured closed mesh in the canonical frame (cm); a subject is a list of them.
+
 Passes (one program, two colour targets):
 - front: depth cleared to 1, LESS: RGB shaded with 2nd-order spherical-harmonics (SH)
   irradiance on the albedo (alpha = mask), and the camera-space normal of the nearest surface;
@@ -24,11 +26,27 @@ import functools
 import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 UNITS_PER_CM = 0.01  # box units per centimetre: 180 cm -> 1.8 units, [-0.9, 0.9] when centred
+
+
+@dataclass
+class Part:
+    """One closed triangle mesh: vertices (V, 3) float32 cm, faces (F, 3) int32, colors (V, 3) float32 in [0, 1].
+
+    `uv` (V, 2) float32 and `texture` (H, W, 3) uint8 are set for textured scans only; `normals`
+    (V, 3) unit vertex normals where the caller has them already (else the renderer computes them).
+    """
+
+    name: str
+    vertices: np.ndarray
+    faces: np.ndarray
+    colors: np.ndarray
+    uv: np.ndarray | None = None
+    texture: np.ndarray | None = None
+    normals: np.ndarray | None = None
 
 
 # ---- cameras ----------------------------------------------------------------------------------
@@ -73,19 +91,6 @@ def network_calib() -> np.ndarray:
     return np.diag([1.0, -1.0, 1.0, 1.0]).astype(np.float32)
 
 
-def sample_views(rng: np.random.Generator, count: int, pitch_jitter_deg: float = 5.0, fixed_yaws: bool = False) -> list[View]:
-    """`count` yaws evenly spread around the subject from a random start, each with a small random pitch.
-
-    With `fixed_yaws` the yaws start at 0 (0, 90, 180, 270 for four views): evaluation sets whose
-    views are comparable across subjects and runs; the pitch is still drawn (0 when the jitter is 0).
-    """
-    start = 0.0 if fixed_yaws else rng.uniform(0, 360)
-    return [
-        View(yaw_deg=float((start + k * 360.0 / count) % 360), pitch_deg=float(rng.uniform(-pitch_jitter_deg, pitch_jitter_deg)))
-        for k in range(count)
-    ]
-
-
 # ---- lighting ---------------------------------------------------------------------------------
 
 
@@ -108,23 +113,6 @@ def sh_basis(d: np.ndarray) -> np.ndarray:
     )
 
 
-def random_lighting(rng: np.random.Generator) -> np.ndarray:
-    """(9, 3) SH radiance coefficients (per RGB channel) of a random ambient plus 1-3 directional lights.
-
-    Lights are in the view frame, mostly from the camera's side and above. Scaled so that a
-    white surface facing a light reflects about its intensity (albedo x irradiance / pi).
-    """
-    ambient = rng.uniform(0.25, 0.6) * rng.uniform(0.9, 1.1, 3)
-    coeffs = np.zeros((9, 3))
-    coeffs[0] = ambient * np.sqrt(4 * np.pi)  # constant radiance a: irradiance pi * a
-    for _ in range(rng.integers(1, 4)):
-        d = np.array([rng.normal(), abs(rng.normal()) * 0.8 + 0.2, rng.normal() + 1.0])
-        d /= np.linalg.norm(d)
-        intensity = np.pi * rng.uniform(0.2, 0.7) * rng.uniform(0.85, 1.15, 3)
-        coeffs += sh_basis(d[None])[0][:, None] * intensity[None]
-    return coeffs.astype(np.float32)
-
-
 def studio_lighting() -> np.ndarray:
     """(9, 3) SH radiance: one soft key light from the upper front plus ambient; the fixed lighting of
     renders that are read rather than learnt from (test bodies, a scan's front view for its body fit)."""
@@ -135,58 +123,6 @@ def studio_lighting() -> np.ndarray:
 
 
 # ---- backgrounds ------------------------------------------------------------------------------
-
-
-def procedural_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) uint8: a random gradient, smooth colour noise and a few soft shapes.
-
-    Drawn at a quarter of the size and upscaled: backgrounds are smooth, and this keeps them
-    at a few ms (and the PNGs small; per-pixel grain would double the image bytes).
-    """
-    from PIL import Image, ImageDraw, ImageFilter
-
-    small = max(size // 4, 16)
-    c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
-    angle = rng.uniform(0, 2 * np.pi)
-    t = np.linspace(-1, 1, small)
-    g = (np.cos(angle) * t[None, :] + np.sin(angle) * t[:, None]) * 0.5 + 0.5
-    img = c0 * (1 - g[..., None]) + c1 * g[..., None]
-    cells = int(rng.integers(3, 12))
-    noise = Image.fromarray((rng.uniform(0, 1, (cells, cells, 3)) * 255).astype(np.uint8)).resize((small, small), Image.BICUBIC)
-    mix = rng.uniform(0.1, 0.5)
-    img = img * (1 - mix) + np.asarray(noise, dtype=np.float64) / 255 * mix
-    base = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).convert("RGBA")
-    shapes = Image.new("RGBA", (small, small), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(shapes)
-    for _ in range(int(rng.integers(0, 7))):
-        xs, ys = sorted(rng.uniform(-0.2, 1.2, 2) * small), sorted(rng.uniform(-0.2, 1.2, 2) * small)
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3)) + (int(rng.integers(60, 200)),)
-        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)([xs[0], ys[0], xs[1], ys[1]], fill=colour)
-    shapes = shapes.filter(ImageFilter.GaussianBlur(rng.uniform(0, 2)))
-    out = Image.alpha_composite(base, shapes).convert("RGB").resize((size, size), Image.BILINEAR)
-    return np.asarray(out, dtype=np.uint8)
-
-
-@functools.lru_cache(maxsize=4)
-def _list_images(folder: str) -> tuple[str, ...]:
-    exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-    return tuple(sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in exts))
-
-
-def image_background(rng: np.random.Generator, size: int, folder: str) -> np.ndarray:
-    """(size, size, 3) uint8: a random square crop of a random image of `folder`, resized."""
-    from PIL import Image
-
-    files = _list_images(folder)
-    if not files:
-        raise FileNotFoundError(f"no images under background folder {folder}")
-    im = Image.open(files[rng.integers(len(files))]).convert("RGB")
-    side = int(min(im.size) * rng.uniform(0.5, 1.0))
-    x0, y0 = rng.integers(0, im.size[0] - side + 1), rng.integers(0, im.size[1] - side + 1)
-    im = im.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.BILINEAR)
-    if rng.random() < 0.5:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(im, dtype=np.uint8)
 
 
 # ---- the renderer -----------------------------------------------------------------------------
@@ -337,7 +273,7 @@ class Renderer:
             return self._render(parts, view, lighting, background)
 
     def _render(self, parts, view: View, lighting: np.ndarray, background: np.ndarray | None) -> RenderOutput:
-        from model.data.humans import vertex_normals
+        from model.meshes import vertex_normals
 
         ctx, s = self.ctx, self.size
         self.program["xy_scale"].value = (s - 1) / s

@@ -14,9 +14,10 @@ import numpy as np
 import trimesh
 
 from model.body.fit import BodyFit, FitConfig, UnusableLandmarks, fit_body
-from model.data.humans import Part, Subject
+from model.render import Part
+from model.data.humans import Subject
 from model.geometry import Crop, pixel_to_world
-from model.data.render import View, get_renderer, studio_lighting
+from model.render import View, get_renderer, studio_lighting
 
 RENDER_SIZE = 512  # the person finder works at 256; the mask term at 128
 BACKGROUND_GREY = 128
