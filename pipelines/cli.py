@@ -17,10 +17,12 @@ from importlib.metadata import entry_points
 from model.network.config import PRESETS  # plain dataclasses: `pifuhd --help` loads no torch
 from pipelines.common import exit_codes
 from pipelines.common.exit_codes import UsageError, build_config
+from pipelines.common.options import config_option, config_values
 from pipelines.common.uris import uri_argument
 
 
 PRESET_NAMES = tuple(PRESETS)
+RECONSTRUCTION, PERSON = "reconstruction.", "person."  # where nested configs' options land in the parsed arguments
 COMMAND_ENTRY_POINTS = "pifuhd.commands"  # each: a function that adds its sub-commands to the parser's
 
 
@@ -75,35 +77,20 @@ def _checkpoint_convert(args: argparse.Namespace) -> int:
 
 
 def _reconstruct_config(args: argparse.Namespace):
-    from model.reconstruction.people import PersonOptions
-    from model.reconstruction.reconstruct import ReconstructionConfig
-    from pipelines.jobs.bulk import BulkConfig
+    from model.reconstruction.config import PersonOptions, ReconstructionConfig
     from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT, default_checkpoint
+    from pipelines.jobs.bulk_config import BulkConfig
 
+    # The shipped model is the default; its plain twin then makes the meshes no body can be fitted to.
+    fields = config_values(args, BulkConfig)
+    fields["checkpoint"] = args.checkpoint or default_checkpoint()
+    if args.fallback_checkpoint is None and args.checkpoint is None:
+        fields["fallback_checkpoint"] = str(SHIPPED_PLAIN_CHECKPOINT)
     return build_config(
         BulkConfig,
-        inputs=tuple(args.inputs),
-        output=args.output,
-        checkpoint=args.checkpoint or default_checkpoint(),
-        fallback_checkpoint=args.fallback_checkpoint or (None if args.checkpoint else str(SHIPPED_PLAIN_CHECKPOINT)),
-        reconstruction=build_config(
-            ReconstructionConfig,
-            resolution=args.resolution, method=args.method, dilation=args.dilation, color=args.color,
-            threshold=args.surface_level,
-            precision=args.precision,
-            largest_component=not args.keep_all_components, carve=not args.no_carve,
-        ),
-        person=build_config(PersonOptions, mode=args.person, all_people=args.all_people, min_score=args.min_person_score),
-        mesh_format=args.format,
-        body=args.body,
-        overwrite=args.overwrite,
-        batch_size=args.batch_size,
-        model_actors=args.model_actors,
-        prepare_actors=args.prepare_actors,
-        finish_actors=args.finish_actors,
-        use_gpu=True if args.gpus else None,
-        metrics_port=args.metrics_port,
-        pushgateway=args.pushgateway,
+        **fields,
+        reconstruction=build_config(ReconstructionConfig, **config_values(args, ReconstructionConfig, RECONSTRUCTION)),
+        person=build_config(PersonOptions, **config_values(args, PersonOptions, PERSON)),
     )
 
 
@@ -119,20 +106,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace):
-    from pipelines.jobs.train import TrainConfig
+    from pipelines.jobs.train_config import TrainConfig
 
-    return build_config(
-        TrainConfig,
-        stage=args.stage, data=args.data, out=args.out, name=args.name or "", preset=args.preset, init=args.init,
-        workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-        threads_per_worker=args.threads, use_gpu=args.gpus, parallel_decode=args.parallel_decode, steps=args.steps, batch_size=args.batch_size,
-        points_per_sample=args.points, optimizer=args.optimizer, lr=args.lr,
-        lr_decay_steps=tuple(args.lr_decay_steps or ()), checkpoint_every=args.checkpoint_every,
-        validate_every=args.validate_every, val_resolution=args.val_resolution,
-        use_predicted_normals=args.predicted_normals, vgg_weights=args.vgg_weights, seed=args.seed,
-        grey_composite=args.grey_composite, z_size=args.z_size, body_guided=args.body_guided,
-        max_failures=args.max_failures, pushgateway=args.pushgateway,
-    )
+    return build_config(TrainConfig, **config_values(args, TrainConfig))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -185,101 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_calibrate(checkpoint_commands)
 
-    recon = commands.add_parser(
-        "reconstruct",
-        help="images -> meshes, previews and a Parquet manifest (Ray Data)",
-        description="Reconstruct every input image. INPUT: an image, a folder or s3:// prefix (recursive), a glob, "
-        "a .txt list of URIs or a .parquet table with a 'uri' column. Beside an image NAME.EXT, optional "
-        "NAME_mask.png, NAME_rect.txt ('x y w h') or NAME_keypoints.json (OpenPose) give the person box; "
-        "RGBA images use their alpha. Without a mask or alpha the shipped person finder cuts the person out "
-        "(--person auto); its mask and landmarks are written beside each mesh (NAME_person.png, NAME_person.json).",
-    )
-    recon.add_argument("inputs", nargs="+", metavar="INPUT")
-    recon.add_argument("-o", "--output", required=True, type=uri_argument, help="output folder or s3:// prefix")
-    recon.add_argument("--checkpoint", type=uri_argument, help="pifuhd.pt or project checkpoint, local or s3:// (default: the shipped model)")
-    recon.add_argument("--resolution", type=int, default=256, help="grid cells per axis (32 x 2^k; default 256)")
-    recon.add_argument("--method", choices=("sparse", "dense"), default="sparse",
-                       help="sparse: query only near the surface, coarse to fine; dense: every grid point (a reference)")
-    recon.add_argument("--dilation", type=int, help="sparse: also query a ring of K cells around the surface band")
-    recon.add_argument("--surface-level", type=float, help="occupancy level of the surface (default: the checkpoint's "
-                       "calibrated level, 0.5 when it names none)")
-    recon.add_argument("--person", choices=("auto", "sidecar", "off"), default="auto",
-                       help="auto: a mask or alpha when given, else the person finder (a rect or keypoints still fix the "
-                       "crop); sidecar: only the given mask, alpha, rect or keypoints; off: the whole image, as it is")
-    recon.add_argument("--all-people", action="store_true", help="reconstruct every person found (NAME_p0, NAME_p1, ...)")
-    recon.add_argument("--min-person-score", type=float, default=0.5,
-                       help="people found with a lower detection score do not count (default 0.5)")
-    recon.add_argument("--fallback-checkpoint", type=uri_argument,
-                       help="for a body-guided --checkpoint: the model (without body inputs) for photos no body can be "
-                       "fitted to (default with the shipped model: its plain twin; otherwise such photos fail)")
-    recon.add_argument("--body", action="store_true",
-                       help="also fit the anny body to each person and write NAME_body.FORMAT (always on for a "
-                       "body-guided model, which reads it)")
-    recon.add_argument("--format", choices=("obj", "ply", "glb"), default="obj", help="mesh file format")
-    recon.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                       help="network arithmetic; auto: bf16 where the CPU (avx512_bf16, AMX) or GPU has it natively "
-                       "(~2x faster, the mesh moves < 0.1 voxel), else fp32")
-    recon.add_argument("--color", choices=("image", "normal", "none"), default="image", help="vertex colours")
-    recon.add_argument("--keep-all-components", action="store_true", help="keep every connected component")
-    recon.add_argument("--no-carve", action="store_true", help="let the surface leave the person mask (by default, "
-                       "with a mask, points outside it are outside the mesh and never queried)")
-    recon.add_argument("--overwrite", action="store_true", help="redo inputs already reconstructed with this checkpoint")
-    recon.add_argument("--fail-on-error", action="store_true", help="exit 3 if any input failed")
-    recon.add_argument("--batch-size", type=int, default=1, help="images per model call")
-    recon.add_argument("--model-actors", type=int, default=1, help="model actors (one network each)")
-    recon.add_argument("--prepare-actors", type=int, default=1, help="CPU prepare actors (one person finder each)")
-    recon.add_argument("--finish-actors", type=int, default=1, help="CPU actors that mesh, colour and write")
-    recon.add_argument("--gpus", action="store_true", help="require GPU model actors")
-    recon.add_argument("--address", help="Ray cluster address (default: a private local instance)")
-    where = recon.add_mutually_exclusive_group()
-    where.add_argument("--in-process", action="store_true", help="run the same stages in this process, without Ray "
-                       "(default for a job of at most 4 inputs without --address: Ray's start-up costs it more)")
-    where.add_argument("--on-ray", action="store_true", help="run on Ray whatever the job's size (a private local "
-                       "instance without --address)")
-    recon.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT during the run")
-    recon.add_argument("--pushgateway", help="push metrics to this Pushgateway (host:port) at the end")
-    recon.add_argument("--quiet", action="store_true", help="no progress bar")
-    recon.set_defaults(handler=_reconstruct, config=_reconstruct_config)
-
-    train = commands.add_parser("train", help="train one stage (normal, coarse, fine) with Ray Train")
-    train.add_argument("--stage", required=True, choices=("normal", "coarse", "fine"),
-                       help="what to train: the normal nets, the coarse level, or the fine level on a trained coarse one")
-    train.add_argument("--data", required=True, type=uri_argument, help="dataset URI (pifuhd data synth/scans output)")
-    train.add_argument("-o", "--out", "--output", dest="out", required=True, type=uri_argument, help="storage root, local or s3://; the run lives in OUT/NAME")
-    train.add_argument("--name", help="run name (default PRESET-STAGE); the same name again resumes")
-    train.add_argument("--preset", default="small", choices=PRESET_NAMES, help="model size")
-    train.add_argument("--init", type=uri_argument, help="checkpoint to start from (the previous stage's model.safetensors)")
-    train.add_argument("--workers", type=int, default=1, help="DDP workers")
-    train.add_argument("--cpus-per-worker", type=float, default=1.0,
-                       help="CPUs Ray reserves per worker; below 1 leaves some for the tasks reading the data")
-    train.add_argument("--threads", type=int, help="torch threads per worker (default: one per CPU Ray reserves)")
-    train.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
-    train.add_argument("--parallel-decode", action="store_true",
-                       help="decode samples in Ray Data tasks on the other CPUs, not in the worker (for GPU workers)")
-    train.add_argument("--steps", type=int, default=1000, help="optimiser steps")
-    train.add_argument("--batch-size", type=int, default=2, help="samples per worker per step")
-    train.add_argument("--points", type=int, default=4096, help="query points per sample per step")
-    train.add_argument("--optimizer", choices=("rmsprop", "adam"), default="rmsprop", help="optimiser (PIFuHD used RMSprop)")
-    train.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    train.add_argument("--lr-decay-steps", type=int, nargs="*", help="multiply the learning rate by 0.1 at these steps")
-    train.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (a resume starts from the last)")
-    train.add_argument("--validate-every", type=int, default=100, help="steps between validation meshes and metrics")
-    train.add_argument("--val-resolution", type=int, default=64, help="grid resolution of validation meshes")
-    train.add_argument("--predicted-normals", action="store_true", help="coarse and fine stages: train on predicted normal maps")
-    train.add_argument("--grey-composite", type=float, default=0.5,
-                       help="share of samples cut out over grey through a disturbed mask, as at inference (default 0.5)")
-    train.add_argument("--z-size", type=float, default=None,
-                       help="depth-feature scale z_size of the model (default: the preset's or --init's; "
-                       "on --init the network's function is kept)")
-    train.add_argument("--body-guided", action="store_true",
-                       help="coarse and fine stages: the body-guided variant (the MLP also reads the distance to "
-                       "and normal of a body fitted to the photo; trained on the data's true bodies, disturbed)")
-    train.add_argument("--vgg-weights", help="normal stage: VGG19 weights file enabling the perceptual loss")
-    train.add_argument("--seed", type=int, default=0, help="fixes initial weights, data order and point draws")
-    train.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint")
-    train.add_argument("--pushgateway", help="push training metrics to this Pushgateway (host:port)")
-    train.add_argument("--address", help="Ray cluster address (default: a private local instance)")
-    train.set_defaults(handler=_train, config=_train_config)
+    _add_reconstruct(commands)
+    _add_train(commands)
 
     from pipelines.jobs.data import register_cli as register_data
     from pipelines.jobs.evaluate import register_cli as register_evaluate
@@ -300,6 +183,125 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+
+def _add_reconstruct(commands) -> None:
+    from model.reconstruction.config import (COLOR_MODES, MESH_FORMATS, METHODS, PERSON_MODES, PRECISIONS, PersonOptions,
+                                             ReconstructionConfig)
+    from pipelines.jobs.bulk_config import BulkConfig
+
+    recon = commands.add_parser(
+        "reconstruct",
+        help="images -> meshes, previews and a Parquet manifest (Ray Data)",
+        description="Reconstruct every input image. INPUT: an image, a folder or s3:// prefix (recursive), a glob, "
+        "a .txt list of URIs or a .parquet table with a 'uri' column. Beside an image NAME.EXT, optional "
+        "NAME_mask.png, NAME_rect.txt ('x y w h') or NAME_keypoints.json (OpenPose) give the person box; "
+        "RGBA images use their alpha. Without a mask or alpha the shipped person finder cuts the person out "
+        "(--person auto); its mask and landmarks are written beside each mesh (NAME_person.png, NAME_person.json).",
+    )
+    job, mesh, person = BulkConfig, ReconstructionConfig, PersonOptions
+    recon.add_argument("inputs", nargs="+", metavar="INPUT")
+    config_option(recon, "--output", job, "output", aliases=("-o",), required=True, type=uri_argument,
+                  help="output folder or s3:// prefix")
+    config_option(recon, "--checkpoint", job, "checkpoint", type=uri_argument,
+                  help="pifuhd.pt or project checkpoint, local or s3:// (default: the shipped model)")
+    config_option(recon, "--resolution", mesh, "resolution", prefix=RECONSTRUCTION, help="grid cells per axis (32 x 2^k)")
+    config_option(recon, "--method", mesh, "method", prefix=RECONSTRUCTION, choices=METHODS,
+                  help="sparse: query only near the surface, coarse to fine; dense: every grid point (a reference)")
+    config_option(recon, "--dilation", mesh, "dilation", prefix=RECONSTRUCTION,
+                  help="sparse: also query a ring of K cells around the surface band")
+    config_option(recon, "--surface-level", mesh, "threshold", prefix=RECONSTRUCTION,
+                  help="occupancy level of the surface (default: the checkpoint's calibrated level, 0.5 when it names none)")
+    config_option(recon, "--person", person, "mode", prefix=PERSON, choices=PERSON_MODES,
+                  help="auto: a mask or alpha when given, else the person finder (a rect or keypoints still fix the "
+                  "crop); sidecar: only the given mask, alpha, rect or keypoints; off: the whole image, as it is")
+    config_option(recon, "--all-people", person, "all_people", prefix=PERSON,
+                  help="reconstruct every person found (NAME_p0, NAME_p1, ...)")
+    config_option(recon, "--min-person-score", person, "min_score", prefix=PERSON,
+                  help="people found with a lower detection score do not count")
+    config_option(recon, "--fallback-checkpoint", job, "fallback_checkpoint", type=uri_argument,
+                  help="for a body-guided --checkpoint: the model (without body inputs) for photos no body can be "
+                  "fitted to (default with the shipped model: its plain twin; otherwise such photos fail)")
+    config_option(recon, "--body", job, "body", help="also fit the anny body to each person and write NAME_body.FORMAT "
+                  "(always on for a body-guided model, which reads it)")
+    config_option(recon, "--format", job, "mesh_format", choices=MESH_FORMATS, help="mesh file format")
+    config_option(recon, "--precision", mesh, "precision", prefix=RECONSTRUCTION, choices=PRECISIONS,
+                  help="network arithmetic; auto: bf16 where the CPU (avx512_bf16, AMX) or GPU has it natively "
+                  "(~2x faster, the mesh moves < 0.1 voxel), else fp32")
+    config_option(recon, "--color", mesh, "color", prefix=RECONSTRUCTION, choices=COLOR_MODES, help="vertex colours")
+    config_option(recon, "--keep-all-components", mesh, "largest_component", prefix=RECONSTRUCTION,
+                  help="keep every connected component")
+    config_option(recon, "--no-carve", mesh, "carve", prefix=RECONSTRUCTION, help="let the surface leave the person "
+                  "mask (by default, with a mask, points outside it are outside the mesh and never queried)")
+    config_option(recon, "--overwrite", job, "overwrite", help="redo inputs already reconstructed with this checkpoint")
+    recon.add_argument("--fail-on-error", action="store_true", help="exit 3 if any input failed")
+    config_option(recon, "--batch-size", job, "batch_size", help="images per model call")
+    config_option(recon, "--model-actors", job, "model_actors", help="model actors (one network each)")
+    config_option(recon, "--prepare-actors", job, "prepare_actors", help="CPU prepare actors (one person finder each)")
+    config_option(recon, "--finish-actors", job, "finish_actors", help="CPU actors that mesh, colour and write")
+    # use_gpu: None (GPUs where the cluster has them) unless asked for.
+    recon.add_argument("--gpus", dest="use_gpu", action="store_const", const=True, help="require GPU model actors")
+    recon.add_argument("--address", help="Ray cluster address (default: a private local instance)")
+    where = recon.add_mutually_exclusive_group()
+    where.add_argument("--in-process", action="store_true", help="run the same stages in this process, without Ray "
+                       "(default for a job of at most 4 inputs without --address: Ray's start-up costs it more)")
+    where.add_argument("--on-ray", action="store_true", help="run on Ray whatever the job's size (a private local "
+                       "instance without --address)")
+    config_option(recon, "--metrics-port", job, "metrics_port", help="serve Prometheus metrics on 127.0.0.1:PORT during the run")
+    config_option(recon, "--pushgateway", job, "pushgateway", help="push metrics to this Pushgateway (host:port) at the end")
+    recon.add_argument("--quiet", action="store_true", help="no progress bar")
+    recon.set_defaults(handler=_reconstruct, config=_reconstruct_config)
+
+
+def _add_train(commands) -> None:
+    from model.training.config import STAGES
+    from pipelines.jobs.train_config import OPTIMIZERS, TrainConfig
+
+    train = commands.add_parser("train", help="train one stage (normal, coarse, fine) with Ray Train")
+    run = TrainConfig
+    config_option(train, "--stage", run, "stage", required=True, choices=STAGES,
+                  help="what to train: the normal nets, the coarse level, or the fine level on a trained coarse one")
+    config_option(train, "--data", run, "data", required=True, type=uri_argument,
+                  help="dataset URI (pifuhd data synth/scans output)")
+    config_option(train, "--out", run, "out", aliases=("-o", "--output"), required=True, type=uri_argument,
+                  help="storage root, local or s3://; the run lives in OUT/NAME")
+    config_option(train, "--name", run, "name", help="run name (default PRESET-STAGE); the same name again resumes")
+    config_option(train, "--preset", run, "preset", choices=PRESET_NAMES, help="model size")
+    config_option(train, "--init", run, "init", type=uri_argument,
+                  help="checkpoint to start from (the previous stage's model.safetensors)")
+    config_option(train, "--workers", run, "workers", help="DDP workers")
+    config_option(train, "--cpus-per-worker", run, "cpus_per_worker",
+                  help="CPUs Ray reserves per worker; below 1 leaves some for the tasks reading the data")
+    config_option(train, "--threads", run, "threads_per_worker",
+                  help="torch threads per worker (default: one per CPU Ray reserves)")
+    config_option(train, "--gpus", run, "use_gpu", help="one GPU per worker (NCCL, bf16 autocast)")
+    config_option(train, "--parallel-decode", run, "parallel_decode",
+                  help="decode samples in Ray Data tasks on the other CPUs, not in the worker (for GPU workers)")
+    config_option(train, "--steps", run, "steps", help="optimiser steps")
+    config_option(train, "--batch-size", run, "batch_size", help="samples per worker per step")
+    config_option(train, "--points", run, "points_per_sample", help="query points per sample per step")
+    config_option(train, "--optimizer", run, "optimizer", choices=OPTIMIZERS, help="optimiser (PIFuHD used RMSprop)")
+    config_option(train, "--lr", run, "lr", help="learning rate")
+    config_option(train, "--lr-decay-steps", run, "lr_decay_steps", help="multiply the learning rate by 0.1 at these steps")
+    config_option(train, "--checkpoint-every", run, "checkpoint_every",
+                  help="steps between checkpoints (a resume starts from the last)")
+    config_option(train, "--validate-every", run, "validate_every", help="steps between validation meshes and metrics")
+    config_option(train, "--val-resolution", run, "val_resolution", help="grid resolution of validation meshes")
+    config_option(train, "--predicted-normals", run, "use_predicted_normals",
+                  help="coarse and fine stages: train on predicted normal maps")
+    config_option(train, "--grey-composite", run, "grey_composite",
+                  help="share of samples cut out over grey through a disturbed mask, as at inference")
+    config_option(train, "--z-size", run, "z_size", help="depth-feature scale z_size of the model (default: the "
+                  "preset's or --init's; on --init the network's function is kept)")
+    config_option(train, "--body-guided", run, "body_guided",
+                  help="coarse and fine stages: the body-guided variant (the MLP also reads the distance to "
+                  "and normal of a body fitted to the photo; trained on the data's true bodies, disturbed)")
+    config_option(train, "--vgg-weights", run, "vgg_weights", help="normal stage: VGG19 weights file enabling the perceptual loss")
+    config_option(train, "--seed", run, "seed", help="fixes initial weights, data order and point draws")
+    config_option(train, "--max-failures", run, "max_failures", help="worker-group restarts from the last checkpoint")
+    config_option(train, "--pushgateway", run, "pushgateway", help="push training metrics to this Pushgateway (host:port)")
+    train.add_argument("--address", help="Ray cluster address (default: a private local instance)")
+    train.set_defaults(handler=_train, config=_train_config)
+
 class _DefaultsFormatter(argparse.HelpFormatter):
     """Help that ends each option with its default, where there is one to show and the text does not
     already say it (the default itself lives once: in the option, which tests hold to the config)."""
@@ -307,7 +309,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (action.option_strings and default not in (None, False, argparse.SUPPRESS) and "default" not in text
+        if (action.option_strings and default not in (None, False, "", (), argparse.SUPPRESS) and "default" not in text
                 and "%(default)" not in text):
             shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
             text += f" (default: {shown})"

@@ -154,6 +154,7 @@ MINIMAL_ARGUMENTS = {
     ("fit",): (["in.png", "-o", "o"], {"inputs", "output"}),
     ("train-lifter",): (["-o", "o.safetensors"], set()),
     ("checkpoint", "calibrate"): (["c.safetensors", "--data", "d", "-o", "o.safetensors"], {"checkpoint", "data", "output"}),
+    ("report",): (["run", "-o", "r.html"], {"inputs", "output"}),
 }
 
 
@@ -165,18 +166,21 @@ def _subparsers(parser, path=()):
                 yield from _subparsers(sub, (*path, name))
 
 
-def _departures(config, given=frozenset(), prefix="") -> list[str]:
-    """Fields of a (nested) config whose value is not its class's default, outside `given`."""
+def _departures(config, given=frozenset(), prefix="", defaults=None) -> list[str]:
+    """Fields of a (nested) config whose value is not its default, outside `given`; a nested config's
+    defaults are its parent's default instance of it (`defaults`: e.g. evaluate's makes no colours)."""
     found = []
     for f in dataclasses.fields(config):
         if f.name in given:
             continue
         value = getattr(config, f.name)
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(value):
-            found += _departures(value, prefix=f"{prefix}{f.name}.")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if value != default:
+            found += _departures(value, prefix=f"{prefix}{f.name}.", defaults=default)
+        elif value != default:
             found.append(f"{prefix}{f.name}: option default {value!r}, config default {default!r}")
     return found
 
@@ -194,3 +198,43 @@ def test_every_option_has_help_and_the_configs_defaults():
     help_text = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--help"], capture_output=True,
                                text=True, check=True).stdout
     assert "--steps STEPS" in help_text and "(default: 1000)" in help_text
+
+
+def _config_value(config, dest: str):
+    for name in dest.split("."):
+        config = getattr(config, name)
+    return config
+
+
+# Switches of the command itself, not of its config (--children sets the fit's or the generator's age range).
+COMMAND_SWITCHES = {"quiet", "in_process", "on_ray", "fail_on_error", "children"}
+
+
+def test_every_switch_reaches_the_config():
+    """Each on/off option flips the config field it names (a flag parsed but never passed on, as
+    `data scans --fixed-yaws` once was, fails here)."""
+    parser = build_parser()
+    checked = 0
+    for command, (argv, _) in MINIMAL_ARGUMENTS.items():
+        sub = dict(_subparsers(parser))[command]
+        for action in sub._actions:
+            if not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                continue
+            args = parser.parse_args([*command, *argv])
+            config = args.config(args)
+            if action.dest in COMMAND_SWITCHES:
+                continue
+            assert _has_path(config, action.dest), (command, action.option_strings[0])
+            flipped = parser.parse_args([*command, *argv, action.option_strings[0]])
+            assert _config_value(flipped.config(flipped), action.dest) != _config_value(config, action.dest), \
+                (command, action.option_strings[0])
+            checked += 1
+    assert checked >= 15
+
+
+def _has_path(config, dest: str) -> bool:
+    for name in dest.split("."):
+        if not (dataclasses.is_dataclass(config) and name in {f.name for f in dataclasses.fields(config)}):
+            return False
+        config = getattr(config, name)
+    return True

@@ -12,6 +12,7 @@ import trimesh
 from scipy.spatial.transform import Rotation
 
 from model.evaluation.metrics import rigid_icp
+from model.reconstruction.config import ReconstructionConfig
 from pipelines.cli import main
 from pipelines.jobs.evaluate import EvalConfig, pair_metrics, run_evaluation
 
@@ -179,7 +180,8 @@ def test_checkpoint_mode_reconstructs_the_test_split(test_split_dataset, tmp_pat
     from tests.helpers import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
-    config = EvalConfig(pred=str(checkpoint), gt=test_split_dataset, out=str(tmp_path / "eval"), resolution=64,
+    config = EvalConfig(pred=str(checkpoint), gt=test_split_dataset, out=str(tmp_path / "eval"),
+                        reconstruction=ReconstructionConfig(resolution=64, color="none"),
                         num_samples=2000, normal_image_size=256)
     assert config.split == "test"  # test splits are the default evaluation set
     result = run_evaluation(config, progress=False)

@@ -708,7 +708,10 @@ def test_sigint_writes_what_it_has_and_exits_130(tmp_path, checkpoint):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "pipelines.cli", "reconstruct", str(tmp_path / "in"), "-o", str(out),
                "--checkpoint", checkpoint, "--resolution", "64", "--in-process"]
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # As from a terminal: Ctrl-C's default action, whatever this process inherited (a child of a process
+    # that ignores SIGINT, e.g. after Ray's in-process start, would ignore it too).
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stderr = bytearray()
     reader = threading.Thread(target=lambda: [stderr.extend(chunk) for chunk in iter(lambda: driver.stderr.read1(4096), b"")])
     reader.start()

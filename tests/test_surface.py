@@ -15,7 +15,8 @@ import trimesh
 from scipy.spatial import cKDTree
 
 from model.reconstruction.mesh_cleanup import MERGE_QUANTUM, merge_vertices
-from model.reconstruction.surface import allowed_resolutions, evaluate_grid, extract_surface
+from model.reconstruction.config import allowed_resolutions
+from model.reconstruction.surface import evaluate_grid, extract_surface
 
 RES = 128
 VOXEL = 2.0 / RES  # bbox [-1, 1]^3

@@ -37,6 +37,9 @@ class ScanError(PifuhdError):
     """A scan that cannot become training data; the message says why."""
 
 
+UP_AXES = ("y", "z")
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     """How scans are read and normalised."""
@@ -45,6 +48,10 @@ class ScanConfig:
     up_axis: str = "y"  # "y" (OBJ, glTF, RenderPeople, THuman) or "z"
     max_texture_size: int = 2048  # larger textures are downscaled: they are rendered at most at 1024
     fit_body: bool = True  # fit anny to a front render (model.data.scan_bodies), so rows carry the body under the clothes
+
+    def __post_init__(self) -> None:
+        if self.up_axis not in UP_AXES:
+            raise ValueError(f"up_axis must be one of {UP_AXES}, not {self.up_axis!r}")
 
 
 @dataclass(frozen=True)
@@ -176,8 +183,6 @@ def normalise(parts: list[Part], config: ScanConfig = ScanConfig()) -> list[Part
     if config.up_axis == "z":  # z-up (x, y, z) -> y-up (x, z, -y)
         rot = np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])
         allv = allv @ rot.T
-    elif config.up_axis != "y":
-        raise ValueError(f"up_axis must be 'y' or 'z', got {config.up_axis!r}")
     lo, hi = allv.min(0), allv.max(0)
     extent = hi - lo
     if extent[1] <= 1e-9 * max(extent.max(), 1e-30) or (extent <= 0).any():

@@ -15,32 +15,9 @@ from model.image.boxes import DEFAULT_KEYPOINT_THRESHOLD, Box, alpha_is_mask
 from model.image.decode import DecodedImage
 from model.image.sidecars import sidecar_box
 from model.person import Person, PersonFinder
+from model.reconstruction.config import PersonOptions
 from model.reconstruction.preprocess import PreparedImage, prepare_input
 
-PERSON_MODES = ("auto", "sidecar", "off")
-
-
-@dataclass(frozen=True)
-class PersonOptions:
-    """How `prepare_people` finds the person in each photo.
-
-    mode: "auto" (a mask or alpha when given, else the finder; a rect or keypoints still fix the
-        crop and the finder's mask replaces the background), "sidecar" (the given mask, alpha,
-        rect or keypoints only; the finder never runs) or "off" (the whole image is the crop,
-        its background kept; sidecars and alpha are ignored).
-    all_people: every person found becomes its own input (else the most prominent one only).
-    min_score: people whose detection score is below this are not counted as found.
-    """
-
-    mode: str = "auto"
-    all_people: bool = False
-    min_score: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.mode not in PERSON_MODES:
-            raise ValueError(f"person mode must be one of {PERSON_MODES}, not {self.mode!r}")
-        if not 0.0 <= self.min_score <= 1.0:
-            raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
 
 
 @dataclass(frozen=True)

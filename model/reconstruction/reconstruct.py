@@ -28,11 +28,9 @@ from model.network.pifuhd import PIFuHD
 from model.reconstruction.preprocess import PreparedImage
 from model.geometry import world_to_pixel
 from model.reconstruction.preview import preview_image
-from model.reconstruction.surface import check_sparse_resolution, evaluate_grid, mesh_from_grid
+from model.reconstruction.config import MESH_FORMATS, ReconstructionConfig
+from model.reconstruction.surface import evaluate_grid, mesh_from_grid
 
-MESH_FORMATS = ("obj", "ply", "glb")
-COLOR_MODES = ("image", "normal", "none")
-PRECISIONS = ("auto", "fp32", "bf16")
 CARVE_MARGIN = 0.004  # of the crop's side (4 pixels at 1024): the mask's edge is soft and may be a little tight
 
 
@@ -54,49 +52,6 @@ def resolved_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
-
-
-@dataclass(frozen=True)
-class ReconstructionConfig:
-    """How to turn features into a mesh."""
-
-    resolution: int = 256  # grid cells per axis over the [-1, 1]^3 box
-    method: str = "sparse"  # "sparse" (coarse to fine near the surface) or "dense"
-    # The occupancy level of the surface. None: the checkpoint's own (`surface_level`), 0.5 for one
-    # that names none (the released pifuhd.pt).
-    threshold: float | None = None
-    # None: follow the surface from level to level (fewest queries: 0.42 M at 512 for a human).
-    # k >= 0: also evaluate a ring of k fine cells around the surface band at each level, which
-    # catches small separate pieces near the surface (noisy networks) for ~2.4x the queries.
-    dilation: int | None = None
-    batch_points: int = 100_000  # query batch: bounds memory (about 10 KiB per point at full size)
-    largest_component: bool = True
-    color: str = "image"  # vertex colours: "image", "normal" (as the official output) or "none"
-    # Network arithmetic. "bf16" autocasts to bfloat16: about 2x faster on CPUs with avx512_bf16 or
-    # AMX and on GPUs; on the shipped model's field the mesh moves 0.03 voxel at 256 and 0.06 at 512
-    # (benchmarks/image_to_mesh.py). "auto": bf16 where the device computes it natively, else fp32.
-    precision: str = "auto"
-    # Points outside the person mask (when the photo has one: given, alpha or the person finder's)
-    # are outside the mesh and never queried: the single view's visual hull (`occupancy_function`).
-    carve: bool = True
-
-    def __post_init__(self) -> None:
-        if self.method not in ("sparse", "dense"):
-            raise ValueError(f"method must be 'sparse' or 'dense', not {self.method!r}")
-        if self.method == "sparse":
-            check_sparse_resolution(self.resolution)
-        elif self.resolution < 2:
-            raise ValueError(f"resolution must be at least 2 cells, got {self.resolution}")
-        if self.threshold is not None and not 0 < self.threshold < 1:
-            raise ValueError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
-        if self.dilation is not None and self.dilation < 0:
-            raise ValueError(f"dilation must be None or >= 0 cells, got {self.dilation}")
-        if self.batch_points < 1:
-            raise ValueError(f"batch_points must be positive, got {self.batch_points}")
-        if self.color not in COLOR_MODES:
-            raise ValueError(f"color must be one of {COLOR_MODES}, not {self.color!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
 
 
 @dataclass

@@ -39,6 +39,8 @@ import time
 
 import mcubes
 import numpy as np
+
+from model.reconstruction.config import check_sparse_resolution
 import torch
 import trimesh
 
@@ -155,28 +157,6 @@ def evaluate_grid(
         if dilation < 0:
             raise ValueError(f"dilation must be None or >= 0 cells, got {dilation}")
     return SparseGrid(evaluator, resolution, b_min, b_max, threshold, int(coarse_resolution), dilation)
-
-
-def allowed_resolutions(coarse_resolution=32, up_to=2048):
-    """Resolutions the sparse method accepts: coarse_resolution * 2^k, k >= 0, up to `up_to`."""
-    out, res = [], int(coarse_resolution)
-    while res <= up_to:
-        out.append(res)
-        res *= 2
-    return out
-
-
-def check_sparse_resolution(resolution, coarse_resolution=32):
-    """ValueError unless the sparse method can extract at `resolution` cells per axis."""
-    if coarse_resolution < 2 or coarse_resolution % 2:
-        raise ValueError(f"coarse_resolution must be an even number of cells >= 2, got {coarse_resolution}")
-    ratio = resolution // coarse_resolution
-    if ratio < 1 or resolution % coarse_resolution or ratio & (ratio - 1):
-        raise ValueError(
-            f"sparse resolution must be coarse_resolution * 2^k = {coarse_resolution} * 2^k cells per axis "
-            f"(allowed: {', '.join(map(str, allowed_resolutions(coarse_resolution)))}); got {resolution}. "
-            f"Pick one of those, pass another coarse_resolution, or use method='dense'."
-        )
 
 
 def _parse_bbox(bbox):

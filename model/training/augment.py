@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model.training.config import BodyNoise
+
 
 @dataclass(frozen=True)
 class MaskNoise:
@@ -55,31 +57,6 @@ def grey_composite(image: torch.Tensor, mask: torch.Tensor, noise: MaskNoise, ge
             m = F.avg_pool2d(m, 2 * blur + 1, stride=1, padding=blur, count_include_pad=False)
         out[index] = image[index] * m[0]
     return out
-
-
-@dataclass(frozen=True)
-class BodyNoise:
-    """The errors of a fitted body, put on the true one a body-guided model trains with (cm).
-
-    A fitted body sits off the true one (shift; along z most: an orthographic photo fixes no depth,
-    and both are centred in depth by their own box, `pipelines.common.dataset.to_body_frame`, so a limb
-    misplaced in depth moves the rest), is too thick or thin (offset), and the rest is per-point
-    jitter. To first order, moving a body by t changes the distance at a point with body normal n by
-    -n.t, and growing it by d by -d.
-    Defaults: the fitter's errors on the 23 fitted test views of the synthetic data (finder landmarks,
-    depth lifter, stored mask): mean-vertex shift 0.9 / 1.8 / 4.3 cm (rms, x / y / z, both bodies
-    centred by their own box); pose errors (7.5 cm per vertex once the shift is removed) are not
-    modelled beyond the jitter.
-    """
-
-    shift_xy_cm: float = 1.5
-    shift_z_cm: float = 4.0
-    offset_cm: float = 2.0
-    point_cm: float = 1.0
-
-    def __post_init__(self) -> None:
-        if min(self.shift_xy_cm, self.shift_z_cm, self.offset_cm, self.point_cm) < 0:
-            raise ValueError("body noise scales must be >= 0 cm")
 
 
 def body_input(sdf: torch.Tensor, normals: torch.Tensor, clip: float, units_per_cm: torch.Tensor,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ import torch
 import model.body.landmarks as lm
 from model.body.lifter import HIPS_IN_LIFTED, LIFTED, MIRRORED, DepthLifter, lifter_features, mirrored
 from model.data.humans import POSE_FAMILIES, UNIFORM_POSES
+from model.training.config import LifterRecipe
 
 FINDER_BLOCK = 3000  # finder views per block: block b renders seeds finder_seed + 10000 b + i
 
@@ -71,40 +71,6 @@ def training_views(points: np.ndarray, rng: np.random.Generator, noise: float = 
     features, _, spread = lifter_features(xy, visible)
     hips = camera[:, list(HIPS_IN_LIFTED), 2].mean(1)
     return features, ((camera[..., 2] - hips[:, None]) / spread[:, None]).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class LifterRecipe:
-    """How the shipped lifter is trained (`pifuhd train-lifter`): poses of the generator's families and
-    as many with every joint uniform within its limits (these keep it right on poses of no family:
-    trained on four families plus uniform poses, it fits a left-out family better than the finder's
-    own world landmarks, see the README), fresh random views every step; and the person finder's
-    landmarks on clothed renders with their true depths (`finder_pairs`), a fixed set."""
-
-    family_poses: int = 8000  # pose i from seed family_seed + i, of family families[i % len(families)]
-    uniform_poses: int = 8000  # pose i from seed uniform_seed + i
-    families: tuple[str, ...] = POSE_FAMILIES  # fewer: to measure a left-out family
-    family_seed: int = 100_000
-    uniform_seed: int = 200_000
-    # Clothed renders seen by the person finder (`finder_pairs`), in blocks of FINDER_BLOCK views, and
-    # their share of each batch.
-    finder_views: int = 12000
-    finder_seed: int = 300_000
-    finder_share: float = 0.5
-    steps: int = 12_000
-    batch: int = 512
-    learning_rate: float = 1e-3  # Adam, cosine decay to 0
-    seed: int = 0  # weights and views
-
-    def __post_init__(self) -> None:
-        if self.family_poses < 0 or self.uniform_poses < 0 or self.family_poses + self.uniform_poses == 0:
-            raise ValueError("family_poses and uniform_poses must be >= 0, and not both 0")
-        if not self.families or set(self.families) - set(POSE_FAMILIES):
-            raise ValueError(f"families must be some of {POSE_FAMILIES}, got {self.families}")
-        if self.finder_views < 0 or not 0 <= self.finder_share < 1 or (self.finder_share > 0) != (self.finder_views > 0):
-            raise ValueError("finder_views must be >= 0 and finder_share in [0, 1), both zero or both positive")
-        if self.steps < 1 or self.batch < 1 or not self.learning_rate > 0:
-            raise ValueError("steps and batch must be positive, learning_rate > 0")
 
 
 def training_poses(recipe: LifterRecipe) -> np.ndarray:

@@ -16,12 +16,12 @@ from torch import nn
 
 from model.network.config import PIFuHDConfig
 from model.network.pifuhd import Features, PIFuHD
-from model.training.augment import BodyNoise, MaskNoise, body_input, grey_composite
+from model.training.augment import MaskNoise, body_input, grey_composite
+from model.training.config import STAGES, BodyNoise
 from model.training.losses import VGG19Features, normal_map_loss, weighted_occupancy_bce
 from model.body.field import BODY_DISTANCE_CLIP_CM
 from model.reconstruction.preprocess import resize_square
 
-STAGES = ("normal", "coarse", "fine")
 # The submodules of PIFuHD that each stage trains; everything else is frozen in that stage.
 TRAINED_PARTS = {
     "normal": ("netG.netF", "netG.netB"),

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.reconstruction.config import check_sparse_resolution
 from pipelines.common.exit_codes import build_config
+from pipelines.common.options import config_option, config_values
 from pipelines.common.uris import check_uri, uri_argument
 
 DEFAULT_LEVELS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
@@ -51,6 +53,9 @@ class CalibrationConfig:
             raise ValueError(f"limit must be at least 1 view, got {self.limit}")
         if not self.levels or not all(0 < level < 1 for level in self.levels):
             raise ValueError(f"levels must be one or more values strictly between 0 and 1, got {self.levels}")
+        check_sparse_resolution(self.resolution)
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {self.num_samples}")
 
 
 def calibrate(config: CalibrationConfig, log=print) -> dict:
@@ -100,8 +105,7 @@ def calibrate(config: CalibrationConfig, log=print) -> dict:
 
 
 def _config(args) -> CalibrationConfig:
-    return build_config(CalibrationConfig, checkpoint=args.checkpoint, data=args.data, output=args.output, split=args.split,
-                        limit=args.limit, levels=tuple(args.levels), resolution=args.resolution, num_samples=args.num_samples)
+    return build_config(CalibrationConfig, **config_values(args, CalibrationConfig))
 
 
 def _run(args) -> int:
@@ -121,11 +125,13 @@ def register_cli(checkpoint_commands) -> None:
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
     parser.add_argument("checkpoint", type=uri_argument, help="a project .safetensors checkpoint, local or s3://")
-    parser.add_argument("--data", required=True, type=uri_argument, help="dataset URI (pifuhd data output)")
-    parser.add_argument("-o", "--output", required=True, type=uri_argument, help="the calibrated checkpoint to write")
-    parser.add_argument("--split", default="val", help="the views to calibrate on (never test)")
-    parser.add_argument("--limit", type=int, default=24, help="views, the first by key")
-    parser.add_argument("--levels", type=float, nargs="+", default=list(DEFAULT_LEVELS), help="candidate levels")
-    parser.add_argument("--resolution", type=int, default=128, help="grid cells per axis (32 x 2^k)")
-    parser.add_argument("--num-samples", type=int, default=10_000, help="surface samples per mesh")
+    config_option(parser, "--data", CalibrationConfig, "data", required=True, type=uri_argument,
+                  help="dataset URI (pifuhd data output)")
+    config_option(parser, "--output", CalibrationConfig, "output", aliases=("-o",), required=True, type=uri_argument,
+                  help="the calibrated checkpoint to write")
+    config_option(parser, "--split", CalibrationConfig, "split", help="the views to calibrate on (never test)")
+    config_option(parser, "--limit", CalibrationConfig, "limit", help="views, the first by key")
+    config_option(parser, "--levels", CalibrationConfig, "levels", nargs="+", help="candidate levels")
+    config_option(parser, "--resolution", CalibrationConfig, "resolution", help="grid cells per axis (32 x 2^k)")
+    config_option(parser, "--num-samples", CalibrationConfig, "num_samples", help="surface samples per mesh")
     parser.set_defaults(handler=_run, config=_config)

@@ -23,41 +23,21 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from model.data.humans import HELD_OUT_FAMILIES, POSE_FAMILIES, HumanConfig
+from model.data.sampling import SamplingConfig
+from model.data.scans import UP_AXES, ScanConfig
 from pipelines.common.exit_codes import build_config
+from pipelines.common.options import config_option, config_values
 from pipelines.common.ray_runtime import connect_ray
 from pipelines.common.uris import uri_argument
 
-if TYPE_CHECKING:
-    from model.data.humans import HumanConfig
-    from model.data.sampling import SamplingConfig
-    from model.data.scans import ScanConfig
-
-# Nothing from model/ (which imports torch) or pyarrow at import time: pipelines/cli.py builds
-# its parser from register_cli below, and `pifuhd --help` must stay instant.
+# Nothing that imports torch or pyarrow at import time: pipelines/cli.py builds its parser from
+# register_cli below, and `pifuhd --help` must stay instant (the data configs are plain dataclasses).
 
 RENDER_SIZE = 1024  # always rendered at 1024; 512 is its 2x2 downsampling
-
-
-def _sampling_config(**overrides):
-    from model.data.sampling import SamplingConfig
-
-    return SamplingConfig(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def _human_config(**overrides):
-    from model.data.humans import HumanConfig
-
-    return HumanConfig(**overrides)
-
-
-def _scan_config(**overrides):
-    from model.data.scans import ScanConfig
-
-    return ScanConfig(**overrides)
 
 
 @dataclass(frozen=True)
@@ -69,7 +49,7 @@ class SampleSettings:
     pitch_jitter_deg: float = 5.0
     fixed_yaws: bool = False  # yaws 0, 360/views, ... (evaluation sets) instead of from a random start
     backgrounds: str | None = None  # a folder of images; procedural backgrounds when None
-    sampling: SamplingConfig = field(default_factory=_sampling_config)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     val_fraction: float = 0.05
     test_fraction: float = 0.05
 
@@ -93,8 +73,8 @@ class JobConfig:
     settings: SampleSettings = field(default_factory=SampleSettings)
     count: int = 0  # synth: number of subjects
     inputs: tuple[str, ...] = ()  # scans: files or folders (local or URIs)
-    human: HumanConfig = field(default_factory=_human_config)
-    scan: ScanConfig = field(default_factory=_scan_config)
+    human: HumanConfig = field(default_factory=HumanConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
     subjects_per_shard: int = 4
     workers: int | None = None  # actors; default: one per CPU of the cluster
     address: str | None = None  # Ray address; None starts a private local instance
@@ -419,57 +399,54 @@ def run_job(job: JobConfig) -> dict:
 # ---- command line -----------------------------------------------------------------------------
 
 
+# Where the nested configs' options land in the parsed arguments.
+SETTINGS, SAMPLING, HUMAN, SCAN = "settings.", "sampling.", "human.", "scan."
+
+
 def _common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--out", "--output", dest="out", required=True, type=uri_argument, help="dataset folder or URI (s3://bucket/prefix)")
-    p.add_argument("--views", type=int, default=4, help="views per subject, yaws evenly spread (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="fixes every random draw and the train/val/test split")
-    p.add_argument("--resolution", type=int, choices=(512, 1024), default=1024, help="1024 stores 1024 and 512 images; 512 only 512")
-    p.add_argument("--points", type=int, default=None, help="labelled points per view (default 20000)")
-    p.add_argument("--surface-points", type=int, default=None, help="surface points with normals per view (default 4096)")
-    p.add_argument("--near-share", type=float, default=None, help="share of points near the surface (default 0.7)")
-    p.add_argument("--ray-share", type=float, default=None, help="share of points on camera rays through the surface (default 0.2)")
-    p.add_argument("--pitch-jitter", type=float, default=5.0, help="max |pitch| in degrees")
-    p.add_argument("--fixed-yaws", action="store_true", help="yaws 0, 360/views, ... instead of from a random start (evaluation sets)")
-    p.add_argument("--backgrounds", default=None, help="folder of background images (default: procedural)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of subjects in the validation split")
-    p.add_argument("--test-fraction", type=float, default=0.05, help="share of subjects in the test split")
-    p.add_argument("--subjects-per-shard", type=int, default=4, help="subjects per Parquet shard (one unit of work)")
-    p.add_argument("--workers", type=int, default=None, help="actors (default: one per CPU)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: a private local instance)")
+    config_option(p, "--out", JobConfig, "out", aliases=("-o", "--output"), required=True, type=uri_argument,
+                  help="dataset folder or URI (s3://bucket/prefix)")
+    config_option(p, "--views", SampleSettings, "views", prefix=SETTINGS, help="views per subject, yaws evenly spread")
+    config_option(p, "--seed", JobConfig, "seed", help="fixes every random draw and the train/val/test split")
+    config_option(p, "--resolution", SampleSettings, "resolution", prefix=SETTINGS, choices=(512, 1024),
+                  help="1024 stores 1024 and 512 images; 512 only 512")
+    config_option(p, "--points", SamplingConfig, "num_points", prefix=SAMPLING, help="labelled points per view")
+    config_option(p, "--surface-points", SamplingConfig, "num_surface_points", prefix=SAMPLING,
+                  help="surface points with normals per view")
+    config_option(p, "--near-share", SamplingConfig, "near_share", prefix=SAMPLING, help="share of points near the surface")
+    config_option(p, "--ray-share", SamplingConfig, "ray_share", prefix=SAMPLING,
+                  help="share of points on camera rays through the surface")
+    config_option(p, "--pitch-jitter", SampleSettings, "pitch_jitter_deg", prefix=SETTINGS, help="max |pitch| in degrees")
+    config_option(p, "--fixed-yaws", SampleSettings, "fixed_yaws", prefix=SETTINGS,
+                  help="yaws 0, 360/views, ... instead of from a random start (evaluation sets)")
+    config_option(p, "--backgrounds", SampleSettings, "backgrounds", prefix=SETTINGS,
+                  help="folder of background images (default: procedural)")
+    config_option(p, "--val-fraction", SampleSettings, "val_fraction", prefix=SETTINGS,
+                  help="share of subjects in the validation split")
+    config_option(p, "--test-fraction", SampleSettings, "test_fraction", prefix=SETTINGS,
+                  help="share of subjects in the test split")
+    config_option(p, "--subjects-per-shard", JobConfig, "subjects_per_shard",
+                  help="subjects per Parquet shard (one unit of work)")
+    config_option(p, "--workers", JobConfig, "workers", help="actors (default: one per CPU)")
+    config_option(p, "--address", JobConfig, "address", help="Ray cluster address (default: a private local instance)")
 
 
 def _settings(args) -> SampleSettings:
-    return build_config(
-        SampleSettings,
-        views=args.views,
-        resolution=args.resolution,
-        pitch_jitter_deg=args.pitch_jitter,
-        backgrounds=args.backgrounds,
-        sampling=build_config(_sampling_config, num_points=args.points, near_share=args.near_share,
-                              ray_share=args.ray_share, num_surface_points=args.surface_points),
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-    )
+    sampling = build_config(SamplingConfig, **config_values(args, SamplingConfig, SAMPLING))
+    return build_config(SampleSettings, **config_values(args, SampleSettings, SETTINGS), sampling=sampling)
 
 
 def _synth_job(args) -> JobConfig:
-    return build_config(
-        JobConfig,
-        out=args.out, kind="synth", seed=args.seed, settings=_settings(args), count=args.count,
-        human=_human_config(children=args.children, families=tuple(args.families),
-                            garments=args.garments and str(Path(args.garments).resolve())),
-        subjects_per_shard=args.subjects_per_shard,
-        workers=args.workers, address=args.address,
-    )
+    human = config_values(args, HumanConfig, HUMAN)
+    if human["garments"]:
+        human["garments"] = str(Path(human["garments"]).resolve())
+    return build_config(JobConfig, kind="synth", **config_values(args, JobConfig), settings=_settings(args),
+                        human=build_config(HumanConfig, **human))
 
 
 def _scans_job(args) -> JobConfig:
-    return build_config(
-        JobConfig,
-        out=args.out, kind="scans", seed=args.seed, settings=_settings(args), inputs=tuple(args.inputs),
-        scan=_scan_config(up_axis=args.up_axis, fit_body=args.fit_body), subjects_per_shard=args.subjects_per_shard,
-        workers=args.workers, address=args.address,
-    )
+    return build_config(JobConfig, kind="scans", **config_values(args, JobConfig), settings=_settings(args),
+                        scan=build_config(ScanConfig, **config_values(args, ScanConfig, SCAN)))
 
 
 def _run(args) -> int:
@@ -479,25 +456,23 @@ def _run(args) -> int:
 
 def register_cli(subparsers) -> argparse.ArgumentParser:
     """Add `data synth` and `data scans` to an argparse subparsers object (pipelines/cli.py)."""
-    from model.data.humans import HELD_OUT_FAMILIES, POSE_FAMILIES
-
     data = subparsers.add_parser("data", help="make training data (synthetic people, real scans) as Parquet shards")
     actions = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     synth = actions.add_parser("synth", help="synthetic clothed people from the anny body model")
-    synth.add_argument("--count", type=int, required=True, help="number of subjects")
-    synth.add_argument("--children", action="store_true", help="also draw children (a quarter of subjects)")
-    synth.add_argument("--families", nargs="+", choices=POSE_FAMILIES + HELD_OUT_FAMILIES, default=list(POSE_FAMILIES),
-                       help="pose families drawn (default: the training families; lunge is held out of them, "
+    config_option(synth, "--count", JobConfig, "count", required=True, help="number of subjects")
+    config_option(synth, "--children", HumanConfig, "children", prefix=HUMAN, help="also draw children (a quarter of subjects)")
+    config_option(synth, "--families", HumanConfig, "families", prefix=HUMAN, nargs="+", choices=POSE_FAMILIES + HELD_OUT_FAMILIES,
+                  help="pose families drawn (default: the training families; lunge is held out of them, "
                        "for test subjects of a pose no shipped model saw)")
-    synth.add_argument("--garments", metavar="DIR", help="a folder of MakeHuman assets (clothes/*/*.mhclo, hair/*/*.mhclo, "
+    config_option(synth, "--garments", HumanConfig, "garments", prefix=HUMAN, metavar="DIR", help="a folder of MakeHuman assets (clothes/*/*.mhclo, hair/*/*.mhclo, "
                        "as makehuman-assets' base/): real suits, shoes, hair and hats instead of procedural garments")
     _common_arguments(synth)
     synth.set_defaults(handler=_run, config=_synth_job)
     scans = actions.add_parser("scans", help="real scans: OBJ(+MTL+texture), PLY (vertex colours), GLB")
     scans.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", type=uri_argument, help="mesh files or folders holding them")
-    scans.add_argument("--up-axis", choices=("y", "z"), default="y", help="the scans' up axis (default y)")
-    scans.add_argument("--no-body", dest="fit_body", action="store_false",
-                       help="do not fit the anny body to each scan's front render (rows then carry no body)")
+    config_option(scans, "--up-axis", ScanConfig, "up_axis", prefix=SCAN, choices=UP_AXES, help="the scans' up axis")
+    config_option(scans, "--no-body", ScanConfig, "fit_body", prefix=SCAN,
+                  help="do not fit the anny body to each scan's front render (rows then carry no body)")
     _common_arguments(scans)
     scans.set_defaults(handler=_run, config=_scans_job)
     merge = actions.add_parser("merge", help="copy several datasets' shards and meshes into one (a training mix)")

@@ -61,15 +61,17 @@ import re
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
 
 from model.errors import InputError
+from model.reconstruction.config import ReconstructionConfig
 from pipelines.common import exit_codes, storage
 from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT
 from pipelines.common.exit_codes import build_config
+from pipelines.common.options import config_option, config_values
 from pipelines.common.formats import beats_baseline, summarize, write_results
 from pipelines.common.uris import uri_argument
 from pipelines.jobs.evaluation_pairs import (
@@ -97,7 +99,8 @@ class EvalConfig:
     pred: a checkpoint (local or URI; None = the shipped model), a folder of meshes, or a bulk
     output folder. gt: a dataset URI, or a folder of meshes. scale: mesh units -> cm for both
     meshes in folder and manifest modes (checkpoint mode takes the dataset's units_per_cm).
-    resolution: grid cells per axis of checkpoint-mode reconstructions (32 x 2^k).
+    reconstruction: how checkpoint mode makes each mesh (its resolution, surface level, carving);
+    colours are never made.
     normal_image_size: 0 skips the normal-image error (no renderer needed).
     """
 
@@ -107,7 +110,6 @@ class EvalConfig:
     split: str = "test"
     icp: bool = False
     num_samples: int = 10_000
-    resolution: int = 256
     scale: float = 1.0
     normal_image_size: int = 512
     seed: int = 0
@@ -118,26 +120,20 @@ class EvalConfig:
     # from the mask (model/evaluation/baselines.py), the floor a model must beat.
     baseline: str | None = None
     bodies: str = "fitted"  # body-guided checkpoints: BODY_SOURCES
-    carve: bool = True  # checkpoint mode: ReconstructionConfig.carve (the view's mask as visual hull)
-    surface_level: float | None = None  # checkpoint mode: ReconstructionConfig.threshold (None: the checkpoint's)
     # A checkpoint without body input for the views no body can be fitted to, as `pifuhd reconstruct`
     # does (the product's path); None: such views are failed rows.
     fallback: str | None = None
+    reconstruction: ReconstructionConfig = field(default_factory=lambda: ReconstructionConfig(color="none"))
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {self.num_samples}")
         if not self.scale > 0:
             raise ValueError(f"scale must be positive, got {self.scale}")
-        ratio = self.resolution // 32
-        if self.resolution % 32 or ratio & (ratio - 1):
-            raise ValueError(f"resolution must be 32 x 2^k (32, 64, 128, 256, 512, ...), got {self.resolution}")
         if self.baseline not in (None, *BASELINES):
             raise ValueError(f"baseline must be one of {BASELINES}, not {self.baseline!r}")
         if self.bodies not in BODY_SOURCES:
             raise ValueError(f"bodies must be one of {BODY_SOURCES}, not {self.bodies!r}")
-        if self.surface_level is not None and not 0 < self.surface_level < 1:
-            raise ValueError(f"surface_level must lie strictly between 0 and 1, got {self.surface_level}")
 
 
 @dataclass
@@ -316,12 +312,11 @@ class PairWorker:
 
     def _reconstruct_view(self, item: dict, row: dict):
         """Reconstruct a stored dataset view; (prediction, truth) in the view frame, cm."""
-        from model.reconstruction.reconstruct import ReconstructionConfig, reconstruct
+        from model.reconstruction.reconstruct import reconstruct
         from model.reconstruction.preview import preview_image
 
         view, truth, prepared = stored_view(item, self.net.config.coarse_size, self.net.config.fine_size)
-        reconstruction = ReconstructionConfig(resolution=self.config.resolution, color="none", carve=self.config.carve,
-                                              threshold=self.config.surface_level)
+        reconstruction = dataclasses.replace(self.config.reconstruction, color="none")
         if item.get("method", "model") == "model":
             net = self.net
             if net.config.body_guided:
@@ -619,15 +614,15 @@ def run_evaluation(config: EvalConfig, in_process: bool = False, progress: bool 
 # ---- command line --------------------------------------------------------------------------
 
 
+RECONSTRUCTION = "reconstruction."  # where the nested ReconstructionConfig's options land in the parsed arguments
+
+
 def _config(args: argparse.Namespace) -> EvalConfig:
-    return build_config(
-        EvalConfig,
-        pred=args.pred, gt=args.gt, out=args.output, split=args.split, icp=args.icp, num_samples=args.num_samples,
-        resolution=args.resolution, scale=args.scale, normal_image_size=args.normal_image_size, seed=args.seed,
-        limit=args.limit, workers=args.workers, address=args.address, baseline=args.baseline, bodies=args.bodies,
-        carve=not args.no_carve, surface_level=args.surface_level,
-        fallback=args.fallback_checkpoint or (None if args.pred else str(SHIPPED_PLAIN_CHECKPOINT)),
-    )
+    fields = config_values(args, EvalConfig)
+    if args.fallback is None and args.pred is None:  # the shipped model: its plain twin, as reconstruct
+        fields["fallback"] = str(SHIPPED_PLAIN_CHECKPOINT)
+    reconstruction = build_config(ReconstructionConfig, color="none", **config_values(args, ReconstructionConfig, RECONSTRUCTION))
+    return build_config(EvalConfig, **fields, reconstruction=reconstruction)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -659,31 +654,36 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
         "subjects (default: the test split); --pred MESH_DIR or a bulk output folder with --gt MESH_DIR (or a "
         "dataset) pairs meshes by file-name stem. Writes OUT/results.parquet and OUT/summary.json.",
     )
-    parser.add_argument("--pred", type=uri_argument, help="checkpoint (.safetensors/.pt, local or s3://; default: the shipped model), "
-                        "a folder of meshes, or a `pifuhd reconstruct` output folder")
-    parser.add_argument("--gt", required=True, type=uri_argument, help="dataset URI (pifuhd data output) or a folder of meshes")
-    parser.add_argument("-o", "--output", required=True, type=uri_argument, help="output folder or s3:// prefix")
-    parser.add_argument("--split", default="test", help="dataset split to evaluate: test (default), val, train or all")
-    parser.add_argument("--icp", action="store_true", help="align each prediction to its truth by rigid ICP first")
-    parser.add_argument("--num-samples", type=int, default=10_000, help="surface samples per mesh (default 10000)")
-    parser.add_argument("--resolution", type=int, default=256, help="checkpoint mode: grid cells per axis (32 x 2^k)")
-    parser.add_argument("--scale", type=float, default=1.0, help="mesh folders: multiply coordinates by this to get cm")
-    parser.add_argument("--normal-image-size", type=int, default=512, help="normal-image render size; 0 skips it")
-    parser.add_argument("--seed", type=int, default=0, help="surface sampling seed")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
-    parser.add_argument("--baseline", choices=BASELINES, help="checkpoint mode: also score this baseline on the same "
-                        "views and print it beside the model (silhouette: a slab inflated from the mask)")
-    parser.add_argument("--bodies", choices=BODY_SOURCES, default="fitted",
-                        help="body-guided checkpoints: fit a body to each view's image (default), or read the "
-                        "subject's true body (an upper bound)")
-    parser.add_argument("--no-carve", action="store_true", help="checkpoint mode: let the model's surface leave the "
-                        "view's mask (by default points outside it are outside the mesh, as in reconstruct)")
-    parser.add_argument("--surface-level", type=float, help="checkpoint mode: occupancy level of the surface "
-                        "(default: the checkpoint's calibrated level, 0.5 when it names none)")
-    parser.add_argument("--fallback-checkpoint", type=uri_argument, help="checkpoint mode: a model without body input for views "
-                        "no body can be fitted to, as reconstruct (default: the shipped plain twin without --pred, else none)")
-    parser.add_argument("--workers", type=int, help="evaluation actors (default: one per CPU)")
-    parser.add_argument("--address", help="Ray cluster address (default: a private local instance)")
+    config_option(parser, "--pred", EvalConfig, "pred", type=uri_argument, help="checkpoint (.safetensors/.pt, local or "
+                  "s3://; default: the shipped model), a folder of meshes, or a `pifuhd reconstruct` output folder")
+    config_option(parser, "--gt", EvalConfig, "gt", required=True, type=uri_argument,
+                  help="dataset URI (pifuhd data output) or a folder of meshes")
+    config_option(parser, "--output", EvalConfig, "out", aliases=("-o",), required=True, type=uri_argument,
+                  help="output folder or s3:// prefix")
+    config_option(parser, "--split", EvalConfig, "split", help="dataset split to evaluate: test, val, train or all")
+    config_option(parser, "--icp", EvalConfig, "icp", help="align each prediction to its truth by rigid ICP first")
+    config_option(parser, "--num-samples", EvalConfig, "num_samples", help="surface samples per mesh")
+    config_option(parser, "--resolution", ReconstructionConfig, "resolution", prefix=RECONSTRUCTION,
+                  help="checkpoint mode: grid cells per axis (32 x 2^k)")
+    config_option(parser, "--scale", EvalConfig, "scale", help="mesh folders: multiply coordinates by this to get cm")
+    config_option(parser, "--normal-image-size", EvalConfig, "normal_image_size", help="normal-image render size; 0 skips it")
+    config_option(parser, "--seed", EvalConfig, "seed", help="surface sampling seed")
+    config_option(parser, "--limit", EvalConfig, "limit", metavar="N", help="evaluate only the first N pairs")
+    config_option(parser, "--baseline", EvalConfig, "baseline", choices=BASELINES, help="checkpoint mode: also score "
+                  "this baseline on the same views and print it beside the model (silhouette: a slab inflated from the mask)")
+    config_option(parser, "--bodies", EvalConfig, "bodies", choices=BODY_SOURCES,
+                  help="body-guided checkpoints: fit a body to each view's image, or read the subject's true body (an upper bound)")
+    config_option(parser, "--no-carve", ReconstructionConfig, "carve", prefix=RECONSTRUCTION,
+                  help="checkpoint mode: let the model's surface leave the view's mask (by default points outside it "
+                  "are outside the mesh, as in reconstruct)")
+    config_option(parser, "--surface-level", ReconstructionConfig, "threshold", prefix=RECONSTRUCTION,
+                  help="checkpoint mode: occupancy level of the surface (default: the checkpoint's calibrated level, "
+                  "0.5 when it names none)")
+    config_option(parser, "--fallback-checkpoint", EvalConfig, "fallback", type=uri_argument, help="checkpoint mode: a "
+                  "model without body input for views no body can be fitted to, as reconstruct (default: the shipped "
+                  "plain twin without --pred, else none)")
+    config_option(parser, "--workers", EvalConfig, "workers", help="evaluation actors (default: one per CPU)")
+    config_option(parser, "--address", EvalConfig, "address", help="Ray cluster address (default: a private local instance)")
     parser.add_argument("--in-process", action="store_true", help="evaluate in this process, without Ray")
     parser.add_argument("--fail-on-error", action="store_true", help="exit 3 if any pair failed")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -34,6 +34,7 @@ from pipelines.common.person import find_person
 from pipelines.common.formats import FIT_MANIFEST_SCHEMA, ManifestWriter, recover_spool
 from pipelines.common.inputs import InputItem, list_inputs
 from pipelines.common.exit_codes import build_config
+from pipelines.common.options import config_option, config_values
 from pipelines.common.uris import uri_argument
 from pipelines.common.storage import join, redact, safe_stem, write_bytes_atomic
 
@@ -187,14 +188,15 @@ def register_cli(commands) -> None:
         "optional}, or OpenPose BODY_25); NAME_mask.png or an alpha channel gives the silhouette. Outputs, in the photo's pixel frame: OUT/bodies/STEM_body.EXT and STEM_body.json.",
     )
     fit.add_argument("inputs", nargs="+", metavar="INPUT")
-    fit.add_argument("-o", "--output", required=True, type=uri_argument, help="output folder or s3:// prefix")
-    fit.add_argument("--format", choices=MESH_FORMATS, default="obj", help="body mesh format")
-    fit.add_argument("--rigged", action="store_true", help="also write STEM_body_rigged.glb (anny skeleton and skin weights)")
+    config_option(fit, "--output", FitJobConfig, "output", aliases=("-o",), required=True, type=uri_argument,
+                  help="output folder or s3:// prefix")
+    config_option(fit, "--format", FitJobConfig, "mesh_format", choices=MESH_FORMATS, help="body mesh format")
+    config_option(fit, "--rigged", FitJobConfig, "rigged", help="also write STEM_body_rigged.glb (anny skeleton and skin weights)")
     fit.add_argument("--children", action="store_true", help="allow children's ages (default: adults)")
-    fit.add_argument("--world-source", choices=WORLD_SOURCES, default="lifter",
-                     help="the 3D pose the fit follows: the lifter's depths from the 2D landmarks, the given world "
-                     "landmarks (the person finder's or the keypoints file's), or none")
-    fit.add_argument("--overwrite", action="store_true", help="redo inputs already fitted with these settings")
+    config_option(fit, "--world-source", FitConfig, "world_source", prefix=FIT, choices=WORLD_SOURCES,
+                  help="the 3D pose the fit follows: the lifter's depths from the 2D landmarks, the given world "
+                  "landmarks (the person finder's or the keypoints file's), or none")
+    config_option(fit, "--overwrite", FitJobConfig, "overwrite", help="redo inputs already fitted with these settings")
     fit.add_argument("--fail-on-error", action="store_true", help="exit 3 if any input failed")
     fit.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     fit.add_argument("--in-process", action="store_true", help="run the same stage in this process, without Ray")
@@ -202,19 +204,15 @@ def register_cli(commands) -> None:
     fit.set_defaults(handler=_fit_command, config=_fit_config)
 
 
+FIT = "fit."  # where the nested FitConfig's options land in the parsed arguments
+
+
 def _fit_config(args) -> FitJobConfig:
     from model.body.anny import ADULT_AGE, CHILD_AGE
 
-    return build_config(
-        FitJobConfig,
-        inputs=tuple(args.inputs),
-        output=args.output,
-        fit=build_config(FitConfig, age_range=(CHILD_AGE[0], ADULT_AGE[1]) if args.children else ADULT_AGE,
-                         world_source=args.world_source),
-        mesh_format=args.format,
-        rigged=args.rigged,
-        overwrite=args.overwrite,
-    )
+    age_range = (CHILD_AGE[0], ADULT_AGE[1]) if args.children else ADULT_AGE
+    return build_config(FitJobConfig, **config_values(args, FitJobConfig),
+                        fit=build_config(FitConfig, age_range=age_range, **config_values(args, FitConfig, FIT)))
 
 
 def _fit_command(args) -> int:

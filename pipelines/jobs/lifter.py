@@ -10,16 +10,17 @@ from __future__ import annotations
 import time
 
 from model.data.humans import POSE_FAMILIES
+from model.training.config import LifterRecipe
 from pipelines.common.exit_codes import build_config
+from pipelines.common.options import config_option, config_values
 from pipelines.common.uris import uri_argument
 
 
 def _recipe(args):
-    from model.training.lifter import LifterRecipe
-
-    return build_config(LifterRecipe, family_poses=args.family_poses, uniform_poses=args.uniform_poses,
-                        families=tuple(args.families), finder_views=args.finder_views,
-                        finder_share=args.finder_share if args.finder_views else 0.0, steps=args.steps, seed=args.seed)
+    fields = config_values(args, LifterRecipe)
+    if not args.finder_views:  # no finder views: none of the batch is theirs
+        fields["finder_share"] = 0.0
+    return build_config(LifterRecipe, **fields)
 
 
 def _train(args) -> int:
@@ -55,13 +56,14 @@ def register_cli(commands) -> None:
         "own landmarks on clothed renders of the families, with their true depths.",
     )
     parser.add_argument("-o", "--output", required=True, type=uri_argument, help="the .safetensors file to write")
-    parser.add_argument("--family-poses", type=int, default=8000, help="poses of the generator's five families")
-    parser.add_argument("--uniform-poses", type=int, default=8000, help="poses with every joint uniform within its limits")
-    parser.add_argument("--families", nargs="+", choices=POSE_FAMILIES, default=list(POSE_FAMILIES),
-                        help="the families' poses drawn (leave one out to measure how the lifter does on it)")
-    parser.add_argument("--finder-views", type=int, default=12000,
-                        help="clothed renders seen by the person finder, its landmarks with the true depths (0: none)")
-    parser.add_argument("--finder-share", type=float, default=0.5, help="their share of each batch")
-    parser.add_argument("--steps", type=int, default=12_000, help="Adam steps of 512 random views")
-    parser.add_argument("--seed", type=int, default=0, help="fixes the weights and the views")
+    recipe = LifterRecipe
+    config_option(parser, "--family-poses", recipe, "family_poses", help="poses of the generator's five families")
+    config_option(parser, "--uniform-poses", recipe, "uniform_poses", help="poses with every joint uniform within its limits")
+    config_option(parser, "--families", recipe, "families", nargs="+", choices=POSE_FAMILIES,
+                  help="the families' poses drawn (leave one out to measure how the lifter does on it)")
+    config_option(parser, "--finder-views", recipe, "finder_views",
+                  help="clothed renders seen by the person finder, its landmarks with the true depths (0: none)")
+    config_option(parser, "--finder-share", recipe, "finder_share", help="their share of each batch")
+    config_option(parser, "--steps", recipe, "steps", help="Adam steps of 512 random views")
+    config_option(parser, "--seed", recipe, "seed", help="fixes the weights and the views")
     parser.set_defaults(handler=_train, config=_recipe)

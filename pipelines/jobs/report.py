@@ -29,6 +29,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 from pipelines.common import exit_codes, storage
+from pipelines.common.exit_codes import build_config
+from pipelines.common.options import config_option, config_values
 from pipelines.common.telemetry import BULK_STAGES
 from pipelines.common.uris import uri_argument
 
@@ -47,6 +49,10 @@ class ReportConfig:
     title: str = "pifuhd-ray report"
     worst: int = 8  # worst evaluation cases shown with their images
     image_width: int = 640  # embedded images are downscaled to at most this many pixels wide
+
+    def __post_init__(self) -> None:
+        if self.worst < 0 or self.image_width < 16:
+            raise ValueError(f"worst must be >= 0 and image_width >= 16, not {self.worst} and {self.image_width}")
 
 
 @dataclass
@@ -582,8 +588,12 @@ def make_report(config: ReportConfig) -> dict:
 # ---- command line --------------------------------------------------------------------------
 
 
+def _config(args: argparse.Namespace) -> ReportConfig:
+    return build_config(ReportConfig, **config_values(args, ReportConfig))
+
+
 def _run(args: argparse.Namespace) -> int:
-    config = ReportConfig(inputs=tuple(args.inputs), output=args.output, title=args.title, worst=args.worst)
+    config = _config(args)
     try:
         result = make_report(config)
     except (FileNotFoundError, ValueError) as exc:
@@ -604,8 +614,9 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
         "The page embeds its plots (SVG) and images and opens offline.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", type=uri_argument)
-    parser.add_argument("-o", "--output", required=True, type=uri_argument, help="the HTML file to write (local or s3://)")
-    parser.add_argument("--title", default="pifuhd-ray report", help="the page title")
-    parser.add_argument("--worst", type=int, default=8, help="worst evaluation cases to show with images (default 8)")
-    parser.set_defaults(handler=_run)
+    config_option(parser, "--output", ReportConfig, "output", aliases=("-o",), required=True, type=uri_argument,
+                  help="the HTML file to write (local or s3://)")
+    config_option(parser, "--title", ReportConfig, "title", help="the page title")
+    config_option(parser, "--worst", ReportConfig, "worst", help="worst evaluation cases to show with images")
+    parser.set_defaults(handler=_run, config=_config)
     return parser
