@@ -325,10 +325,11 @@ def test_command_line_person_options():
     from pipelines.cli import build_parser
 
     args = build_parser().parse_args(["reconstruct", "in/", "-o", "out/"])
-    assert (args.person, args.all_people, args.min_person_score, args.prepare_actors) == ("auto", False, 0.5, 1)
+    config = args.config(args)
+    assert (config.person, config.prepare_actors) == (PersonOptions("auto", False, 0.5), 1)
     args = build_parser().parse_args(["reconstruct", "in/", "-o", "out/", "--person", "sidecar", "--all-people",
                                       "--min-person-score", "0.8", "--prepare-actors", "2"])
-    assert PersonOptions(mode=args.person, all_people=args.all_people, min_score=args.min_person_score) == \
-        PersonOptions("sidecar", True, 0.8)
+    config = args.config(args)
+    assert (config.person, config.prepare_actors) == (PersonOptions("sidecar", True, 0.8), 2)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["reconstruct", "in/", "-o", "out/", "--person", "maybe"])

@@ -15,7 +15,7 @@ Terms (each normalised so that a term of 1e-4 means an error of about 1 % of the
 - world pose: 1 - cos between the body's bone directions and the world landmarks' (when given);
 - silhouette (with a mask): squared distance outside the mask of every projected vertex, and of
   every sampled mask pixel to its nearest projected vertex (the mask is covered);
-- priors: joint limits (`model.data.humans.JOINT_LIMITS`), a weak pull to a neutral standing pose, a
+- priors: joint limits (`model.body.anny.JOINT_LIMITS`), a weak pull to a neutral standing pose, a
   weak pull of the phenotype to its mean, and a self-intersection term between limb and trunk
   capsules (spheres along the segments between landmarks; a cheap stand-in for a mesh test).
 

@@ -4,7 +4,7 @@ Pose. The fitted joints are the ones the synthetic-data generator poses (`model.
 hips, knees, ankles, shoulders, elbows, two spine joints and the neck, in anny's `local-ref`
 parameterisation (a rotation vector in the rest frame's world axes about the joint: X = the
 body's left, Y = backward, Z = up). Angles are stored in the left-side convention and mirrored
-for the right side as (x, -y, -z), so one table of limits (`model.data.humans.JOINT_LIMITS`) serves
+for the right side as (x, -y, -z), so one table of limits (`model.body.anny.JOINT_LIMITS`) serves
 both sides; an elbow bends about a single axis (normal to its rest forearm and the body's
 forward direction), as the generator does it.
 

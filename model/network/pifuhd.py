@@ -9,7 +9,7 @@
 Coordinate conventions are in `model.geometry`. Sizes below are those of the
 released model (coarse 512, fine 1024); other presets scale them. A body-guided model
 (`PIFuHDConfig.body_channels`) also takes, per point, the signed distance to a body fitted to the
-photo and the body's normal there (`model.data.sampling.BodyField`); the released one does not.
+photo and the body's normal there (`model.body.field.BodyField`); the released one does not.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def _device_of(net: PIFuHD) -> torch.device:
 
 def occupancy_function(net: PIFuHD, features, body=None, silhouette: torch.Tensor | None = None):
     """(N, 3) world points -> (N,) fine occupancy of one image's features, for `model.reconstruction.surface`.
-    body: a body-guided model's `model.data.sampling.BodyField` of the image's fitted body.
+    body: a body-guided model's `model.body.field.BodyField` of the image's fitted body.
     silhouette: (1, S, S) person mask in [0, 1] over the crop, or None. Points seen outside it (it
     dilated by CARVE_MARGIN of the crop) are outside the person, whatever the network says: the
     camera is orthographic, so the mask is the person's exact shadow. They are not queried."""
