@@ -52,14 +52,11 @@ class Part:
 # ---- cameras ----------------------------------------------------------------------------------
 
 
-def rotation_y(deg: float) -> np.ndarray:
-    t = np.radians(deg)
-    return np.array([[np.cos(t), 0, np.sin(t)], [0, 1, 0], [-np.sin(t), 0, np.cos(t)]])
+def view_rotation(yaw_deg: float, pitch_deg: float) -> np.ndarray:
+    """(3, 3): the yaw about +y, then the pitch about +x (degrees)."""
+    from scipy.spatial.transform import Rotation
 
-
-def rotation_x(deg: float) -> np.ndarray:
-    t = np.radians(deg)
-    return np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    return Rotation.from_euler("yx", [yaw_deg, pitch_deg], degrees=True).as_matrix()
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ class View:
     def world_from_canonical(self) -> np.ndarray:
         """(4, 4) float64: canonical frame (cm, y up, facing +z) -> view frame (box units)."""
         m = np.eye(4)
-        m[:3, :3] = rotation_x(self.pitch_deg) @ rotation_y(self.yaw_deg) * self.units_per_cm
+        m[:3, :3] = view_rotation(self.yaw_deg, self.pitch_deg) * self.units_per_cm
         return m
 
     def apply(self, points: np.ndarray) -> np.ndarray:
@@ -83,7 +80,7 @@ class View:
 
     def rotate(self, normals: np.ndarray) -> np.ndarray:
         """(N, 3) directions canonical -> view frame (unit length kept)."""
-        return normals @ (rotation_x(self.pitch_deg) @ rotation_y(self.yaw_deg)).T
+        return normals @ view_rotation(self.yaw_deg, self.pitch_deg).T
 
 
 def network_calib() -> np.ndarray:

@@ -162,11 +162,6 @@ def anny_defined() -> np.ndarray:
 # ---- initial camera ---------------------------------------------------------------------------
 
 
-def _rotation_y(theta: float) -> np.ndarray:
-    c, s = np.cos(theta), np.sin(theta)
-    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-
-
 def _scale_and_root(points: np.ndarray, rotation: np.ndarray, targets: np.ndarray, weights: np.ndarray):
     """Least-squares scale s and root pixel t with targets ~ s * image_xy(R p) + t. Returns (s, t, residual)."""
     camera = points @ rotation.T
@@ -190,6 +185,8 @@ def _kabsch(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def initial_camera(neutral: np.ndarray, landmarks: np.ndarray, usable: np.ndarray, world: np.ndarray | None):
     """(R (3, 3), scale, root (2,)) for the neutral body's landmarks (33, 3) in anny's frame."""
+    from scipy.spatial.transform import Rotation
+
     trunk = np.array([i for i in lm.SHOULDERS + lm.HIPS if usable[i]])
     face = [lm.INDEX[n] for n in ("nose", "left_ear", "right_ear") if usable[lm.INDEX[n]]]
     if world is not None and len(trunk) >= 3:
@@ -200,7 +197,7 @@ def initial_camera(neutral: np.ndarray, landmarks: np.ndarray, usable: np.ndarra
         weights = lm.WEIGHTS[chosen] * landmarks[chosen, 2]
         best = None
         for theta in np.radians(np.arange(0, 360, 15)):
-            candidate = _rotation_y(theta) @ ANNY_TO_CANONICAL
+            candidate = Rotation.from_euler("y", theta).as_matrix() @ ANNY_TO_CANONICAL
             scale, _, residual = _scale_and_root(neutral[chosen], candidate, landmarks[chosen, :2], weights)
             if scale > 0 and (best is None or residual < best[0]):
                 best = (residual, candidate)

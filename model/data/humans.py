@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from model.body.anny import ADULT_AGE, ANNY_TO_CANONICAL, CHILD_AGE, JOINT_LIMITS, BodyModel, load_body_model
 from model.meshes import vertex_normals
@@ -177,17 +178,6 @@ def _clip_and_mirror(angles: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _rotation_matrices(rotvecs: np.ndarray) -> np.ndarray:
-    """(J, 3) rotation vectors -> (J, 3, 3) matrices (Rodrigues)."""
-    angle = np.linalg.norm(rotvecs, axis=1, keepdims=True)
-    axis = rotvecs / np.maximum(angle, 1e-12)
-    x, y, z = axis.T
-    zero = np.zeros_like(x)
-    k = np.stack([zero, -z, y, z, zero, -x, -y, x, zero], 1).reshape(-1, 3, 3)
-    s, c = np.sin(angle)[:, :, None], np.cos(angle)[:, :, None]
-    return np.eye(3) + s * k + (1 - c) * (k @ k)
-
-
 def _pose_transforms(angles: dict[str, np.ndarray], rest_heads: np.ndarray, body: BodyModel):
     """anny pose dict {bone: (1, 4, 4) torch} from joint rotation vectors.
 
@@ -207,7 +197,7 @@ def _pose_transforms(angles: dict[str, np.ndarray], rest_heads: np.ndarray, body
             axis = np.cross(forearm, [0.0, -1.0, 0.0])  # sign: positive angles fold the hand forward
             axis /= np.linalg.norm(axis)
             vecs[i] = axis * angles[name][0]
-    mats = _rotation_matrices(vecs)
+    mats = Rotation.from_rotvec(vecs).as_matrix()
     pose = {}
     for name, mat in zip(names, mats):
         t = torch.eye(4, dtype=torch.float32)[None].clone()

@@ -39,12 +39,9 @@ def generator_landmarks(count: int, seed: int, families: tuple[str, ...] = POSE_
 
 def _rotation(yaw: np.ndarray, pitch: np.ndarray, roll: np.ndarray) -> np.ndarray:
     """(B, 3, 3) rotations: yaw about y, then pitch about x, then roll about z (radians)."""
-    def axis(angle, i, j):
-        m = np.tile(np.eye(3), (len(angle), 1, 1))
-        c, s = np.cos(angle), np.sin(angle)
-        m[:, i, i], m[:, j, j], m[:, i, j], m[:, j, i] = c, c, -s, s
-        return m
-    return axis(roll, 0, 1) @ axis(pitch, 1, 2) @ axis(yaw, 2, 0)
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_euler("yxz", np.stack([yaw, pitch, roll], 1)).as_matrix()
 
 
 def training_views(points: np.ndarray, rng: np.random.Generator, noise: float = 0.02, hide: float = 0.05,
