@@ -1,0 +1,154 @@
+"""The prepare stage on clothed synthetic photos: seconds per photo on one core, and the fitted body's quality.
+
+    .venv/bin/python benchmarks/prepare.py [--seeds 301 302 ...] [--yaws 0 90] [--fits shipped fast]
+
+Each subject is a synthetic person in MakeHuman's real garments (`../shared/real/makehuman`, seed-drawn
+phenotype and pose), rendered at 1024 over three backgrounds: grey, a photograph (scikit-image's
+"coffee", JPEG-compressed) and an RGBA image whose alpha is the person. Each photo goes through the
+product's prepare stage as `pifuhd reconstruct --body` runs it (decode, person finder, crop, body fit),
+once per fitter setting in --fits, all in one run on one torch thread. Per setting it prints:
+- seconds per photo (median wall and process CPU) for the whole stage;
+- the fitted body's mean vertex error against the true body under the clothes (cm, depth-aligned);
+- the spread over backgrounds: the largest symmetric mean surface distance between the bodies fitted to
+  the same view over the three backgrounds (cm, each pair depth-aligned);
+- gender: the share of subjects of clear gender (true < 0.35 or > 0.65) whose fitted gender is on the right
+  side of 0.5.
+Targets (issue 32): <= 1.5 s per photo, <= 4.0 cm vertex error, <= 2 cm across backgrounds, gender right
+for 90 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.body.fit import FitConfig
+from model.data.humans import HumanConfig, make_subject
+from model.geometry import Crop, world_to_pixel
+from model.image.decode import decode_image, open_image
+from model.person import PersonFinder
+from model.reconstruction.body_guidance import with_fitted_body
+from model.reconstruction.config import PersonOptions
+from model.reconstruction.people import prepare_people
+from model.render import View, get_renderer, studio_lighting
+
+SIZE = 1024
+GARMENTS = Path(__file__).resolve().parents[2] / "shared" / "real" / "makehuman"
+# Fitter settings compared side by side; "shipped" is FitConfig's defaults.
+FITS = {
+    "shipped": FitConfig(),
+    "noshape": FitConfig(shape_steps=0),
+    "fast": FitConfig(camera_steps=20, pose_steps=60, shape_steps=30, vertex_stride=10, coverage_points=200),
+    "lean": FitConfig(pose_steps=80, shape_steps=0, vertex_stride=8),
+}
+
+
+def photographs(subject, yaw: float) -> dict[str, bytes]:
+    """The subject rendered at yaw over grey (PNG), over a photograph (JPEG) and as RGBA (PNG)."""
+    from skimage import data
+
+    render = get_renderer(SIZE).render(subject.parts, View(yaw_deg=yaw), studio_lighting())
+    alpha = render.mask.astype(np.float32)[..., None] / 255
+    person = render.rgb.astype(np.float32)
+    coffee = np.asarray(Image.fromarray(data.coffee()).resize((SIZE, SIZE)), np.float32)
+    photos = {}
+    for name, background, fmt in (("grey", np.full_like(person, 128), "PNG"), ("photo", coffee, "JPEG")):
+        buffer = io.BytesIO()
+        Image.fromarray((person * alpha + background * (1 - alpha)).round().astype(np.uint8)).save(buffer, fmt, quality=92)
+        photos[name] = buffer.getvalue()
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([render.rgb, render.mask]).astype(np.uint8), "RGBA").save(buffer, "PNG")
+    photos["rgba"] = buffer.getvalue()
+    return photos
+
+
+def prepare(photo: bytes, finder: PersonFinder, fit: FitConfig):
+    """The prepare stage of `pifuhd reconstruct --body` on one photo: its `BodyFit`."""
+    decoded = decode_image(open_image(photo, "bench", 100_000_000))
+    found = prepare_people(decoded, finder, PersonOptions(), name="bench", sizes=(512, 1024))[0]
+    person = found.person
+    if person is None:  # an alpha channel: the finder still gives the landmarks, as `pifuhd fit` does
+        person = finder.find(decoded.rgb)[0]
+        mask = np.asarray(decoded.alpha) > 127
+    else:
+        mask = person.mask
+    return with_fitted_body(found.prepared, person.landmarks, person.world_landmarks, mask, fit, "bench")[1]
+
+
+def aligned_distance(a: np.ndarray, b: np.ndarray, faces: np.ndarray) -> float:
+    """Symmetric mean surface distance between two bodies (pixel frame, same topology), depth-aligned."""
+    import igl
+
+    b = b + [0.0, 0.0, a[:, 2].mean() - b[:, 2].mean()]
+    faces = np.ascontiguousarray(faces, np.int64)
+    d1 = np.sqrt(igl.point_mesh_squared_distance(np.ascontiguousarray(a[::7]), np.ascontiguousarray(b), faces)[0])
+    d2 = np.sqrt(igl.point_mesh_squared_distance(np.ascontiguousarray(b[::7]), np.ascontiguousarray(a), faces)[0])
+    return float((d1.mean() + d2.mean()) / 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[301, 302, 303, 304, 305, 306])
+    parser.add_argument("--yaws", type=float, nargs="+", default=[0.0, 90.0])
+    parser.add_argument("--fits", nargs="+", choices=tuple(FITS), default=list(FITS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    finder = PersonFinder()
+    config = HumanConfig(garments=str(GARMENTS))
+    results = {name: {"wall": [], "cpu": [], "error": [], "spread": [], "gender": []} for name in args.fits}
+    warm = True
+    for seed in args.seeds:
+        try:
+            subject = make_subject(f"subject-{seed}", seed, config)
+        except ValueError as exc:  # GarmentFitError: the generator refuses this subject
+            print(f"{seed}: not made ({exc})")
+            continue
+        true_gender = subject.info["phenotype"]["gender"]
+        for yaw in args.yaws:
+            view, crop = View(yaw_deg=yaw), Crop.whole_square(SIZE)
+            truth = world_to_pixel(view.apply(subject.body.vertices.astype(np.float64)), crop)
+            pixels_per_cm = crop.pixels_per_unit * view.units_per_cm
+            photos = photographs(subject, yaw)
+            if warm:  # model builds and kernel compilation, outside the timings
+                prepare(photos["grey"], finder, FitConfig(camera_steps=1, pose_steps=1, shape_steps=1))
+                warm = False
+            for name in args.fits:
+                bodies, line = [], []
+                for background, photo in photos.items():
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    try:
+                        fit = prepare(photo, finder, FITS[name])
+                    except Exception as exc:  # noqa: BLE001 - a failed view is reported, not fatal
+                        line.append(f"{background} failed ({type(exc).__name__})")
+                        continue
+                    results[name]["wall"].append(time.perf_counter() - wall)
+                    results[name]["cpu"].append(time.process_time() - cpu)
+                    shifted = fit.vertices + [0.0, 0.0, truth[:, 2].mean() - fit.vertices[:, 2].mean()]
+                    error = float(np.linalg.norm(shifted - truth, axis=1).mean() / pixels_per_cm)
+                    results[name]["error"].append(error)
+                    bodies.append(fit.vertices)
+                    if background == "grey" and abs(true_gender - 0.5) > 0.15:
+                        results[name]["gender"].append((fit.params.phenotype["gender"] > 0.5) == (true_gender > 0.5))
+                    line.append(f"{background} {error:.2f} cm g {fit.params.phenotype['gender']:.2f}")
+                spread = max((aligned_distance(a, b, fit.faces) / pixels_per_cm
+                              for i, a in enumerate(bodies) for b in bodies[i + 1:]), default=float("nan"))
+                results[name]["spread"].append(spread)
+                print(f"{seed} yaw {yaw:>3.0f} {name:8} (true g {true_gender:.2f}): {'; '.join(line)}; "
+                      f"spread {spread:.2f} cm", flush=True)
+    print()
+    print(f"{'fit':8} {'photos':>6} {'wall s':>7} {'cpu s':>6} {'error cm':>9} {'spread cm':>10} {'gender':>7}")
+    for name, r in results.items():
+        gender = f"{np.mean(r['gender']):.0%}" if r["gender"] else "-"
+        print(f"{name:8} {len(r['wall']):>6} {np.median(r['wall']):>7.2f} {np.median(r['cpu']):>6.2f} "
+              f"{np.mean(r['error']):>9.2f} {np.nanmax(r['spread']):>10.2f} {gender:>7}"
+              f"   (spread mean {np.nanmean(r['spread']):.2f}; gender of {len(r['gender'])})")
+
+
+if __name__ == "__main__":
+    main()
