@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[301, 302, 303, 304, 305, 306])
     parser.add_argument("--yaws", type=float, nargs="+", default=[0.0, 90.0])
     parser.add_argument("--fits", nargs="+", choices=tuple(FITS), default=list(FITS))
+    parser.add_argument("--backgrounds", nargs="+", choices=("grey", "photo", "rgba"), default=["grey", "photo", "rgba"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     finder = PersonFinder()
@@ -121,6 +122,8 @@ def main() -> None:
             for name in args.fits:
                 bodies, line = [], []
                 for background, photo in photos.items():
+                    if background not in args.backgrounds:
+                        continue
                     wall, cpu = time.perf_counter(), time.process_time()
                     try:
                         fit = prepare(photo, finder, FITS[name])

@@ -60,6 +60,9 @@ class ReconstructionConfig:
     # Points outside the person mask (when the photo has one: given, alpha or the person finder's)
     # are outside the mesh and never queried: the single view's visual hull (`occupancy_function`).
     carve: bool = True
+    # Taubin smoothing steps on the extracted mesh (trimesh.smoothing.filter_taubin: no shrinkage);
+    # 0 keeps the marching-cubes surface as the network gives it.
+    smooth_iterations: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -72,6 +75,8 @@ class ReconstructionConfig:
             raise ValueError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
         if self.dilation is not None and self.dilation < 0:
             raise ValueError(f"dilation must be None or >= 0 cells, got {self.dilation}")
+        if self.smooth_iterations < 0:
+            raise ValueError(f"smooth_iterations must be >= 0, got {self.smooth_iterations}")
         if self.batch_points < 1:
             raise ValueError(f"batch_points must be positive, got {self.batch_points}")
         if self.color not in COLOR_MODES:

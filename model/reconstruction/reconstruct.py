@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import trimesh
+from trimesh.smoothing import filter_taubin
 from scipy import ndimage
 
 from model.meshes import vertex_normals
@@ -217,6 +218,8 @@ def finish(samples: SurfaceSamples, prepared: PreparedImage, config: Reconstruct
     """Marching cubes, vertex colours and the user's frame: the CPU-only part of `reconstruct`."""
     start = time.perf_counter()
     mesh_world, mesh_stats = mesh_from_grid(samples.grid, largest_component=config.largest_component)
+    if config.smooth_iterations and len(mesh_world.faces):
+        filter_taubin(mesh_world, iterations=config.smooth_iterations)
     vertices = np.asarray(mesh_world.vertices)
     # Area-weighted normals, cached on the mesh for the colours and the preview (trimesh's own
     # took 0.23 s at 512 against 0.06 s).

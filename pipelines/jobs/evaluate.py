@@ -679,6 +679,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     config_option(parser, "--surface-level", ReconstructionConfig, "threshold", prefix=RECONSTRUCTION,
                   help="checkpoint mode: occupancy level of the surface (default: the checkpoint's calibrated level, "
                   "0.5 when it names none)")
+    config_option(parser, "--smooth", ReconstructionConfig, "smooth_iterations", prefix=RECONSTRUCTION,
+                  help="checkpoint mode: Taubin smoothing steps on each mesh, as reconstruct --smooth")
     config_option(parser, "--fallback-checkpoint", EvalConfig, "fallback", type=uri_argument, help="checkpoint mode: a "
                   "model without body input for views no body can be fitted to, as reconstruct (default: the shipped "
                   "plain twin without --pred, else none)")
