@@ -43,9 +43,9 @@ GARMENTS = Path(__file__).resolve().parents[2] / "shared" / "real" / "makehuman"
 # Fitter settings compared side by side; "shipped" is FitConfig's defaults.
 FITS = {
     "shipped": FitConfig(),
+    "stop35": FitConfig(vertex_stride=5, pose_tolerance=0.0),  # the defaults before the pose stage stopped early
     "noshape": FitConfig(shape_steps=0),
-    "fast": FitConfig(camera_steps=20, pose_steps=60, shape_steps=30, vertex_stride=10, coverage_points=200),
-    "lean": FitConfig(pose_steps=80, shape_steps=0, vertex_stride=8),
+    "fast": FitConfig(camera_steps=20, pose_steps=60, shape_steps=30, coverage_points=200),
 }
 
 

@@ -233,7 +233,8 @@ def _add_reconstruct(commands) -> None:
     config_option(recon, "--no-carve", mesh, "carve", prefix=RECONSTRUCTION, help="let the surface leave the person "
                   "mask (by default, with a mask, points outside it are outside the mesh and never queried)")
     config_option(recon, "--smooth", mesh, "smooth_iterations", prefix=RECONSTRUCTION,
-                  help="Taubin smoothing steps on the mesh (no shrinkage); 0 keeps the surface as the network gives it")
+                  help="Taubin smoothing steps on the mesh (no shrinkage; default: the checkpoint's, 0 when it names none); "
+                  "0 keeps the surface as the network gives it")
     config_option(recon, "--overwrite", job, "overwrite", help="redo inputs already reconstructed with this checkpoint")
     recon.add_argument("--fail-on-error", action="store_true", help="exit 3 if any input failed")
     config_option(recon, "--batch-size", job, "batch_size", help="images per model call")

@@ -7,7 +7,8 @@ pixels with visibilities, optional world landmarks (33, 3) metres (MediaPipe axe
 Method. Gradient descent (Adam, float32) through anny in three stages, every step of which is
 deterministic given the input:
 1. camera: rotation, scale and root position, the body in its neutral pose;
-2. pose: + the joint angles (`model.body.posing.FITTED_JOINTS`);
+2. pose: + the joint angles (`model.body.posing.FITTED_JOINTS`), until 10 steps gain less than
+   `pose_tolerance` of the loss;
 3. shape: + the phenotype (adult ages by default); the rest model is recomputed every step only here.
 Terms (each normalised so that a term of 1e-4 means an error of about 1 % of the person's size):
 - landmarks: squared 2D distance of the body's landmarks to the visible ones, weighted by
@@ -84,13 +85,17 @@ class FitConfig:
     age_range: tuple[float, float] = ADULT_AGE  # anny's age phenotype; (0.12, 0.85) also allows children
     silhouette_size: int = 128  # the mask's box is resampled to this many pixels on its longer side
     coverage_points: int = 300  # mask boundary pixels checked for coverage per step
-    vertex_stride: int = 5  # the silhouette terms look at every vertex_stride-th vertex
+    # The silhouette terms look at every vertex_stride-th vertex. 10 instead of 5: 17 % less CPU per fit,
+    # the same body error (benchmarks/prepare.py, docs/body-fitting.md).
+    vertex_stride: int = 10
     min_iou: float = 0.6
     max_landmark_error: float = 0.03  # fraction of the image height
     # The 3D pose the world term follows: "lifter" (`model.body.lifter`, from the 2D landmarks; on
     # clothed renders it cuts the fitted body's error against the finder's own world landmarks,
     # see the README), "given" (the world landmarks passed in: the person finder's or a keypoints file's) or "none".
     world_source: str = "lifter"
+    # The pose stage stops once 10 steps gain less than this share of its loss (0: all pose_steps run).
+    pose_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         if min(self.camera_steps, self.pose_steps, self.shape_steps) < 0:
@@ -106,6 +111,8 @@ class FitConfig:
             raise ValueError(f"age_range must satisfy 0 <= lo < hi <= 1, got {self.age_range}")
         if self.silhouette_size < 16 or self.coverage_points < 1 or self.vertex_stride < 1:
             raise ValueError("silhouette_size must be >= 16, coverage_points and vertex_stride >= 1")
+        if self.pose_tolerance < 0:
+            raise ValueError(f"pose_tolerance must be >= 0, got {self.pose_tolerance}")
         if self.world_source not in WORLD_SOURCES:
             raise ValueError(f"world_source must be one of {WORLD_SOURCES}, not {self.world_source!r}")
 
@@ -464,7 +471,8 @@ def fit_body(
         with torch.no_grad():
             fixed_rest = posed.rest(_phenotype(logits, config.age_range)[None])
             fixed_points = body_points(fixed_rest)[0] if stage == "camera" else None
-        for _ in range(count):
+        checkpoint_loss = None
+        for step in range(count):
             optimiser.zero_grad()
             phenotype = _phenotype(logits, config.age_range)
             if stage == "camera":  # the body is fixed: only what the camera can match
@@ -478,6 +486,11 @@ def fit_body(
             loss.backward()
             optimiser.step()
             steps += 1
+            # The pose stage stops where 10 steps gain less than pose_tolerance of the loss.
+            if stage == "pose" and config.pose_tolerance and step % 10 == 9:
+                if checkpoint_loss is not None and checkpoint_loss - float(loss) < config.pose_tolerance * float(loss):
+                    break
+                checkpoint_loss = float(loss)
 
     with torch.no_grad():
         phenotype = _phenotype(logits, config.age_range)

@@ -61,8 +61,9 @@ class ReconstructionConfig:
     # are outside the mesh and never queried: the single view's visual hull (`occupancy_function`).
     carve: bool = True
     # Taubin smoothing steps on the extracted mesh (trimesh.smoothing.filter_taubin: no shrinkage);
-    # 0 keeps the marching-cubes surface as the network gives it.
-    smooth_iterations: int = 0
+    # 0 keeps the marching-cubes surface as the network gives it. None: the checkpoint's own
+    # (`smooth_iterations` in its metadata), 0 for one that names none (the released pifuhd.pt).
+    smooth_iterations: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -75,7 +76,7 @@ class ReconstructionConfig:
             raise ValueError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
         if self.dilation is not None and self.dilation < 0:
             raise ValueError(f"dilation must be None or >= 0 cells, got {self.dilation}")
-        if self.smooth_iterations < 0:
+        if self.smooth_iterations is not None and self.smooth_iterations < 0:
             raise ValueError(f"smooth_iterations must be >= 0, got {self.smooth_iterations}")
         if self.batch_points < 1:
             raise ValueError(f"batch_points must be positive, got {self.batch_points}")

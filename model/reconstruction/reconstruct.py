@@ -81,6 +81,7 @@ class SurfaceSamples:
     normal_front: torch.Tensor | None
     normal_back: torch.Tensor | None
     stats: dict
+    smooth_iterations: int = 0  # Taubin steps the mesh gets (`ReconstructionConfig.smooth_iterations`, resolved)
 
 
 def _device_of(net: PIFuHD) -> torch.device:
@@ -120,6 +121,12 @@ def surface_level(net: PIFuHD) -> float:
     """The occupancy level `net`'s surface is extracted at: its checkpoint's `surface_level`
     (calibrated on held-out views, `pipelines.jobs.calibrate`), else 0.5."""
     return float(getattr(net, "checkpoint_metadata", {}).get("surface_level", 0.5))
+
+
+def mesh_smoothing(net: PIFuHD) -> int:
+    """The Taubin smoothing steps `net`'s meshes get: its checkpoint's `smooth_iterations` (chosen on
+    the real and synthetic validation rows, docs/model-card.md), else 0."""
+    return int(getattr(net, "checkpoint_metadata", {}).get("smooth_iterations", 0))
 
 
 def memory_layout(bf16: bool) -> torch.memory_format:
@@ -180,6 +187,7 @@ def sample_surfaces(net: PIFuHD, prepared: list[PreparedImage], config: Reconstr
                         "seconds_surface": time.perf_counter() - start,
                         "points_evaluated": int(grid.stats["points_evaluated"]),
                     },
+                    smooth_iterations=config.smooth_iterations if config.smooth_iterations is not None else mesh_smoothing(net),
                 )
             )
     return samples
@@ -218,8 +226,8 @@ def finish(samples: SurfaceSamples, prepared: PreparedImage, config: Reconstruct
     """Marching cubes, vertex colours and the user's frame: the CPU-only part of `reconstruct`."""
     start = time.perf_counter()
     mesh_world, mesh_stats = mesh_from_grid(samples.grid, largest_component=config.largest_component)
-    if config.smooth_iterations and len(mesh_world.faces):
-        filter_taubin(mesh_world, iterations=config.smooth_iterations)
+    if samples.smooth_iterations and len(mesh_world.faces):
+        filter_taubin(mesh_world, iterations=samples.smooth_iterations)
     vertices = np.asarray(mesh_world.vertices)
     # Area-weighted normals, cached on the mesh for the colours and the preview (trimesh's own
     # took 0.23 s at 512 against 0.06 s).
