@@ -55,7 +55,7 @@ def config_option(parser, flag: str, config: type, name: str, *, prefix: str = "
     if "choices" not in kwargs:
         kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
     if annotation is bool:
-        kwargs.pop("metavar")
+        kwargs.pop("metavar", None)
         return parser.add_argument(*flags, dest=prefix + name, action="store_false" if default else "store_true",
                                    help=help, **kwargs)
     if typing.get_origin(annotation) is tuple:
