@@ -64,6 +64,30 @@ def test_mesh_lands_on_the_person_in_pixel_frame(tmp_path):
     assert result.mesh.is_watertight and result.mesh.volume > 0
 
 
+def test_smoothing_evens_the_voxel_steps_and_keeps_the_size(tmp_path):
+    """Taubin steps (the checkpoint's `smooth_iterations`, or --smooth) lower the angle between
+    neighbouring faces of a voxelised sphere without shrinking it; none for a checkpoint that names none."""
+    import dataclasses
+
+    from model.evaluation.metrics import roughness_deg
+    from model.reconstruction.reconstruct import mesh_smoothing
+
+    prepared = prepare_image_file(person_image(tmp_path / "p.png"), sizes=(128, 256))
+    config = ReconstructionConfig(resolution=64, color="none")
+    plain = finish(_sphere_samples(), prepared, config).mesh_world
+    smoothed = finish(dataclasses.replace(_sphere_samples(), smooth_iterations=10), prepared, config).mesh_world
+    def roughness(mesh):
+        return roughness_deg(np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals))
+
+    assert roughness(smoothed) < 0.7 * roughness(plain)
+    assert abs(smoothed.volume / plain.volume - 1) < 0.03 and smoothed.is_watertight
+
+    class Network:  # what mesh_smoothing reads of a loaded checkpoint
+        checkpoint_metadata = {"smooth_iterations": 10}
+
+    assert mesh_smoothing(Network()) == 10 and mesh_smoothing(object()) == 0
+
+
 def test_vertex_colours_come_from_the_visible_image(tmp_path):
     # Left half red, right half blue: the sphere's front takes those colours, its back the same, mirrored.
     image = np.zeros((256, 256, 3), np.uint8)
