@@ -1,4 +1,4 @@
-"""The body as a field a body-guided network reads: signed distance and nearest surface normal."""
+"""The body as a field a body-guided network reads: signed distance and the body's normal near each point."""
 
 from __future__ import annotations
 
@@ -11,11 +11,19 @@ BODY_DISTANCE_SAMPLES = 60_000  # body surface samples: about 0.5 cm apart on an
 
 
 BODY_DISTANCE_CLIP_CM = 20.0  # farther from the body than this, only the side matters
+# The normal a point reads blends its NORMAL_NEIGHBOURS nearest samples' face normals, each weighted by
+# exp(-(its distance - the nearest's) / (NORMAL_SOFTNESS x clip)), 1 cm at the 20 cm clip. The nearest
+# sample's normal alone jumps from sample to sample and from one limb to the other, and the body-guided
+# model's surfaces followed the jumps: on the real statue views its roughness ratio fell from 2.24 to
+# 1.49 with the blend, for 0.1 cm of Chamfer (docs/model-card.md).
+NORMAL_NEIGHBOURS = 32
+NORMAL_SOFTNESS = 0.05
 
 
 class BodyField:
     """Signed distance to a body mesh, clipped to +-`clip`, and the outward unit normal of the body
-    surface nearest to each query (zero beyond `clip`): what a body-guided model reads per point.
+    surface near each query (a blend, see NORMAL_NEIGHBOURS; zero beyond `clip`): what a body-guided
+    model reads per point.
 
     body: (vertices (V, 3), faces (F, 3)); queries and `clip` in the same frame and unit.
     The magnitude is the distance to the nearest of BODY_DISTANCE_SAMPLES area-uniform surface
@@ -51,10 +59,14 @@ class BodyField:
         in_grid = np.all((cells >= 0) & (cells < self.near_cells.shape), axis=1)
         candidate = np.flatnonzero(in_grid)
         candidate = candidate[self.near_cells[tuple(cells[candidate].T)]]
-        found, nearest = self.tree.query(queries[candidate], distance_upper_bound=self.clip)
-        near = np.isfinite(found)
-        distance[candidate[near]] = found[near]
-        normals[candidate[near]] = self.normals[nearest[near]]
+        found, nearest = self.tree.query(queries[candidate], k=[*range(1, NORMAL_NEIGHBOURS + 1)], distance_upper_bound=self.clip)
+        near = np.isfinite(found[:, 0])
+        found, nearest, candidate = found[near], nearest[near], candidate[near]
+        distance[candidate] = found[:, 0]
+        within = np.isfinite(found)  # neighbours beyond the clip are missing (index = number of samples)
+        weights = np.where(within, np.exp(-(np.where(within, found, 0.0) - found[:, :1]) / (NORMAL_SOFTNESS * self.clip)), 0.0)
+        blended = (self.normals[np.where(within, nearest, 0)] * weights[..., None]).sum(1)
+        normals[candidate] = blended / np.maximum(np.linalg.norm(blended, axis=1, keepdims=True), 1e-12)
         # Only points in the body's box can be inside it; the winding number tells which.
         boxed = np.flatnonzero(np.all((queries >= self.box[0]) & (queries <= self.box[1]), axis=1))
         inside = np.zeros(len(queries), dtype=bool)
