@@ -488,9 +488,10 @@ def fit_body(
             steps += 1
             # The pose stage stops where 10 steps gain less than pose_tolerance of the loss.
             if stage == "pose" and config.pose_tolerance and step % 10 == 9:
-                if checkpoint_loss is not None and checkpoint_loss - float(loss) < config.pose_tolerance * float(loss):
+                value = loss.item()
+                if checkpoint_loss is not None and checkpoint_loss - value < config.pose_tolerance * value:
                     break
-                checkpoint_loss = float(loss)
+                checkpoint_loss = value
 
     with torch.no_grad():
         phenotype = _phenotype(logits, config.age_range)
