@@ -20,7 +20,7 @@ from pathlib import Path
 from model.reconstruction.reconstruct import ReconstructionConfig
 from pipelines.jobs.bulk import BulkConfig, run_bulk
 from pipelines.common.formats import read_manifest
-from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT, default_checkpoint
+from pipelines.common.checkpoints import default_checkpoint, default_fallback
 from pipelines.common.ray_runtime import connect_ray
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "person.png"
@@ -48,7 +48,7 @@ def main() -> None:
 
         def config(out: str) -> BulkConfig:
             # As `pifuhd reconstruct` runs the shipped model: its plain twin meshes what no body fits.
-            fallback = None if args.checkpoint else str(SHIPPED_PLAIN_CHECKPOINT)
+            fallback = default_fallback(args.checkpoint, None)
             return BulkConfig(inputs=(str(inputs),), output=out, checkpoint=checkpoint, fallback_checkpoint=fallback,
                               reconstruction=ReconstructionConfig(resolution=args.resolution))
 

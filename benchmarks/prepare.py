@@ -20,17 +20,21 @@ for 90 %.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import trimesh
 from PIL import Image
 
 from model.body.fit import FitConfig
+from model.data.known_bodies import vertex_error_cm
 from model.data.humans import HumanConfig, make_subject
 from model.geometry import Crop, world_to_pixel
+from model.evaluation.metrics import surface_metrics
 from model.image.decode import decode_image, open_image
 from model.person import PersonFinder
 from model.reconstruction.body_guidance import with_fitted_body
@@ -49,16 +53,21 @@ FITS = {
 }
 
 
-def photographs(subject, yaw: float) -> dict[str, bytes]:
-    """The subject rendered at yaw over grey (PNG), over a photograph (JPEG) and as RGBA (PNG)."""
+@functools.lru_cache(maxsize=1)
+def photograph() -> np.ndarray:
+    """(SIZE, SIZE, 3) float32: scikit-image's "coffee", the busy background."""
     from skimage import data
 
+    return np.asarray(Image.fromarray(data.coffee()).resize((SIZE, SIZE)), np.float32)
+
+
+def photographs(subject, yaw: float) -> dict[str, bytes]:
+    """The subject rendered at yaw over grey (PNG), over a photograph (JPEG) and as RGBA (PNG)."""
     render = get_renderer(SIZE).render(subject.parts, View(yaw_deg=yaw), studio_lighting())
     alpha = render.mask.astype(np.float32)[..., None] / 255
     person = render.rgb.astype(np.float32)
-    coffee = np.asarray(Image.fromarray(data.coffee()).resize((SIZE, SIZE)), np.float32)
     photos = {}
-    for name, background, fmt in (("grey", np.full_like(person, 128), "PNG"), ("photo", coffee, "JPEG")):
+    for name, background, fmt in (("grey", np.full_like(person, 128), "PNG"), ("photo", photograph(), "JPEG")):
         buffer = io.BytesIO()
         Image.fromarray((person * alpha + background * (1 - alpha)).round().astype(np.uint8)).save(buffer, fmt, quality=92)
         photos[name] = buffer.getvalue()
@@ -81,15 +90,12 @@ def prepare(photo: bytes, finder: PersonFinder, fit: FitConfig):
     return with_fitted_body(found.prepared, person.landmarks, person.world_landmarks, mask, fit, "bench")[1]
 
 
-def aligned_distance(a: np.ndarray, b: np.ndarray, faces: np.ndarray) -> float:
-    """Symmetric mean surface distance between two bodies (pixel frame, same topology), depth-aligned."""
-    import igl
-
+def aligned_distance_cm(a: np.ndarray, b: np.ndarray, faces: np.ndarray, pixels_per_cm: float) -> float:
+    """Symmetric mean surface distance (cm) between two bodies (pixel frame, same faces), depth-aligned:
+    the Chamfer distance of `model.evaluation.metrics.surface_metrics`."""
     b = b + [0.0, 0.0, a[:, 2].mean() - b[:, 2].mean()]
-    faces = np.ascontiguousarray(faces, np.int64)
-    d1 = np.sqrt(igl.point_mesh_squared_distance(np.ascontiguousarray(a[::7]), np.ascontiguousarray(b), faces)[0])
-    d2 = np.sqrt(igl.point_mesh_squared_distance(np.ascontiguousarray(b[::7]), np.ascontiguousarray(a), faces)[0])
-    return float((d1.mean() + d2.mean()) / 2)
+    one, two = (trimesh.Trimesh(v, faces, process=False) for v in (a, b))
+    return surface_metrics(one, two, num_samples=5000, scale=1 / pixels_per_cm)["chamfer"]
 
 
 def main() -> None:
@@ -132,14 +138,13 @@ def main() -> None:
                         continue
                     results[name]["wall"].append(time.perf_counter() - wall)
                     results[name]["cpu"].append(time.process_time() - cpu)
-                    shifted = fit.vertices + [0.0, 0.0, truth[:, 2].mean() - fit.vertices[:, 2].mean()]
-                    error = float(np.linalg.norm(shifted - truth, axis=1).mean() / pixels_per_cm)
+                    error = vertex_error_cm(fit.vertices, truth, pixels_per_cm)
                     results[name]["error"].append(error)
                     bodies.append(fit.vertices)
                     if background == "grey" and abs(true_gender - 0.5) > 0.15:
                         results[name]["gender"].append((fit.params.phenotype["gender"] > 0.5) == (true_gender > 0.5))
                     line.append(f"{background} {error:.2f} cm g {fit.params.phenotype['gender']:.2f}")
-                spread = max((aligned_distance(a, b, fit.faces) / pixels_per_cm
+                spread = max((aligned_distance_cm(a, b, fit.faces, pixels_per_cm)
                               for i, a in enumerate(bodies) for b in bodies[i + 1:]), default=float("nan"))
                 results[name]["spread"].append(spread)
                 print(f"{seed} yaw {yaw:>3.0f} {name:8} (true g {true_gender:.2f}): {'; '.join(line)}; "

@@ -78,14 +78,12 @@ def _checkpoint_convert(args: argparse.Namespace) -> int:
 
 def _reconstruct_config(args: argparse.Namespace):
     from model.reconstruction.config import PersonOptions, ReconstructionConfig
-    from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT, default_checkpoint
+    from pipelines.common.checkpoints import default_checkpoint, default_fallback
     from pipelines.jobs.bulk_config import BulkConfig
 
-    # The shipped model is the default; its plain twin then makes the meshes no body can be fitted to.
     fields = config_values(args, BulkConfig)
     fields["checkpoint"] = args.checkpoint or default_checkpoint()
-    if args.fallback_checkpoint is None and args.checkpoint is None:
-        fields["fallback_checkpoint"] = str(SHIPPED_PLAIN_CHECKPOINT)
+    fields["fallback_checkpoint"] = default_fallback(args.checkpoint, args.fallback_checkpoint)
     return build_config(
         BulkConfig,
         **fields,
@@ -181,7 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
         entry.load()(commands)
     _show_defaults(parser)
     return parser
-
 
 
 def _add_reconstruct(commands) -> None:

@@ -26,6 +26,14 @@ def default_checkpoint() -> str:
     return str(SHIPPED_CHECKPOINT)
 
 
+def default_fallback(checkpoint: str | None, fallback: str | None) -> str | None:
+    """A job's fallback checkpoint (the model for photos no body can be fitted to): the one given;
+    else, where no checkpoint was given either (the shipped model), the shipped plain twin; else none."""
+    if fallback is not None or checkpoint is not None:
+        return fallback
+    return str(SHIPPED_PLAIN_CHECKPOINT)
+
+
 def fetch_checkpoint(uri: str) -> str:
     """A local path for a checkpoint URI: remote files (and sharded folders) are copied once into a local cache."""
     if not is_remote(uri):

@@ -69,7 +69,7 @@ import numpy as np
 from model.errors import InputError
 from model.reconstruction.config import ReconstructionConfig
 from pipelines.common import exit_codes, storage
-from pipelines.common.checkpoints import SHIPPED_PLAIN_CHECKPOINT
+from pipelines.common.checkpoints import default_fallback
 from pipelines.common.exit_codes import build_config
 from pipelines.common.options import config_option, config_values
 from pipelines.common.formats import beats_baseline, summarize, write_results
@@ -619,8 +619,7 @@ RECONSTRUCTION = "reconstruction."  # where the nested ReconstructionConfig's op
 
 def _config(args: argparse.Namespace) -> EvalConfig:
     fields = config_values(args, EvalConfig)
-    if args.fallback is None and args.pred is None:  # the shipped model: its plain twin, as reconstruct
-        fields["fallback"] = str(SHIPPED_PLAIN_CHECKPOINT)
+    fields["fallback"] = default_fallback(args.pred, args.fallback)  # as reconstruct
     reconstruction = build_config(ReconstructionConfig, color="none", **config_values(args, ReconstructionConfig, RECONSTRUCTION))
     return build_config(EvalConfig, **fields, reconstruction=reconstruction)
 
