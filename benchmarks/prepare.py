@@ -6,7 +6,8 @@ Each subject is a synthetic person in MakeHuman's real garments (`../shared/real
 phenotype and pose), rendered at 1024 over three backgrounds: grey, a photograph (scikit-image's
 "coffee", JPEG-compressed) and an RGBA image whose alpha is the person. Each photo goes through the
 product's prepare stage as `pifuhd reconstruct --body` runs it (decode, person finder, crop, body fit),
-once per fitter setting in --fits, all in one run on one torch thread. Per setting it prints:
+once per fitter setting in --fits and person-finder setting in --finders, all in one run on one torch thread.
+Per pair of settings it prints:
 - seconds per photo (median wall and process CPU) for the whole stage;
 - the fitted body's mean vertex error against the true body under the clothes (cm, depth-aligned);
 - the spread over backgrounds: the largest symmetric mean surface distance between the bodies fitted to
@@ -20,27 +21,22 @@ for 90 %.
 from __future__ import annotations
 
 import argparse
-import functools
-import io
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import trimesh
-from PIL import Image
 
 from model.body.fit import FitConfig
 from model.data.known_bodies import vertex_error_cm
 from model.data.humans import HumanConfig, make_subject
 from model.geometry import Crop, world_to_pixel
-from model.evaluation.metrics import surface_metrics
-from model.image.decode import decode_image, open_image
-from model.person import PersonFinder
-from model.reconstruction.body_guidance import with_fitted_body
-from model.reconstruction.config import PersonOptions
-from model.reconstruction.people import prepare_people
-from model.render import View, get_renderer, studio_lighting
+from model.person import PersonFinder, PersonFinderConfig
+from model.render import View
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
+from tests.helpers import backdrop_photos, body_distance_cm, prepare_and_fit  # noqa: E402
 
 SIZE = 1024
 GARMENTS = Path(__file__).resolve().parents[2] / "shared" / "real" / "makehuman"
@@ -51,51 +47,11 @@ FITS = {
     "noshape": FitConfig(shape_steps=0),
     "fast": FitConfig(camera_steps=20, pose_steps=60, shape_steps=30, coverage_points=200),
 }
-
-
-@functools.lru_cache(maxsize=1)
-def photograph() -> np.ndarray:
-    """(SIZE, SIZE, 3) float32: scikit-image's "coffee", the busy background."""
-    from skimage import data
-
-    return np.asarray(Image.fromarray(data.coffee()).resize((SIZE, SIZE)), np.float32)
-
-
-def photographs(subject, yaw: float) -> dict[str, bytes]:
-    """The subject rendered at yaw over grey (PNG), over a photograph (JPEG) and as RGBA (PNG)."""
-    render = get_renderer(SIZE).render(subject.parts, View(yaw_deg=yaw), studio_lighting())
-    alpha = render.mask.astype(np.float32)[..., None] / 255
-    person = render.rgb.astype(np.float32)
-    photos = {}
-    for name, background, fmt in (("grey", np.full_like(person, 128), "PNG"), ("photo", photograph(), "JPEG")):
-        buffer = io.BytesIO()
-        Image.fromarray((person * alpha + background * (1 - alpha)).round().astype(np.uint8)).save(buffer, fmt, quality=92)
-        photos[name] = buffer.getvalue()
-    buffer = io.BytesIO()
-    Image.fromarray(np.dstack([render.rgb, render.mask]).astype(np.uint8), "RGBA").save(buffer, "PNG")
-    photos["rgba"] = buffer.getvalue()
-    return photos
-
-
-def prepare(photo: bytes, finder: PersonFinder, fit: FitConfig):
-    """The prepare stage of `pifuhd reconstruct --body` on one photo: its `BodyFit`."""
-    decoded = decode_image(open_image(photo, "bench", 100_000_000))
-    found = prepare_people(decoded, finder, PersonOptions(), name="bench", sizes=(512, 1024))[0]
-    person = found.person
-    if person is None:  # an alpha channel: the finder still gives the landmarks, as `pifuhd fit` does
-        person = finder.find(decoded.rgb)[0]
-        mask = np.asarray(decoded.alpha) > 127
-    else:
-        mask = person.mask
-    return with_fitted_body(found.prepared, person.landmarks, person.world_landmarks, mask, fit, "bench")[1]
-
-
-def aligned_distance_cm(a: np.ndarray, b: np.ndarray, faces: np.ndarray, pixels_per_cm: float) -> float:
-    """Symmetric mean surface distance (cm) between two bodies (pixel frame, same faces), depth-aligned:
-    the Chamfer distance of `model.evaluation.metrics.surface_metrics`."""
-    b = b + [0.0, 0.0, a[:, 2].mean() - b[:, 2].mean()]
-    one, two = (trimesh.Trimesh(v, faces, process=False) for v in (a, b))
-    return surface_metrics(one, two, num_samples=5000, scale=1 / pixels_per_cm)["chamfer"]
+# Person-finder settings; "shipped" is PersonFinderConfig's defaults.
+FINDERS = {
+    "shipped": PersonFinderConfig(threads=1),
+    "one-pass": PersonFinderConfig(threads=1, refine=False),  # the landmark net once, on the detector's ROI
+}
 
 
 def main() -> None:
@@ -103,12 +59,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[301, 302, 303, 304, 305, 306])
     parser.add_argument("--yaws", type=float, nargs="+", default=[0.0, 90.0])
     parser.add_argument("--fits", nargs="+", choices=tuple(FITS), default=list(FITS))
+    parser.add_argument("--finders", nargs="+", choices=tuple(FINDERS), default=["shipped"])
     parser.add_argument("--backgrounds", nargs="+", choices=("grey", "photo", "rgba"), default=["grey", "photo", "rgba"])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    finder = PersonFinder()
+    finders = {name: PersonFinder(FINDERS[name]) for name in args.finders}
+    settings = [(fit, finder) for fit in args.fits for finder in args.finders]
     config = HumanConfig(garments=str(GARMENTS))
-    results = {name: {"wall": [], "cpu": [], "error": [], "spread": [], "gender": []} for name in args.fits}
+    results = {f"{fit}/{finder}": {"wall": [], "cpu": [], "error": [], "spread": [], "gender": []} for fit, finder in settings}
     warm = True
     for seed in args.seeds:
         try:
@@ -121,18 +79,20 @@ def main() -> None:
             view, crop = View(yaw_deg=yaw), Crop.whole_square(SIZE)
             truth = world_to_pixel(view.apply(subject.body.vertices.astype(np.float64)), crop)
             pixels_per_cm = crop.pixels_per_unit * view.units_per_cm
-            photos = photographs(subject, yaw)
+            photos = backdrop_photos(subject, yaw, SIZE)
             if warm:  # model builds and kernel compilation, outside the timings
-                prepare(photos["grey"], finder, FitConfig(camera_steps=1, pose_steps=1, shape_steps=1))
+                for finder in finders.values():
+                    prepare_and_fit(photos["grey"], finder, FitConfig(camera_steps=1, pose_steps=1, shape_steps=1))
                 warm = False
-            for name in args.fits:
+            for fit_name, finder_name in settings:
+                name = f"{fit_name}/{finder_name}"
                 bodies, line = [], []
                 for background, photo in photos.items():
                     if background not in args.backgrounds:
                         continue
                     wall, cpu = time.perf_counter(), time.process_time()
                     try:
-                        fit = prepare(photo, finder, FITS[name])
+                        fit = prepare_and_fit(photo, finders[finder_name], FITS[fit_name])
                     except Exception as exc:  # noqa: BLE001 - a failed view is reported, not fatal
                         line.append(f"{background} failed ({type(exc).__name__})")
                         continue
@@ -144,16 +104,16 @@ def main() -> None:
                     if background == "grey" and abs(true_gender - 0.5) > 0.15:
                         results[name]["gender"].append((fit.params.phenotype["gender"] > 0.5) == (true_gender > 0.5))
                     line.append(f"{background} {error:.2f} cm g {fit.params.phenotype['gender']:.2f}")
-                spread = max((aligned_distance_cm(a, b, fit.faces, pixels_per_cm)
+                spread = max((body_distance_cm(a, b, fit.faces, pixels_per_cm)
                               for i, a in enumerate(bodies) for b in bodies[i + 1:]), default=float("nan"))
                 results[name]["spread"].append(spread)
-                print(f"{seed} yaw {yaw:>3.0f} {name:8} (true g {true_gender:.2f}): {'; '.join(line)}; "
+                print(f"{seed} yaw {yaw:>3.0f} {name:16} (true g {true_gender:.2f}): {'; '.join(line)}; "
                       f"spread {spread:.2f} cm", flush=True)
     print()
-    print(f"{'fit':8} {'photos':>6} {'wall s':>7} {'cpu s':>6} {'error cm':>9} {'spread cm':>10} {'gender':>7}")
+    print(f"{'fit/finder':16} {'photos':>6} {'wall s':>7} {'cpu s':>6} {'error cm':>9} {'spread cm':>10} {'gender':>7}")
     for name, r in results.items():
         gender = f"{np.mean(r['gender']):.0%}" if r["gender"] else "-"
-        print(f"{name:8} {len(r['wall']):>6} {np.median(r['wall']):>7.2f} {np.median(r['cpu']):>6.2f} "
+        print(f"{name:16} {len(r['wall']):>6} {np.median(r['wall']):>7.2f} {np.median(r['cpu']):>6.2f} "
               f"{np.mean(r['error']):>9.2f} {np.nanmax(r['spread']):>10.2f} {gender:>7}"
               f"   (spread mean {np.nanmean(r['spread']):.2f}; gender of {len(r['gender'])})")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import socket
 from pathlib import Path
@@ -96,3 +98,61 @@ def processes_mentioning(text: str) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+@functools.lru_cache(maxsize=2)
+def busy_photograph(size: int) -> np.ndarray:
+    """(size, size, 3) float32 in 0-255: scikit-image's "coffee", a busy background."""
+    from skimage import data
+
+    return np.asarray(Image.fromarray(data.coffee()).resize((size, size)), np.float32)
+
+
+def backdrop_photos(subject, yaw: float, size: int) -> dict[str, bytes]:
+    """A synthetic subject (`model.data.humans.make_subject`) rendered at `yaw` degrees, size pixels,
+    over grey (PNG), over a photograph (JPEG) and as RGBA whose alpha is the person (PNG)."""
+    from model.render import View, get_renderer, studio_lighting
+
+    render = get_renderer(size).render(subject.parts, View(yaw_deg=yaw), studio_lighting())
+    alpha = render.mask.astype(np.float32)[..., None] / 255
+    person = render.rgb.astype(np.float32)
+    photos = {}
+    for name, background, fmt in (("grey", np.full_like(person, 128), "PNG"), ("photo", busy_photograph(size), "JPEG")):
+        buffer = io.BytesIO()
+        Image.fromarray((person * alpha + background * (1 - alpha)).round().astype(np.uint8)).save(buffer, fmt, quality=92)
+        photos[name] = buffer.getvalue()
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([render.rgb, render.mask]).astype(np.uint8), "RGBA").save(buffer, "PNG")
+    photos["rgba"] = buffer.getvalue()
+    return photos
+
+
+def prepare_and_fit(photo: bytes, finder, fit, name: str = "photo"):
+    """The prepare stage of `pifuhd reconstruct --body` on one encoded photo (decode, person finder,
+    crop, body fit): its `model.body.fit.BodyFit`."""
+    from model.image.decode import decode_image, open_image
+    from model.reconstruction.body_guidance import with_fitted_body
+    from model.reconstruction.config import PersonOptions
+    from model.reconstruction.people import prepare_people
+
+    decoded = decode_image(open_image(photo, name, 100_000_000))
+    found = prepare_people(decoded, finder, PersonOptions(), name=name, sizes=(512, 1024))[0]
+    person = found.person
+    if person is None:  # an alpha channel: the finder still gives the landmarks, as `pifuhd fit` does
+        person = finder.find(decoded.rgb)[0]
+        mask = np.asarray(decoded.alpha) > 127
+    else:
+        mask = person.mask
+    return with_fitted_body(found.prepared, person.landmarks, person.world_landmarks, mask, fit, name)[1]
+
+
+def body_distance_cm(a: np.ndarray, b: np.ndarray, faces: np.ndarray, pixels_per_cm: float) -> float:
+    """Symmetric mean surface distance (cm) between two bodies (pixel frame, same faces), depth-aligned
+    (an orthographic photo fixes no depth): the Chamfer distance of `model.evaluation.metrics.surface_metrics`."""
+    import trimesh
+
+    from model.evaluation.metrics import surface_metrics
+
+    b = b + [0.0, 0.0, a[:, 2].mean() - b[:, 2].mean()]
+    one, two = (trimesh.Trimesh(v, faces, process=False) for v in (a, b))
+    return surface_metrics(one, two, num_samples=5000, scale=1 / pixels_per_cm)["chamfer"]

@@ -51,6 +51,9 @@ SHOULDERS, HIPS = (11, 12), (23, 24)
 @dataclass(frozen=True)
 class PersonFinderConfig:
     """detection_threshold: minimum detector score (sigmoid, 0..1) of a detection kept.
+    second_chance_threshold: where no one is found at detection_threshold, the best detection down
+        to this score is tried once; the landmark net's presence score and the skeleton check still
+        decide (a person pasted on a busy photograph scored 0.49 and was lost).
     nms_iou: detections whose face boxes overlap more than this are merged (score-weighted).
     presence_threshold: minimum landmark-net "pose present" score of a person kept.
     max_people: at most this many people are returned (detections best first).
@@ -58,18 +61,21 @@ class PersonFinderConfig:
     landmark_visibility: a landmark counts as seen at this visibility or above, inside the image.
     max_trunk_tilt_deg: a person's trunk (hips to shoulders) leans at most this far from the
         image's up; a skeleton lying sideways is no person to reconstruct (often not a person at all:
-        the landmark net draws a small lying figure on a cat's fur)."""
+        the landmark net draws a small lying figure on a cat's fur).
+    refine: run the landmark net a second time on the ROI of its own first answer (`PersonFinder._landmarks`)."""
 
     detection_threshold: float = 0.5
+    second_chance_threshold: float = 0.25
     nms_iou: float = 0.3
     presence_threshold: float = 0.5
     max_people: int = 8
     threads: int = 1
     landmark_visibility: float = 0.5
     max_trunk_tilt_deg: float = 60.0
+    refine: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("detection_threshold", "nms_iou", "presence_threshold", "landmark_visibility"):
+        for name in ("detection_threshold", "second_chance_threshold", "nms_iou", "presence_threshold", "landmark_visibility"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -226,7 +232,8 @@ class PersonFinder:
 
         Detection runs in rounds: the people found are painted grey and the detector runs again,
         until a round finds no one new (the detector tends to report one dominant person and
-        miss a smaller one beside it; with that person hidden it finds the other).
+        miss a smaller one beside it; with that person hidden it finds the other). Where no round
+        finds anyone, the best weaker detection gets a second chance (`second_chance_threshold`).
         """
         image = _as_uint8(rgb)
         height, width = image.shape[:2]
@@ -251,14 +258,26 @@ class PersonFinder:
                 hidden = hidden.copy()
                 for person in new:
                     hidden[person.mask_soft > HIDE_THRESHOLD] = 128
+            if not people:
+                people = self._second_chance(image)
         people = apart(people)
         centre = np.array([width / 2, height / 2])
         return sorted(people, key=lambda p: (-int(p.mask.sum()), float(np.linalg.norm(np.asarray(p.box.centre) - centre))))
 
+    def _second_chance(self, image: np.ndarray) -> list[Person]:
+        """The person of the best detection at or above `second_chance_threshold`, if the landmark net finds one."""
+        detections = self._detect(image, self.config.second_chance_threshold)
+        if not detections:
+            return []
+        score, keypoints = detections[0]
+        person = self._landmarks(image, score, _roi_from_keypoints(keypoints))
+        return [person] if person is not None else []
+
     # ---- detector ---------------------------------------------------------------------------
 
-    def _detect(self, rgb: np.ndarray) -> list[tuple[float, np.ndarray]]:
-        """(H, W, 3) uint8 -> [(score, (4, 2) keypoints in image pixels)], best first."""
+    def _detect(self, rgb: np.ndarray, threshold: float | None = None) -> list[tuple[float, np.ndarray]]:
+        """(H, W, 3) uint8 -> [(score, (4, 2) keypoints in image pixels)] scoring at least `threshold`
+        (default `config.detection_threshold`), best first."""
         height, width = rgb.shape[:2]
         # Letterbox: scaled to fit and centred (continuous coordinates), plain bilinear as MediaPipe
         # feeds it; the padding is grey, the 0 of the [-1, 1] input range.
@@ -273,7 +292,7 @@ class PersonFinder:
         self.detector.invoke()
         raw = self.detector.get_tensor(boxes_index)[0]  # (2254, 12)
         scores = _sigmoid(self.detector.get_tensor(scores_index)[0, :, 0])
-        keep = scores >= self.config.detection_threshold
+        keep = scores >= (self.config.detection_threshold if threshold is None else threshold)
         if not keep.any():
             return []
         raw, scores, anchors = raw[keep], scores[keep], self.anchors[keep]
@@ -289,15 +308,23 @@ class PersonFinder:
 
     def _landmarks(self, rgb: np.ndarray, score: float, roi: _Roi) -> Person | None:
         """Landmarks and mask of the person in `roi` of (H, W, 3) uint8 `rgb`; None if the net
-        sees no pose there or its mask is empty."""
-        height, width = rgb.shape[:2]
-        crop = _warp_crop(rgb, roi)  # (256, 256, 3) in [0, 1]
-        input_index, outputs = self._landmark_io
-        self.landmarker.set_tensor(input_index, crop[None])
-        self.landmarker.invoke()
-        landmarks, flag, mask_logits, heatmap, world = (self.landmarker.get_tensor(i)[0] for i in outputs)
-        if float(np.ravel(flag)[0]) < self.config.presence_threshold:
+        sees no pose there or its mask is empty.
+
+        With `config.refine`, the net runs a second time on the ROI its own alignment points give
+        (MediaPipe's tracking step on a video's next frame): the detector's ROI is turned and sized
+        from a face box, the net's from the whole body it found."""
+        outputs = self._run_landmarker(rgb, roi)
+        if outputs is not None and self.config.refine:
+            values = outputs[0].reshape(-1, 5)
+            alignment = values[LANDMARK_COUNT : LANDMARK_COUNT + 2, :2] @ roi.crop_to_image()[:, :2].T + roi.crop_to_image()[:, 2]
+            refined_roi = _roi_from_keypoints(alignment)
+            refined = self._run_landmarker(rgb, refined_roi)
+            if refined is not None:
+                outputs, roi = refined, refined_roi
+        if outputs is None:
             return None
+        height, width = rgb.shape[:2]
+        landmarks, mask_logits, heatmap, world = outputs
         crop_to_image = roi.crop_to_image()
         values = landmarks.reshape(-1, 5)[:LANDMARK_COUNT]
         xy = _refine_with_heatmap(values[:, :2], heatmap) @ crop_to_image[:, :2].T + crop_to_image[:, 2]
@@ -312,6 +339,17 @@ class PersonFinder:
             return None
         problem = skeleton_problem(image_landmarks, width, height, self.config)
         return Person(mask_soft, mask, box, score, image_landmarks, world.astype(np.float32), problem)
+
+    def _run_landmarker(self, rgb: np.ndarray, roi: _Roi) -> tuple[np.ndarray, ...] | None:
+        """The landmark net's raw (landmarks, mask logits, heat map, world landmarks) on `roi`, None
+        when it sees no pose there."""
+        input_index, outputs = self._landmark_io
+        self.landmarker.set_tensor(input_index, _warp_crop(rgb, roi)[None])
+        self.landmarker.invoke()
+        landmarks, flag, mask_logits, heatmap, world = (self.landmarker.get_tensor(i)[0] for i in outputs)
+        if float(np.ravel(flag)[0]) < self.config.presence_threshold:
+            return None
+        return landmarks, mask_logits, heatmap, world
 
 
 def apart(people: list[Person], max_shared: float = 0.5) -> list[Person]:

@@ -95,12 +95,15 @@ class PersonOptions:
         rect or keypoints only; the finder never runs) or "off" (the whole image is the crop,
         its background kept; sidecars and alpha are ignored).
     all_people: every person found becomes its own input (else the most prominent one only).
-    min_score: people whose detection score is below this are not counted as found.
+    min_score: people whose detection score is below this are not counted as found. The finder
+        reports people down to its detector threshold (0.5), and where it finds no one there, the
+        best weaker one down to 0.25 (`model.person.PersonFinderConfig.second_chance_threshold`):
+        a person before a busy photograph scores below 0.5 more often than not (`benchmarks/prepare.py`).
     """
 
     mode: str = "auto"
     all_people: bool = False
-    min_score: float = 0.5
+    min_score: float = 0.25
 
     def __post_init__(self) -> None:
         if self.mode not in PERSON_MODES:
