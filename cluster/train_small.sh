@@ -25,6 +25,9 @@
 #   v7: v6 continued likewise, INIT=v6.safetensors ... SEED=3.
 #   v8: v7 continued, twice the steps: STAGES="coarse fine package calibrate" INIT=v7.safetensors
 #       COARSE_STEPS=800 FINE_STEPS=200 LR_DECAY=late COARSE_DECAY=640 FINE_DECAY=168 LR=5e-4 SEED=4 BODY=1
+#   v11 (not shipped; docs/model-card.md): v7 continued on the mix (MIX=1 SUBJECTS=200: garments, the
+#       training statues with fitted bodies, procedural people): STAGES="data coarse fine package"
+#       INIT=v7.safetensors COARSE_STEPS=400 FINE_STEPS=100 LR_DECAY=late FINE_DECAY=84 LR=5e-4 SEED=6 BODY=1
 # `calibrate` stores the surface level chosen on the validation views (`pifuhd checkpoint calibrate`);
 # `shard` writes the model again as a folder of float16 shards under 16 MiB each (SHARDS).
 # From scratch, STAGES="data normal coarse fine package" trains all three with the v2 settings.
