@@ -6,7 +6,8 @@ the LiteRT (TensorFlow Lite) interpreter of the `ai-edge-litert` package:
     image --letterbox 224--> detector --SSD anchors, weighted NMS--> detections
       each detection --hip centre + body-circle point--> rotated square ROI (image pixels)
       ROI --affine crop 256--> landmark net --> 33 landmarks (+ visibility), world landmarks (m),
-                                                 a soft person mask over the ROI
+                                                 a soft person mask over the ROI, 2 alignment points
+      alignment points --> a second ROI --> landmark net again (`PersonFinderConfig.refine`)
       mask --inverse warp--> (H, W) mask of the whole image
 
 Frames. Image coordinates here are continuous pixel coordinates (top-left origin, x right, y
@@ -19,8 +20,9 @@ unit anchors per cell; 12 values per box: centre, size, 4 keypoints, in 224-pixe
 landmarks x (x, y, z, visibility logit, presence logit) in crop pixels; 39 world landmarks x
 (x, y, z) in metres; a 256 x 256 mask logit) are those documented by MediaPipe's graph configs.
 The sampling (plain bilinear crops, edge pixels repeated, heat-map refinement of the landmarks)
-follows MediaPipe's, checked against `mediapipe==0.10.14` itself on synthetic renders: landmarks
-within 1.4-3.8 px (median) of its own at 512-1024 px, world landmarks within 5 cm (largest difference), masks IoU 0.97.
+follows MediaPipe's, checked against `mediapipe==0.10.14` itself (static-image mode, one pass) on
+synthetic renders: landmarks within 1.4-3.8 px (median) of its own at 512-1024 px, world landmarks
+within 5 cm (largest difference), masks IoU 0.97. The second pass is MediaPipe's video-mode step.
 """
 
 from __future__ import annotations
@@ -315,9 +317,10 @@ class PersonFinder:
         from a face box, the net's from the whole body it found."""
         outputs = self._run_landmarker(rgb, roi)
         if outputs is not None and self.config.refine:
-            values = outputs[0].reshape(-1, 5)
-            alignment = values[LANDMARK_COUNT : LANDMARK_COUNT + 2, :2] @ roi.crop_to_image()[:, :2].T + roi.crop_to_image()[:, 2]
-            refined_roi = _roi_from_keypoints(alignment)
+            # Rows 33 and 34 of the net's 39: the hip centre and a point on the body's circle, as the detector's keypoints.
+            alignment = outputs[0].reshape(-1, 5)[LANDMARK_COUNT : LANDMARK_COUNT + 2, :2]
+            to_image = roi.crop_to_image()
+            refined_roi = _roi_from_keypoints(alignment @ to_image[:, :2].T + to_image[:, 2])
             refined = self._run_landmarker(rgb, refined_roi)
             if refined is not None:
                 outputs, roi = refined, refined_roi

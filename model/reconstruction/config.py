@@ -97,8 +97,8 @@ class PersonOptions:
     all_people: every person found becomes its own input (else the most prominent one only).
     min_score: people whose detection score is below this are not counted as found. The finder
         reports people down to its detector threshold (0.5), and where it finds no one there, the
-        best weaker one down to 0.25 (`model.person.PersonFinderConfig.second_chance_threshold`):
-        a person before a busy photograph scores below 0.5 more often than not (`benchmarks/prepare.py`).
+        best weaker one down to 0.25 (`model.person.PersonFinderConfig.second_chance_threshold`;
+        a person pasted over a busy photograph scored 0.49, `benchmarks/prepare.py`).
     """
 
     mode: str = "auto"
