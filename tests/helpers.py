@@ -127,23 +127,22 @@ def backdrop_photos(subject, yaw: float, size: int) -> dict[str, bytes]:
     return photos
 
 
-def prepare_and_fit(photo: bytes, finder, fit, name: str = "photo"):
+def prepare_and_fit(photo: bytes, finder, fit, name: str = "photo", max_pixels: int = 100_000_000):
     """The prepare stage of `pifuhd reconstruct --body` on one encoded photo (decode, person finder,
-    crop, body fit): its `model.body.fit.BodyFit`."""
+    crop, body fit; `pipelines.jobs.bulk_stages.InputPreparer`'s steps) with this `finder`: its
+    `model.body.fit.BodyFit`."""
     from model.image.decode import decode_image, open_image
     from model.reconstruction.body_guidance import with_fitted_body
     from model.reconstruction.config import PersonOptions
     from model.reconstruction.people import prepare_people
+    from pipelines.common.person import find_person
 
-    decoded = decode_image(open_image(photo, name, 100_000_000))
+    decoded = decode_image(open_image(photo, name, max_pixels))
     found = prepare_people(decoded, finder, PersonOptions(), name=name, sizes=(512, 1024))[0]
     person = found.person
-    if person is None:  # an alpha channel: the finder still gives the landmarks, as `pifuhd fit` does
-        person = finder.find(decoded.rgb)[0]
-        mask = np.asarray(decoded.alpha) > 127
-    else:
-        mask = person.mask
-    return with_fitted_body(found.prepared, person.landmarks, person.world_landmarks, mask, fit, name)[1]
+    if person is None:  # an alpha channel: the landmarks as `pifuhd fit` finds them
+        person, _ = find_person(photo, {}, name, max_pixels, finder)
+    return with_fitted_body(found.prepared, person.landmarks, person.world_landmarks, person.mask, fit, name)[1]
 
 
 def body_distance_cm(a: np.ndarray, b: np.ndarray, faces: np.ndarray, pixels_per_cm: float) -> float:

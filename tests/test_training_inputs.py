@@ -58,8 +58,6 @@ def test_body_distance_is_signed_and_clipped():
 def test_body_normals_turn_smoothly_along_the_surface():
     """Along a circle 1 cm outside a faceted sphere the normal a point reads turns a little at each step
     (the blend of nearby samples), not in the jumps of the nearest triangle's normal."""
-    import model.body.field as field
-
     sphere = trimesh.creation.icosphere(subdivisions=2, radius=10.0)  # 320 faces: big facets
     angles = np.linspace(0, 2 * np.pi, 2000, endpoint=False)
     circle = np.stack([11.0 * np.cos(angles), 11.0 * np.sin(angles), np.full_like(angles, 0.3)], 1)
@@ -68,13 +66,7 @@ def test_body_normals_turn_smoothly_along_the_surface():
         return np.degrees(np.arccos(np.clip((normals * np.roll(normals, 1, axis=0)).sum(1), -1, 1))).max()
 
     blended = BodyField((sphere.vertices, sphere.faces), clip=20.0)(circle)[1]
-    nearest = BodyField((sphere.vertices, sphere.faces), clip=20.0)
-    nearest_only = field.NORMAL_NEIGHBOURS
-    try:
-        field.NORMAL_NEIGHBOURS = 1
-        faceted = nearest(circle)[1]
-    finally:
-        field.NORMAL_NEIGHBOURS = nearest_only
+    faceted = BodyField((sphere.vertices, sphere.faces), clip=20.0, neighbours=1)(circle)[1]
     assert largest_turn_deg(faceted) > 10 and largest_turn_deg(blended) < 0.2 * largest_turn_deg(faceted)
 
 

@@ -36,12 +36,14 @@ def person_finder():
     return PersonFinder()
 
 
-def find_person(image_bytes: bytes, sidecars: dict[str, bytes | None], name: str, max_pixels: int) -> tuple[BodyLandmarks, tuple[int, int]]:
+def find_person(image_bytes: bytes, sidecars: dict[str, bytes | None], name: str, max_pixels: int,
+                finder=None) -> tuple[BodyLandmarks, tuple[int, int]]:
     """The landmark source of the job: one photo (and its sidecars) -> (BodyLandmarks, (width, height)).
 
     Landmarks from a `NAME_keypoints.json` sidecar when there is one (MediaPipe-33 or OpenPose
-    BODY_25), else from the person finder (`model.person`: the most prominent person's 33 landmarks,
-    world landmarks and mask). The mask: `NAME_mask.*`, else the alpha channel, else the finder's.
+    BODY_25), else from the person finder (`finder`, default the worker's `person_finder()`: the most
+    prominent person's 33 landmarks, world landmarks and mask). The mask: `NAME_mask.*`, else the alpha
+    channel, else the finder's.
     """
     from model.body.landmarks import parse_body_keypoints
     from model.image.boxes import ALPHA_BOX_THRESHOLD, alpha_is_mask
@@ -59,7 +61,7 @@ def find_person(image_bytes: bytes, sidecars: dict[str, bytes | None], name: str
     if sidecars.get("keypoints") is not None:
         keypoints = parse_body_keypoints(sidecars["keypoints"], f"keypoints for {name}")
         return BodyLandmarks(keypoints.landmarks, keypoints.world_landmarks, mask, f"sidecar {keypoints.layout}"), (width, height)
-    people = person_finder().find(image.rgb)
+    people = (finder or person_finder()).find(image.rgb)
     if not people:
         raise InputError(f"{name}: no person found (and no NAME_keypoints.json beside it)")
     found = people[0]  # the most prominent
